@@ -1,0 +1,721 @@
+"""
+Mellum 2, the model (report §2 Model Architecture, §2.2 Final Architecture, Table 2).
+
+A decoder-only Mixture-of-Experts transformer that follows the Qwen3-MoE recipe. Read it top to
+bottom: configuration, then the pieces in the order a token meets them, then the whole model and
+its checkpoint format. Differences from a plain GPT, each explained where it happens:
+
+  - RMSNorm before attention and before the MoE, no biases anywhere          -> RMSNorm, Block
+  - rotary positions (theta 500000), and YaRN on the full-attention layers   -> rope_inv_freq
+    only ("layer-selective YaRN", §4.1), used after the long-context stage
+  - grouped-query attention: 32 query heads share 4 key/value heads          -> Attention
+  - QK-norm: RMSNorm over each head's 128 dims of q and k, before RoPE       -> Attention
+  - sliding window of 1024 tokens on 3 of every 4 layers, full attention     -> attn_pattern,
+    on the 4th (layers 3, 7, 11, ...)                                            attention_mask
+  - every layer is MoE: 64 SiLU-gated experts of width 896, top-8, no        -> MoE
+    shared expert, dropless; a load-balancing loss and a router z-loss
+  - untied input embedding and output head                                   -> Mellum2
+  - one multi-token-prediction (MTP) layer that predicts the token after     -> MTP
+    next during training (loss weight 0.1) and drafts tokens for speculative decoding
+
+Shapes in comments use B batch, T time (sequence), D hidden size, H query heads, Hkv key/value
+heads, hd head dim, E experts, K experts per token (top-k), F expert width, N = B*T tokens, V vocab.
+
+The released checkpoint loads with `Mellum2.from_pretrained(dir)`, and `save_pretrained(dir)` writes
+the same Hugging Face layout, so `transformers.MellumForCausalLM` can load what we train.
+"""
+
+import json
+import math
+import os
+import re
+from dataclasses import asdict, dataclass, fields, replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from data import load_tokenizer  # noqa: F401  (re-exported: the vocabulary is part of the model)
+
+IGNORE_INDEX = -1  # targets with this value (padding, prompt tokens in SFT) carry no loss
+
+
+# -----------------------------------------------------------------------------------------------
+# Configuration (report Table 2) and the presets
+
+@dataclass(frozen=True)
+class Mellum2Config:
+    vocab_size: int = 98304
+    n_layer: int = 28
+    n_embd: int = 2304            # D, the residual stream width
+    n_head: int = 32              # H query heads
+    n_kv_head: int = 4            # Hkv key/value heads; each serves n_head // n_kv_head query heads
+    head_dim: int = 128           # hd; n_head * head_dim (4096) need not equal n_embd (2304)
+    n_expert: int = 64            # E routed experts per layer
+    n_expert_active: int = 8      # K experts each token is sent to
+    expert_dim: int = 896         # F, the hidden width of one SiLU-gated expert
+    sliding_window: int = 1024    # a sliding layer's query sees itself and the 1023 tokens before it
+    attn_pattern: str = "SSSF"    # layer i is sliding ('S') or full ('F') by attn_pattern[i % len]
+    max_seq_len: int = 8192       # the context the model is trained for (131072 after §4)
+    rope_theta: float = 500000.0  # the same base on sliding and full layers (§2.2)
+    # Layer-selective YaRN (§4.1): applied to the full-attention layers only; factor 1.0 = off.
+    yarn_factor: float = 1.0
+    yarn_original_max_seq_len: int = 8192
+    yarn_beta_fast: float = 32.0
+    yarn_beta_slow: float = 1.0
+    yarn_attention_factor: float | None = None  # None: the YaRN paper's 0.1 * ln(factor) + 1
+    rms_norm_eps: float = 1e-6
+    n_mtp: int = 1                # multi-token-prediction layers (the report uses exactly one)
+    mtp_loss_weight: float = 0.1  # alpha in L = L_ntp + alpha * L_mtp (§2.1.5)
+    aux_loss_coef: float = 1e-3   # load-balancing loss coefficient (§3.4.5)
+    z_loss_coef: float = 1e-3     # router z-loss coefficient (§3.4.5)
+    init_std: float = 0.02        # the released config's initializer_range
+    moe_impl: str = "grouped"     # "grouped" (sorted tokens, grouped matmuls) or "loop" (reference)
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+
+    def __post_init__(self):
+        checks = [
+            (self.n_head % self.n_kv_head == 0,
+             f"n_head ({self.n_head}) must be divisible by n_kv_head ({self.n_kv_head})"),
+            (1 <= self.n_expert_active <= self.n_expert,
+             f"n_expert_active ({self.n_expert_active}) must be between 1 and n_expert ({self.n_expert})"),
+            (self.sliding_window >= 1, f"sliding_window must be at least 1, got {self.sliding_window}"),
+            (len(self.attn_pattern) > 0 and set(self.attn_pattern) <= {"S", "F"},
+             f"attn_pattern must be a non-empty string of 'S' and 'F', got {self.attn_pattern!r}"),
+            (self.head_dim % 2 == 0, f"head_dim must be even for rotary embeddings, got {self.head_dim}"),
+            (self.n_mtp in (0, 1), f"n_mtp must be 0 or 1 (the report uses one MTP layer), got {self.n_mtp}"),
+            (self.yarn_factor >= 1.0, f"yarn_factor must be >= 1.0 (1.0 = off), got {self.yarn_factor}"),
+            (self.moe_impl in ("grouped", "loop"), f"moe_impl must be 'grouped' or 'loop', got {self.moe_impl!r}"),
+            (min(self.vocab_size, self.n_layer, self.n_embd, self.n_head, self.n_kv_head, self.head_dim,
+                 self.n_expert, self.expert_dim, self.max_seq_len) >= 1, "all sizes must be positive"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"invalid Mellum2Config: {message}")
+
+    @property
+    def layer_types(self):
+        """'sliding_attention' or 'full_attention' for each layer, the names the HF config uses."""
+        names = {"S": "sliding_attention", "F": "full_attention"}
+        return [names[self.attn_pattern[i % len(self.attn_pattern)]] for i in range(self.n_layer)]
+
+    @classmethod
+    def from_preset(cls, name, **overrides):
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+        return replace(PRESETS[name], **overrides)
+
+
+PRESETS = {
+    # The released model exactly (Table 2 and the released config.json): 28 layers, 7 of them full
+    # attention (3, 7, ..., 27), 12.15B parameters of which 2.44B are active per token.
+    "mellum2-12b": Mellum2Config(bos_token_id=0, eos_token_id=28),
+    # Trains on a 2-core laptop CPU in minutes and keeps every structural feature: the 3:1 sliding /
+    # full pattern (one full layer of four), a window (64) shorter than the training sequence (256),
+    # GQA groups of 2, 16 experts with 2 active (the report's 1/8), and the MTP layer. The vocabulary
+    # is the project's own 4096-token BPE (see data.py); dimensions are multiples of 64.
+    "tiny": Mellum2Config(
+        vocab_size=4096, n_layer=4, n_embd=256, n_head=4, n_kv_head=2, head_dim=64,
+        n_expert=16, n_expert_active=2, expert_dim=256, sliding_window=64, max_seq_len=256,
+        eos_token_id=4080,
+    ),
+    # One GPU: 12 layers (3 full), 32 experts with 4 active, window 256 against 1024-token sequences.
+    "small": Mellum2Config(
+        vocab_size=4096, n_layer=12, n_embd=768, n_head=12, n_kv_head=4, head_dim=64,
+        n_expert=32, n_expert_active=4, expert_dim=384, sliding_window=256, max_seq_len=1024,
+        eos_token_id=4080,
+    ),
+}
+
+
+def pick_device(requested=None):
+    """The device to run on: the one asked for, else CUDA, then Apple's MPS, then the CPU."""
+    if requested:
+        return torch.device(requested)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def pick_dtype(device):
+    """bf16 on GPUs that support it (the report trains in BF16, §3.4.4); fp32 elsewhere, because
+    CPUs run bf16 matmuls slowly and MPS has known bf16 numerics problems."""
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+# -----------------------------------------------------------------------------------------------
+# RMSNorm (Table 2: RMSNorm, eps 1e-6)
+
+class RMSNorm(nn.Module):
+    """weight * x / rms(x). The statistics are computed in fp32 even under bf16, because the mean of
+    squares of 2304 bf16 numbers loses too many bits; the gain is applied after casting back."""
+
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * normed.to(x.dtype)
+
+
+# -----------------------------------------------------------------------------------------------
+# Rotary position embeddings, and layer-selective YaRN (§2.2, §4.1 Layer-Selective YaRN)
+
+def rope_inv_freq(config, layer_type):
+    """Per-pair rotation frequencies (hd/2,) and the factor that multiplies cos and sin.
+
+    Sliding layers only ever look 1024 tokens back, a span they were trained on, so they keep plain
+    RoPE forever. Full layers see the whole context; to stretch them from 8K to 128K, YaRN slows down
+    only the pairs that rotate less than about once over the original context (they never saw a full
+    turn, so their angles beyond 8K would be new to the model) and leaves the fast pairs untouched,
+    with a linear ramp between. It also sharpens attention by `attention_factor` on cos and sin.
+    """
+    hd = config.head_dim
+    base = config.rope_theta ** (-torch.arange(0, hd, 2, dtype=torch.float32) / hd)  # (hd/2,)
+    if layer_type != "full_attention" or config.yarn_factor == 1.0:
+        return base, 1.0
+
+    s, original = config.yarn_factor, config.yarn_original_max_seq_len
+
+    def pair_index_for(rotations):  # the pair j that turns `rotations` times over the original context
+        return hd * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(config.rope_theta))
+
+    low = max(math.floor(pair_index_for(config.yarn_beta_fast)), 0)      # 18 for the released model
+    high = min(math.ceil(pair_index_for(config.yarn_beta_slow)), hd - 1)  # 35 for the released model
+    j = torch.arange(hd // 2, dtype=torch.float32)
+    ramp = ((j - low) / max(high - low, 1e-3)).clamp(0, 1)  # 0: keep the frequency, 1: divide it by s
+    inv_freq = base * (1 - ramp) + (base / s) * ramp
+    attention_factor = config.yarn_attention_factor
+    if attention_factor is None:
+        attention_factor = 0.1 * math.log(s) + 1.0
+    return inv_freq, attention_factor
+
+
+def rope_cos_sin(config, layer_type, positions, dtype):
+    """cos and sin tables of shape (T, hd) for absolute `positions` (T,)."""
+    inv_freq, attention_factor = rope_inv_freq(config, layer_type)
+    angles = positions.float()[:, None] * inv_freq.to(positions.device)[None, :]  # (T, hd/2)
+    angles = torch.cat([angles, angles], dim=-1)  # (T, hd): pair j is (dim j, dim j + hd/2)
+    return (angles.cos() * attention_factor).to(dtype), (angles.sin() * attention_factor).to(dtype)
+
+
+def apply_rope(x, cos, sin):
+    """Rotate each pair (x_j, x_{j+hd/2}) of x (B, T, heads, hd) by its angle: the "rotate-half"
+    (GPT-NeoX) pairing of the released checkpoint, not the interleaved (x_2j, x_2j+1) one."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return x * cos[:, None, :] + rotated * sin[:, None, :]
+
+
+# -----------------------------------------------------------------------------------------------
+# Attention: GQA with QK-norm, causal, sliding window on 3 of 4 layers (§2.1.4, §2.2)
+
+def attention_mask(q_positions, k_positions, window=None):
+    """(Tq, Tk) boolean mask, True where the query may look: causal, and for a sliding layer only
+    the key at the query's own position and the window-1 positions before it."""
+    distance = q_positions[:, None] - k_positions[None, :]  # (Tq, Tk), >= 0 for keys in the past
+    allowed = distance >= 0
+    if window is not None:
+        allowed = allowed & (distance < window)
+    return allowed
+
+
+class Attention(nn.Module):
+
+    def __init__(self, config, layer_type):
+        super().__init__()
+        self.config = config
+        self.layer_type = layer_type
+        D, H, Hkv, hd = config.n_embd, config.n_head, config.n_kv_head, config.head_dim
+        self.q_proj = nn.Linear(D, H * hd, bias=False)
+        self.k_proj = nn.Linear(D, Hkv * hd, bias=False)
+        self.v_proj = nn.Linear(D, Hkv * hd, bias=False)
+        self.o_proj = nn.Linear(H * hd, D, bias=False)
+        # QK-norm normalises each head's query and key to unit RMS (times a learned gain) so attention
+        # logits cannot grow without bound, the usual source of loss spikes in long training runs.
+        # It acts on one head's hd dims, and before RoPE: rotating first would mix in the position.
+        self.q_norm = RMSNorm(hd, config.rms_norm_eps)
+        self.k_norm = RMSNorm(hd, config.rms_norm_eps)
+
+    def forward(self, x, cos, sin, mask):
+        B, T, _ = x.shape
+        hd = self.config.head_dim
+        q = self.q_norm(self.q_proj(x).view(B, T, self.config.n_head, hd))     # (B, T, H, hd)
+        k = self.k_norm(self.k_proj(x).view(B, T, self.config.n_kv_head, hd))  # (B, T, Hkv, hd)
+        v = self.v_proj(x).view(B, T, self.config.n_kv_head, hd)               # (B, T, Hkv, hd)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, hd), the layout SDPA wants
+        # enable_gqa lets each group of n_head // n_kv_head query heads read the same K/V head without
+        # copying K and V to n_head heads first: the KV cache (and its memory traffic) stays 8x smaller.
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                           enable_gqa=True)  # (B, H, T, hd), softmax scale hd**-0.5
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, D)
+
+
+# -----------------------------------------------------------------------------------------------
+# Mixture of experts (§2.1.2 Expert Configuration, §3.4.5 MoE-Specific Training)
+
+def grouped_mm(x, w, offsets):
+    """Multiply consecutive row groups of x (M, in) by their own matrix w[g] (G, in, out): rows
+    offsets[g-1]:offsets[g] use w[g]. The seam where kernels.py plugs in a fused Triton kernel."""
+    if x.device.type == "cpu" or (x.device.type == "cuda" and x.dtype == torch.bfloat16):
+        return torch._grouped_mm(x, w, offs=offsets)
+    # Elsewhere (MPS, fp32 on CUDA) torch has no grouped matmul: one matmul per contiguous group.
+    starts = [0] + offsets[:-1].tolist()
+    return torch.cat([x[s:e] @ w[g] for g, (s, e) in enumerate(zip(starts, offsets.tolist()))])
+
+
+class MoE(nn.Module):
+    """Top-K routing over E SiLU-gated experts, dropless: every token reaches all K of its experts,
+    however unbalanced the router is (no capacity factor; §3.4.5 found no quality difference and
+    dropless is what inference does anyway)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        E, D, F_ = config.n_expert, config.n_embd, config.expert_dim
+        self.gate = nn.Linear(D, E, bias=False)  # the router: one logit per expert, no bias
+        # Expert weights stacked on a leading expert axis, [out, in] per expert like nn.Linear.
+        self.gate_proj = nn.Parameter(torch.empty(E, F_, D))
+        self.up_proj = nn.Parameter(torch.empty(E, F_, D))
+        self.down_proj = nn.Parameter(torch.empty(E, D, F_))
+
+    def route(self, x):
+        """Router logits (N, E), the renormalised weights (N, K) and expert ids (N, K) of each token."""
+        # The router runs in fp32 (§3.4.5, App. B): in bf16, near-tied logits flip which experts win.
+        logits = F.linear(x.float(), self.gate.weight.float())      # (N, E)
+        probs = logits.softmax(dim=-1)                               # softmax over all E experts
+        top_probs, top_experts = probs.topk(self.config.n_expert_active, dim=-1)  # (N, K)
+        # Renormalise the K chosen probabilities to sum to 1 (norm_topk_prob): the expert mix keeps
+        # unit weight even when the router is unsure, instead of shrinking the MoE output.
+        weights = top_probs / top_probs.sum(dim=-1, keepdim=True)
+        return logits, weights.to(x.dtype), top_experts
+
+    def experts_loop(self, x, weights, experts):
+        """The reference: for each expert, gather its tokens, run the SiLU-gated MLP, and add the
+        weighted result back. Slow (E small matmuls plus bookkeeping) but obvious."""
+        out = torch.zeros_like(x)  # (N, D)
+        for e in range(self.config.n_expert):
+            token, slot = (experts == e).nonzero(as_tuple=True)  # tokens that chose e, and in which slot
+            if token.numel() == 0:
+                continue
+            h = F.silu(x[token] @ self.gate_proj[e].T) * (x[token] @ self.up_proj[e].T)  # (n_e, F)
+            out.index_add_(0, token, (h @ self.down_proj[e].T) * weights[token, slot, None])
+        return out
+
+    def experts_grouped(self, x, weights, experts):
+        """The default: sort the N*K (token, expert) pairs by expert so each expert's tokens are one
+        contiguous block, then run all experts with three grouped matmuls. Same numbers as the loop."""
+        K = self.config.n_expert_active
+        flat_experts = experts.flatten()                      # (N*K,), pair p = token p // K, slot p % K
+        order = flat_experts.argsort(stable=True)             # pairs sorted by expert
+        token = order // K                                    # (N*K,) token of each sorted pair
+        counts = torch.bincount(flat_experts, minlength=self.config.n_expert)  # (E,) dropless: no cap
+        offsets = counts.cumsum(0).to(torch.int32)            # (E,) end of each expert's block
+        xs = x[token]                                         # (N*K, D), gathered in expert order
+        h = F.silu(grouped_mm(xs, self.gate_proj.mT, offsets)) * grouped_mm(xs, self.up_proj.mT, offsets)
+        ys = grouped_mm(h, self.down_proj.mT, offsets)        # (N*K, D)
+        ys = ys * weights.flatten()[order, None]
+        return torch.zeros_like(x).index_add_(0, token, ys)   # sum each token's K expert outputs
+
+    def forward(self, x):
+        """x (B, T, D) -> (output (B, T, D), router logits (N, E), chosen experts (N, K))."""
+        B, T, D = x.shape
+        x = x.reshape(B * T, D)
+        logits, weights, experts = self.route(x)
+        run = self.experts_grouped if self.config.moe_impl == "grouped" else self.experts_loop
+        return run(x, weights, experts).view(B, T, D), logits, experts
+
+
+def load_balancing_loss(logits, experts, n_expert):
+    """Switch-Transformer balance loss of one layer over every token in the batch ("global batch",
+    §3.4.5): E * sum_e f_e * P_e, with f_e the fraction of the N*K routing slots that went to expert e
+    and P_e the mean router probability of e. Only P_e carries a gradient; it pushes probability away
+    from overloaded experts. We normalise f_e by N*K, so a perfectly balanced router scores exactly 1
+    (transformers' `load_balancing_loss_func` normalises by N and scores K instead; the gradient only
+    differs by that constant factor). The model averages it over its MoE layers, so it is 1 at balance."""
+    f = torch.bincount(experts.flatten(), minlength=n_expert).float() / experts.numel()  # (E,)
+    P = logits.softmax(dim=-1).mean(dim=0)                                               # (E,)
+    return n_expert * (f * P).sum()
+
+
+def router_z_loss(logits):
+    """ST-MoE z-loss: mean squared log-sum-exp of the router logits. It keeps the logits small, where
+    fp32 softmax stays accurate and the router stays responsive."""
+    return torch.logsumexp(logits, dim=-1).pow(2).mean()
+
+
+# -----------------------------------------------------------------------------------------------
+# The decoder block, and the MTP layer (§2.1.5 Multi-Token Prediction)
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attention(norm(x)), then x + moe(norm(x))."""
+
+    def __init__(self, config, layer_type):
+        super().__init__()
+        self.layer_type = layer_type
+        self.input_layernorm = RMSNorm(config.n_embd, config.rms_norm_eps)
+        self.self_attn = Attention(config, layer_type)
+        self.post_attention_layernorm = RMSNorm(config.n_embd, config.rms_norm_eps)
+        self.mlp = MoE(config)
+
+    def forward(self, x, rope, masks):
+        cos, sin = rope[self.layer_type]
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, masks[self.layer_type])
+        moe_out, router_logits, experts = self.mlp(self.post_attention_layernorm(x))
+        return x + moe_out, router_logits, experts
+
+
+class MTP(nn.Module):
+    """The multi-token-prediction layer. At position t it combines what the trunk knows (its final,
+    normalised hidden state h_t) with the token that actually comes next (t+1), and predicts t+2:
+
+        x = fc([norm(embed(token_{t+1})), norm(h_t)])     2D -> D, embedding first
+        y = norm(Block(x))                                 one sliding-attention MoE block
+        logits_{t+2} = lm_head(y)                          the trunk's own head and embedding
+
+    Training it (weight 0.1) makes the trunk's states carry information about more than one future
+    token (Table 1: +10.4 HumanEval at +7% step time). At inference it is a free draft model: given
+    the token the trunk just chose, it guesses the one after, and the trunk checks the guess.
+    Parameter names follow the released checkpoint's `mtp.*` tensors."""
+
+    def __init__(self, config):
+        super().__init__()
+        D = config.n_embd
+        self.pre_fc_norm_embedding = RMSNorm(D, config.rms_norm_eps)
+        self.pre_fc_norm_hidden = RMSNorm(D, config.rms_norm_eps)
+        self.fc = nn.Linear(2 * D, D, bias=False)
+        self.layers = nn.ModuleList([Block(config, "sliding_attention")])
+        self.norm = RMSNorm(D, config.rms_norm_eps)
+
+    def forward(self, next_token_emb, hidden, rope, masks):
+        """next_token_emb, hidden: (B, T', D), aligned so that position t holds embed(token_{t+1})
+        and h_t. Returns the normalised output (B, T', D) and the block's router logits and experts."""
+        x = self.fc(torch.cat([self.pre_fc_norm_embedding(next_token_emb),
+                               self.pre_fc_norm_hidden(hidden)], dim=-1))  # (B, T', D)
+        x, router_logits, experts = self.layers[0](x, rope, masks)
+        return self.norm(x), router_logits, experts
+
+
+# -----------------------------------------------------------------------------------------------
+# The model
+
+class Mellum2(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.n_embd)
+        self.layers = nn.ModuleList([Block(config, t) for t in config.layer_types])
+        self.norm = RMSNorm(config.n_embd, config.rms_norm_eps)
+        # Untied: with a 98K vocabulary the input and output roles of a token differ enough that
+        # separate matrices pay for their 226M parameters (Table 2).
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.mtp = MTP(config) if config.n_mtp else None
+        self.loss_parts = {}  # the last forward's loss parts and expert load, detached, for logging
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self):
+        """All initialisation in one place, as the released config describes it (initializer_range):
+        every matrix, the stacked experts and the router ~ N(0, 0.02); every RMSNorm gain = 1."""
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, self.config.init_std)
+
+    def forward(self, idx, targets=None):
+        """idx (B, T) token ids -> logits (B, T, V) and, with targets (B, T) (the next token at each
+        position, IGNORE_INDEX where there is none), the total loss
+            L = L_ntp + 0.1 * L_mtp + 1e-3 * L_aux + 1e-3 * L_z
+        whose detached parts land in `self.loss_parts` for logging."""
+        B, T = idx.shape
+        cfg = self.config
+        x = self.embed_tokens(idx)  # (B, T, D)
+        positions = torch.arange(T, device=idx.device)
+        # One rope table and one mask per layer type, shared by all layers of that type. Full layers
+        # pass mask=None so SDPA can use its built-in causal path.
+        rope = {t: rope_cos_sin(cfg, t, positions, x.dtype) for t in ("sliding_attention", "full_attention")}
+        masks = {"full_attention": None,
+                 "sliding_attention": attention_mask(positions, positions, cfg.sliding_window)}
+
+        routing = []  # (router logits, chosen experts) of every MoE layer, for the balance losses
+        for layer in self.layers:
+            x, router_logits, experts = layer(x, rope, masks)
+            routing.append((router_logits, experts))
+        h = self.norm(x)  # (B, T, D)
+        logits = self.lm_head(h)  # (B, T, V)
+        if targets is None:
+            return logits, None
+
+        ntp_loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+        loss = ntp_loss
+        parts = {"ntp": ntp_loss}
+        if self.mtp is not None and T >= 2:
+            # Position t sees h_t and embed(idx_{t+1}) = embed(token t+1) and predicts targets_{t+1},
+            # the token at t+2; the last position has no token t+1, so the MTP sequence is T-1 long.
+            # RoPE is relative, so the MTP block reuses the trunk's tables for positions 0..T-2.
+            mtp_rope = {t: (c[:T - 1], s[:T - 1]) for t, (c, s) in rope.items()}
+            mtp_masks = {"sliding_attention": masks["sliding_attention"][:T - 1, :T - 1]}
+            y, router_logits, experts = self.mtp(self.embed_tokens(idx[:, 1:]), h[:, :-1], mtp_rope, mtp_masks)
+            routing.append((router_logits, experts))
+            mtp_logits = self.lm_head(y)  # (B, T-1, V)
+            mtp_loss = F.cross_entropy(mtp_logits.float().flatten(0, 1), targets[:, 1:].flatten(),
+                                       ignore_index=IGNORE_INDEX)
+            loss = loss + cfg.mtp_loss_weight * mtp_loss
+            parts["mtp"] = mtp_loss
+        # Balance and z-losses are averaged over all MoE layers (the MTP block's included): the
+        # aux loss is then 1 at perfect balance whatever the depth, and the coefficient means the same.
+        aux_loss = torch.stack([load_balancing_loss(lg, ex, cfg.n_expert) for lg, ex in routing]).mean()
+        z_loss = torch.stack([router_z_loss(lg) for lg, _ in routing]).mean()
+        loss = loss + cfg.aux_loss_coef * aux_loss + cfg.z_loss_coef * z_loss
+        parts.update(aux=aux_loss, z=z_loss)
+        self.loss_parts = {k: v.detach() for k, v in parts.items()}
+        # Fraction of routing slots each expert received, per trunk layer: (n_layer, E), 1/E = balanced.
+        self.loss_parts["expert_load"] = torch.stack(
+            [torch.bincount(ex.flatten(), minlength=cfg.n_expert) / ex.numel() for _, ex in routing[:cfg.n_layer]])
+        return logits, loss
+
+    def num_params(self, active=False, include_mtp=False):
+        """Parameters of the trunk, embedding and head included. With active=True only K of the E
+        experts of each layer count: the parameters one token actually uses."""
+        total = 0
+        for name, p in self.named_parameters():
+            if name.startswith("mtp.") and not include_mtp:
+                continue
+            n = p.numel()
+            if active and name.endswith(("gate_proj", "up_proj", "down_proj")):
+                n = n * self.config.n_expert_active // self.config.n_expert
+            total += n
+        return total
+
+    # -------------------------------------------------------------------------------------------
+    # The Hugging Face checkpoint format: config.json plus safetensors shards, experts stored one
+    # tensor per expert, the trunk under "model.", the MTP layer under "mtp.".
+
+    @classmethod
+    def from_pretrained(cls, path, device=None, dtype=None):
+        """Load a local Hugging Face directory: the released checkpoint, or one we exported. Raises
+        CheckpointError naming every missing, unexpected or mis-shaped tensor at once."""
+        config = config_from_hf(read_hf_config(path))
+        tensors = read_safetensors(path)
+        if not any(k.startswith("mtp.") for k in tensors):
+            config = replace(config, n_mtp=0)  # the MTP layer is optional in released checkpoints
+        state = hf_to_state_dict(tensors, config)
+        with torch.device("meta"):
+            model = cls(config)
+        expected = {k: v.shape for k, v in model.state_dict().items()}
+        problems = [f"missing {k} {tuple(s)}" for k, s in expected.items() if k not in state]
+        problems += [f"unexpected {k}" for k in state if k not in expected]
+        problems += [f"{k} has shape {tuple(state[k].shape)}, expected {tuple(s)}"
+                     for k, s in expected.items() if k in state and state[k].shape != s]
+        if problems:
+            raise CheckpointError(f"{path}: checkpoint does not match its config.json: " + "; ".join(problems))
+        model.load_state_dict(state, assign=True)
+        device = pick_device(device)
+        return model.to(device=device, dtype=dtype or pick_dtype(device))
+
+    def save_pretrained(self, path, max_shard_bytes=5 * 2**30):
+        """Write config.json and safetensors shards that `transformers` loads as MellumForCausalLM
+        (it reads the trunk and ignores mtp.*). Each file is written whole, then renamed into place."""
+        os.makedirs(path, exist_ok=True)
+        tensors = state_dict_to_hf(self.state_dict(), self.config)
+        shards, current, size = [], {}, 0
+        for key, t in tensors.items():
+            nbytes = t.numel() * t.element_size()
+            if current and size + nbytes > max_shard_bytes:
+                shards.append(current)
+                current, size = {}, 0
+            current[key] = t
+            size += nbytes
+        shards.append(current)
+        if len(shards) == 1:
+            names = ["model.safetensors"]
+        else:
+            names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+            index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
+                     "weight_map": {k: name for name, shard in zip(names, shards) for k in shard}}
+            write_atomically(os.path.join(path, "model.safetensors.index.json"), json.dumps(index, indent=2))
+        for name, shard in zip(names, shards):
+            write_atomically(os.path.join(path, name), lambda tmp, shard=shard: save_file(shard, tmp, {"format": "pt"}))
+        dtype = next(iter(tensors.values())).dtype
+        write_atomically(os.path.join(path, "config.json"), json.dumps(config_to_hf(self.config, dtype), indent=2))
+
+
+class CheckpointError(Exception):
+    """A checkpoint that is missing, unreadable, or does not fit its configuration."""
+
+
+def write_atomically(path, content):
+    """Write a file so that a crash leaves either the old file or the new one, never half of one.
+    content is a string, or a function that writes to the temporary path it is given."""
+    tmp = path + ".tmp"
+    if callable(content):
+        content(tmp)
+    else:
+        with open(tmp, "w") as f:
+            f.write(content)
+    os.replace(tmp, path)
+
+
+def read_hf_config(path):
+    file = os.path.join(path, "config.json")
+    if not os.path.isfile(file):
+        raise CheckpointError(f"{path}: no config.json (expected a Hugging Face model directory)")
+    try:
+        with open(file) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{file}: unreadable config ({e})") from None
+
+
+def read_safetensors(path):
+    """Every tensor of every *.safetensors shard in the directory, by name."""
+    files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+    if not files:
+        raise CheckpointError(f"{path}: no *.safetensors files")
+    tensors = {}
+    for name in files:
+        try:
+            with safe_open(os.path.join(path, name), framework="pt") as f:
+                for key in f.keys():
+                    tensors[key] = f.get_tensor(key)
+        except Exception as e:  # safetensors raises its own error types for truncated or corrupt files
+            raise CheckpointError(f"{os.path.join(path, name)}: unreadable safetensors file ({e})") from None
+    return tensors
+
+
+EXPERT_KEY = re.compile(r"^(.*\.mlp)\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+
+
+def hf_to_state_dict(tensors, config):
+    """Checkpoint names -> ours: strip "model.", and stack the per-expert matrices of each layer
+    (layers.N.mlp.experts.e.gate_proj.weight, e = 0..E-1) into one (E, out, in) tensor. A layer with
+    experts absent is left out, so the caller reports its stacked tensor as missing."""
+    state, experts = {}, {}
+    for key, t in tensors.items():
+        match = EXPERT_KEY.match(key)
+        if match:
+            prefix, e, proj = match.groups()
+            experts.setdefault((prefix, proj), {})[int(e)] = t
+        else:
+            state[key.removeprefix("model.")] = t
+    for (prefix, proj), by_index in experts.items():
+        if sorted(by_index) == list(range(config.n_expert)):
+            state[f"{prefix.removeprefix('model.')}.{proj}"] = torch.stack([by_index[e] for e in sorted(by_index)])
+    return state
+
+
+def state_dict_to_hf(state, config):
+    """Ours -> checkpoint names: the inverse of hf_to_state_dict."""
+    tensors = {}
+    for key, t in state.items():
+        name = key if key.startswith(("mtp.", "lm_head.")) else "model." + key
+        proj = key.rsplit(".", 1)[-1]
+        if proj in ("gate_proj", "up_proj", "down_proj"):
+            base = name.rsplit(".", 1)[0]
+            for e in range(config.n_expert):
+                tensors[f"{base}.experts.{e}.{proj}.weight"] = t[e].contiguous()
+        else:
+            tensors[name] = t.contiguous()
+    return tensors
+
+
+def config_to_hf(config, dtype=torch.float32):
+    """Our config as the released config.json spells it (transformers' MellumConfig)."""
+    sliding = {"rope_type": "default", "rope_theta": config.rope_theta}
+    full = dict(sliding)
+    if config.yarn_factor != 1.0:
+        full = {"rope_type": "yarn", "rope_theta": config.rope_theta, "factor": config.yarn_factor,
+                "original_max_position_embeddings": config.yarn_original_max_seq_len,
+                "beta_fast": config.yarn_beta_fast, "beta_slow": config.yarn_beta_slow}
+        if config.yarn_attention_factor is not None:  # else both sides use 0.1 * ln(factor) + 1
+            full["attention_factor"] = config.yarn_attention_factor
+    hf = {
+        "architectures": ["MellumForCausalLM"], "model_type": "mellum",
+        "vocab_size": config.vocab_size, "hidden_size": config.n_embd,
+        "num_hidden_layers": config.n_layer, "num_attention_heads": config.n_head,
+        "num_key_value_heads": config.n_kv_head, "head_dim": config.head_dim,
+        "num_experts": config.n_expert, "num_experts_per_tok": config.n_expert_active,
+        "moe_intermediate_size": config.expert_dim,
+        # Only used by dense MLP layers, which Mellum 2 does not have; the release sets it to K * F.
+        "intermediate_size": config.n_expert_active * config.expert_dim,
+        "norm_topk_prob": True, "hidden_act": "silu", "attention_bias": False, "tie_word_embeddings": False,
+        "rms_norm_eps": config.rms_norm_eps, "initializer_range": config.init_std,
+        "sliding_window": config.sliding_window, "layer_types": config.layer_types,
+        "mlp_layer_types": ["sparse"] * config.n_layer,
+        "max_position_embeddings": config.max_seq_len,
+        "rope_parameters": {"full_attention": full, "sliding_attention": sliding},
+        "router_aux_loss_coef": config.aux_loss_coef,
+        "bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id,
+        "dtype": str(dtype).removeprefix("torch."),
+        # Our own training settings, kept so a round trip through this file loses nothing.
+        "mellum2": {"mtp_loss_weight": config.mtp_loss_weight, "z_loss_coef": config.z_loss_coef,
+                    "moe_impl": config.moe_impl, "attn_pattern": config.attn_pattern},
+    }
+    if config.n_mtp:
+        hf.update(num_nextn_predict_layers=config.n_mtp, mtp_layer_types=["sliding_attention"],
+                  mtp_mlp_layer_types=["sparse"])
+    return hf
+
+
+def config_from_hf(hf):
+    """A config.json (released or ours) -> Mellum2Config. Refuses variants this model cannot express."""
+    def unsupported(what):
+        return CheckpointError(f"config.json: unsupported {what}")
+
+    if hf.get("model_type") != "mellum":
+        raise unsupported(f"model_type {hf.get('model_type')!r} (expected 'mellum')")
+    n_layer = hf["num_hidden_layers"]
+    for key, wanted in [("norm_topk_prob", True), ("attention_bias", False), ("hidden_act", "silu"),
+                        ("tie_word_embeddings", False)]:
+        if hf.get(key, wanted) != wanted:
+            raise unsupported(f"{key}={hf[key]!r}")
+    if hf.get("mlp_layer_types", ["sparse"] * n_layer) != ["sparse"] * n_layer:
+        raise unsupported("dense MLP layers (every Mellum 2 layer is MoE)")
+    layer_types = hf.get("layer_types") or ["full_attention"] * n_layer
+    letters = "".join({"sliding_attention": "S", "full_attention": "F"}[t] for t in layer_types)
+    ours = hf.get("mellum2", {})
+    # The layer types as a repeating pattern: the one we wrote if it still fits, else the shortest.
+    candidates = [ours.get("attn_pattern", "")] + [letters[:p] for p in range(1, n_layer + 1)]
+    pattern = next(c for c in candidates if c and all(letters[i] == c[i % len(c)] for i in range(n_layer)))
+    rope = hf.get("rope_parameters") or {}
+    full, sliding = rope.get("full_attention", {}), rope.get("sliding_attention", {})
+    theta = full.get("rope_theta", 500000.0)
+    if sliding.get("rope_theta", theta) != theta:
+        raise unsupported("different RoPE bases on sliding and full layers")
+    if sliding.get("rope_type", "default") != "default" or full.get("rope_type", "default") not in ("default", "yarn"):
+        raise unsupported("RoPE type (only plain RoPE, and YaRN on full layers)")
+    yarn = full.get("rope_type") == "yarn"
+    defaults = Mellum2Config()
+    return Mellum2Config(
+        vocab_size=hf["vocab_size"], n_layer=n_layer, n_embd=hf["hidden_size"],
+        n_head=hf["num_attention_heads"], n_kv_head=hf["num_key_value_heads"],
+        head_dim=hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"],
+        n_expert=hf.get("num_experts", hf.get("num_local_experts")), n_expert_active=hf["num_experts_per_tok"],
+        expert_dim=hf["moe_intermediate_size"], sliding_window=hf.get("sliding_window") or 1,
+        attn_pattern=pattern, max_seq_len=hf.get("max_position_embeddings", 8192), rope_theta=theta,
+        yarn_factor=full["factor"] if yarn else 1.0,
+        yarn_original_max_seq_len=full.get("original_max_position_embeddings", 8192),
+        yarn_beta_fast=full.get("beta_fast") or 32.0, yarn_beta_slow=full.get("beta_slow") or 1.0,
+        yarn_attention_factor=full.get("attention_factor"),
+        rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+        n_mtp=hf.get("num_nextn_predict_layers", hf.get("num_mtp_layers")) or 0,
+        mtp_loss_weight=ours.get("mtp_loss_weight", defaults.mtp_loss_weight),
+        aux_loss_coef=hf.get("router_aux_loss_coef", defaults.aux_loss_coef),
+        z_loss_coef=ours.get("z_loss_coef", defaults.z_loss_coef),
+        init_std=hf.get("initializer_range", defaults.init_std), moe_impl=ours.get("moe_impl", "grouped"),
+        bos_token_id=hf.get("bos_token_id"), eos_token_id=hf.get("eos_token_id"),
+    )
