@@ -4,6 +4,7 @@ machine, the two interleaved step by step so background load hits both alike), w
 
   python bench.py params          # total and active parameter counts of every preset
   python bench.py model           # forward+backward tokens/s of a preset: ours vs transformers
+  python bench.py train           # whole training steps: ours vs transformers + AdamW, MoE vs dense
 
 On a shared machine set OMP_WAIT_POLICY=PASSIVE first: busy-waiting OpenMP threads distort timings.
 """
@@ -72,18 +73,65 @@ def model(args):
         print(f"  {name:<16} {B * T / s:>9.0f} tokens/s   {seconds['transformers'] / s:5.2f}x transformers")
 
 
+def train_steps(args):
+    """Whole optimizer steps as train.py takes them (forward, backward, clipping, optimizers)."""
+    import transformers
+
+    import train
+
+    torch.manual_seed(0)
+    config = Mellum2Config.from_preset(args.size)
+    B, T = args.batch, config.max_seq_len
+    idx = torch.randint(0, config.vocab_size, (B, T))
+    targets = torch.roll(idx, -1, dims=1)
+    no_autocast = torch.autocast("cpu", enabled=False)
+
+    def ours(config, optimizer="muon"):
+        model = Mellum2(config)
+        optimizers = train.build_optimizers(model, 1e-3, optimizer=optimizer)
+        return lambda: train.train_step(model, idx, targets, B, optimizers, no_autocast)
+
+    trunk = Mellum2(replace(config, n_mtp=0))
+    with tempfile.TemporaryDirectory() as tmp:
+        trunk.save_pretrained(tmp)
+        hf = transformers.MellumForCausalLM.from_pretrained(tmp, dtype=torch.float32)
+    hf.train()
+    hf_adamw = torch.optim.AdamW(hf.parameters(), lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+
+    def reference():
+        hf(idx, labels=idx, output_router_logits=True).loss.backward()
+        torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
+        hf_adamw.step()
+        hf_adamw.zero_grad(set_to_none=True)
+
+    # A dense model with the same active parameters: one "expert" as wide as the K active ones.
+    dense = replace(config, n_expert=1, n_expert_active=1, expert_dim=config.n_expert_active * config.expert_dim)
+    seconds = time_interleaved(
+        args.steps, transformers_adamw=reference, ours_adamw_no_mtp=ours(replace(config, n_mtp=0), "adamw"),
+        ours_as_trained=ours(config), dense_as_trained=ours(dense), dense_adamw=ours(dense, "adamw"),
+        moe_adamw=ours(config, "adamw"))
+    print(f"{args.size}, batch {B} x {T} tokens, {torch.get_num_threads()} threads, fp32, median of {args.steps} "
+          f"steps; 'as trained' = MTP + Muon/AdamW as train.py runs it")
+    for name, s in seconds.items():
+        print(f"  {name:<20} {B * T / s:>9.0f} tokens/s   {seconds['transformers_adamw'] / s:5.2f}x transformers")
+    print(f"  MoE / dense step time: {seconds['ours_as_trained'] / seconds['dense_as_trained']:.2f}x as trained, "
+          f"{seconds['moe_adamw'] / seconds['dense_adamw']:.2f}x with AdamW everywhere")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="what", required=True)
     sub.add_parser("params", help="parameter counts of every preset")
     p = sub.add_parser("model", help="forward+backward speed against transformers' MellumForCausalLM")
-    p.add_argument("--size", default="tiny", choices=["tiny", "small"], help="preset to measure")
-    p.add_argument("--batch", type=int, default=16, help="sequences per step (each of the preset's length)")
-    p.add_argument("--steps", type=int, default=7, help="timed steps per candidate")
     p.add_argument("--experts", type=int, nargs=2, metavar=("E", "K"),
                    help="override the expert count and top-k, e.g. 64 8 for the release's routing")
+    t = sub.add_parser("train", help="training-step speed: ours vs transformers + AdamW, and MoE vs dense")
+    for q in (p, t):
+        q.add_argument("--size", default="tiny", choices=["tiny", "small"], help="preset to measure")
+        q.add_argument("--batch", type=int, default=16, help="sequences per step (each of the preset's length)")
+        q.add_argument("--steps", type=int, default=7, help="timed steps per candidate")
     args = parser.parse_args()
-    params() if args.what == "params" else model(args)
+    {"params": lambda: params(), "model": lambda: model(args), "train": lambda: train_steps(args)}[args.what]()
 
 
 if __name__ == "__main__":

@@ -29,7 +29,8 @@ import json
 import math
 import os
 import re
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -38,6 +39,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from data import load_tokenizer  # noqa: F401  (re-exported: the vocabulary is part of the model)
+from data import write_atomically
 
 IGNORE_INDEX = -1  # targets with this value (padding, prompt tokens in SFT) carry no loss
 
@@ -268,7 +270,10 @@ class Attention(nn.Module):
 
 def grouped_mm(x, w, offsets):
     """Multiply consecutive row groups of x (M, in) by their own matrix w[g] (G, in, out): rows
-    offsets[g-1]:offsets[g] use w[g]. The seam where kernels.py plugs in a fused Triton kernel."""
+    offsets[g-1]:offsets[g] use w[g]."""
+    if torch.is_autocast_enabled(x.device.type):  # autocast does not cover this private op
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, w = x.to(dtype), w.to(dtype)
     if x.device.type == "cpu" or (x.device.type == "cuda" and x.dtype == torch.bfloat16):
         return torch._grouped_mm(x, w, offs=offsets)
     # Elsewhere (MPS, fp32 on CUDA) torch has no grouped matmul: one matmul per contiguous group.
@@ -290,6 +295,9 @@ class MoE(nn.Module):
         self.gate_proj = nn.Parameter(torch.empty(E, F_, D))
         self.up_proj = nn.Parameter(torch.empty(E, F_, D))
         self.down_proj = nn.Parameter(torch.empty(E, D, F_))
+        # The seam for faster or lower-precision expert matmuls: kernels.py (Triton) and train.py
+        # (--fp8) replace this function; the default is torch's grouped matmul.
+        self.grouped_mm = grouped_mm
 
     def route(self, x):
         """Router logits (N, E), the renormalised weights (N, K) and expert ids (N, K) of each token."""
@@ -324,8 +332,8 @@ class MoE(nn.Module):
         counts = torch.bincount(flat_experts, minlength=self.config.n_expert)  # (E,) dropless: no cap
         offsets = counts.cumsum(0).to(torch.int32)            # (E,) end of each expert's block
         xs = x[token]                                         # (N*K, D), gathered in expert order
-        h = F.silu(grouped_mm(xs, self.gate_proj.mT, offsets)) * grouped_mm(xs, self.up_proj.mT, offsets)
-        ys = grouped_mm(h, self.down_proj.mT, offsets)        # (N*K, D)
+        h = F.silu(self.grouped_mm(xs, self.gate_proj.mT, offsets)) * self.grouped_mm(xs, self.up_proj.mT, offsets)
+        ys = self.grouped_mm(h, self.down_proj.mT, offsets)   # (N*K, D)
         ys = ys * weights.flatten()[order, None]
         return torch.zeros_like(x).index_add_(0, token, ys)   # sum each token's K expert outputs
 
@@ -547,27 +555,17 @@ class Mellum2(nn.Module):
             names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
             index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
                      "weight_map": {k: name for name, shard in zip(names, shards) for k in shard}}
-            write_atomically(os.path.join(path, "model.safetensors.index.json"), json.dumps(index, indent=2))
+            text = json.dumps(index, indent=2)
+            write_atomically(os.path.join(path, "model.safetensors.index.json"), lambda tmp: Path(tmp).write_text(text))
         for name, shard in zip(names, shards):
             write_atomically(os.path.join(path, name), lambda tmp, shard=shard: save_file(shard, tmp, {"format": "pt"}))
         dtype = next(iter(tensors.values())).dtype
-        write_atomically(os.path.join(path, "config.json"), json.dumps(config_to_hf(self.config, dtype), indent=2))
+        text = json.dumps(config_to_hf(self.config, dtype), indent=2)
+        write_atomically(os.path.join(path, "config.json"), lambda tmp: Path(tmp).write_text(text))
 
 
 class CheckpointError(Exception):
     """A checkpoint that is missing, unreadable, or does not fit its configuration."""
-
-
-def write_atomically(path, content):
-    """Write a file so that a crash leaves either the old file or the new one, never half of one.
-    content is a string, or a function that writes to the temporary path it is given."""
-    tmp = path + ".tmp"
-    if callable(content):
-        content(tmp)
-    else:
-        with open(tmp, "w") as f:
-            f.write(content)
-    os.replace(tmp, path)
 
 
 def read_hf_config(path):

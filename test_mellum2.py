@@ -387,3 +387,256 @@ def test_importing_top_level_files_does_no_work():
     result = subprocess.run([sys.executable, "-c", code], cwd=here, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout == "" and result.stderr == ""
+
+
+# -----------------------------------------------------------------------------------------------
+# Pre-training (train.py): Muon against torch.optim.Muon, the schedule, FP8, distributed, resume
+
+import train  # noqa: E402
+
+
+def muon_pair(shapes, seed=0, **kwargs):
+    g = torch.Generator().manual_seed(seed)
+    ours = [torch.nn.Parameter(torch.randn(s, generator=g)) for s in shapes]
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    return ours, theirs
+
+
+def step_with_grads(params_and_optimizers, steps, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        grads = None
+        for params, opt in params_and_optimizers:
+            grads = grads or [torch.randn(p.shape, generator=g) for p in params]
+            for p, gr in zip(params, grads):
+                p.grad = gr.clone()
+            opt.step()
+
+
+def test_muon_equals_torch_muon_on_matrices():
+    shapes = [(64, 256), (256, 64), (128, 128), (96, 200)]
+    ours, theirs = muon_pair(shapes)
+    opt = train.Muon(ours, lr=0.02, weight_decay=0.1)
+    ref = torch.optim.Muon(theirs, lr=0.02, weight_decay=0.1, adjust_lr_fn="match_rms_adamw")
+    step_with_grads([(ours, opt), (theirs, ref)], steps=5)
+    for a, b in zip(ours, theirs):
+        assert torch.equal(a, b)  # the same arithmetic in the same order: bit-identical
+
+
+def test_muon_orthogonalises_each_expert_on_its_own():
+    experts = torch.nn.Parameter(torch.randn(6, 48, 32))
+    slices = [torch.nn.Parameter(experts.detach()[e].clone()) for e in range(6)]
+    opt = train.Muon([experts], lr=0.01, weight_decay=0.1)
+    ref = torch.optim.Muon(slices, lr=0.01, weight_decay=0.1, adjust_lr_fn="match_rms_adamw")
+    g = torch.Generator().manual_seed(2)
+    for _ in range(4):
+        grad = torch.randn(experts.shape, generator=g)
+        experts.grad = grad.clone()
+        for e, p in enumerate(slices):
+            p.grad = grad[e].clone()
+        opt.step()
+        ref.step()
+    assert (experts.detach() - torch.stack([p.detach() for p in slices])).abs().max().item() < 1e-6
+    # Flattening the stack into one (E*out, in) matrix would be a different, wrong update.
+    flat = train.orthogonalize(torch.randn(6 * 48, 32)).view(6, 48, 32)
+    assert not torch.allclose(flat, train.orthogonalize(flat.float()), atol=1e-2)
+
+
+def test_muon_rejects_vectors():
+    with pytest.raises(ValueError, match="matrices"):
+        train.Muon([torch.nn.Parameter(torch.ones(5))], lr=0.1)
+
+
+def test_optimizer_routing():
+    model = Mellum2(SMALL)
+    adamw, muon = train.build_optimizers(model, 1e-3)
+    in_muon = {id(p) for g in muon.param_groups for p in g["params"]}
+    names = {n for n, p in model.named_parameters() if id(p) in in_muon}
+    assert "layers.0.self_attn.q_proj.weight" in names and "layers.0.mlp.gate_proj" in names
+    assert "mtp.fc.weight" in names and "mtp.layers.0.mlp.down_proj" in names
+    for n in ("embed_tokens.weight", "lm_head.weight", "layers.0.mlp.gate.weight", "norm.weight"):
+        assert n not in names
+    assert sum(len(g["params"]) for g in adamw.param_groups) + len(in_muon) == len(list(model.parameters()))
+
+
+def test_warmup_hold_decay_at_its_boundaries():
+    total, warmup = 1000, 20
+    m = lambda s: train.lr_multiplier(s, total, warmup)  # noqa: E731
+    decay_start = total - 159
+    assert m(0) == pytest.approx(1 / 20) and m(19) == 1.0 and m(20) == 1.0
+    assert m(decay_start - 1) == 1.0 and m(decay_start) == 1.0
+    assert m(decay_start + 1) == pytest.approx(158 / 159) and m(total - 1) == pytest.approx(1 / 159)
+    assert m(total) == 0.0  # linear to exactly zero
+    values = [m(s) for s in range(total)]
+    assert all(a <= b for a, b in zip(values[:warmup], values[1:warmup]))
+    assert all(a >= b for a, b in zip(values[decay_start:], values[decay_start + 1:]))
+
+
+def test_batch_ramp_at_its_boundary():
+    sizes = [train.batch_size_at(s, 100, 16) for s in range(100)]
+    assert sizes[:6] == [8] * 6 and sizes[6:] == [16] * 94
+
+
+def test_fp8_matmul_error_within_the_format_bound():
+    """q(x) q(w)^T differs from x w^T by at most what rounding each factor to e4m3 allows: relative
+    2^-4 per element (3 mantissa bits, round to nearest) plus, for subnormals, half their spacing."""
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(64, 96, generator=g) * 3, torch.randn(48, 96, generator=g) * 0.05
+    (x8, sx), (w8, sw) = train.to_fp8(x, train.E4M3), train.to_fp8(w, train.E4M3)
+    got = train.scaled_mm(x8, sx, w8.t(), sw, torch.float32)
+    u = 2.0 ** -4
+    ex, ew = u * x.abs() + 2.0 ** -10 / sx, u * w.abs() + 2.0 ** -10 / sw  # per-element error bounds
+    bound = x.abs() @ ew.T + ex @ w.abs().T + ex @ ew.T
+    err = (got - x @ w.T).abs()
+    assert (err <= bound * 1.001 + 1e-6).all()
+    assert err.max() > 0 and (err / bound).max() > 0.05  # it does quantise, and the bound is not vacuous
+    # The emulated path (round, then an ordinary matmul) is the same arithmetic as the scaled matmul.
+    emulated = train._FakeQuant.apply(x, train.E4M3) @ train._FakeQuant.apply(w, train.E4M3).T
+    assert torch.allclose(got, emulated, rtol=1e-5, atol=1e-5)
+
+
+def test_fp8_linear_gradients_use_e5m2():
+    layer = train.Float8Linear(32, 16, bias=False)
+    x = torch.randn(8, 32, requires_grad=True)
+    layer(x).pow(2).sum().backward()
+    ref = torch.nn.Linear(32, 16, bias=False)
+    ref.weight.data.copy_(layer.weight.data)
+    x2 = x.detach().clone().requires_grad_()
+    ref(x2).pow(2).sum().backward()
+    rel = lambda a, b: ((a - b).norm() / b.norm()).item()  # noqa: E731
+    assert 0 < rel(x.grad, x2.grad) < 0.15 and 0 < rel(layer.weight.grad, ref.weight.grad) < 0.15
+
+
+# -- whole runs on a small corpus of our own (fast, and independent of the installed Python)
+
+@pytest.fixture(scope="module")
+def small_corpus(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("corpus")
+    rng = torch.Generator().manual_seed(0)
+    words = "the model reads code and text then learns to predict the next token of each file".split()
+    for i in range(40):
+        n = torch.randint(0, len(words), (400,), generator=rng).tolist()
+        (folder / f"notes_{i}.txt").write_text(" ".join(words[j] for j in n) + ".\n")
+        (folder / f"module_{i}.py").write_text("".join(
+            f"def f_{i}_{k}(x):\n    return x * {k} + {i}\n\n" for k in range(40)))
+    return str(folder)
+
+
+def run_args(corpus, out_dir, *extra):
+    return train.parse_args(["--size", "tiny", "--data", corpus, "--no-default-data", "--out-dir", str(out_dir),
+                             "--batch-size", "4", "--allow-over-repetition", *extra])
+
+
+def test_training_reduces_the_loss_and_writes_metrics(small_corpus, tmp_path):
+    train.train(run_args(small_corpus, tmp_path, "--max-steps", "12", "--lr", "3e-3"))
+    records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [r["step"] for r in records] == list(range(1, 13))
+    assert records[-1]["ntp"] < records[0]["ntp"] - 1.0
+    assert {"ntp", "mtp", "aux", "z", "lr", "expert_balance", "phase"} <= set(records[0])
+    assert records[-1]["lr"] > 0 and "val" in records[-1]
+    state = train.load_checkpoint(tmp_path / "ckpt.pt")
+    assert state["step"] == 12 and state["tokenizer"]["sha256"]
+
+
+def test_resume_continues_exactly(small_corpus, tmp_path):
+    straight = train.train(run_args(small_corpus, tmp_path / "a", "--max-steps", "6"))
+    train.train(run_args(small_corpus, tmp_path / "b", "--max-steps", "6"), stop_after=3)
+    resumed = train.train(run_args(small_corpus, tmp_path / "b", "--resume"))
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+    losses = lambda d: [json.loads(line)["ntp"] for line in open(d / "metrics.jsonl")]  # noqa: E731
+    assert losses(tmp_path / "a") == losses(tmp_path / "b")
+
+
+def test_fp8_training_runs(small_corpus, tmp_path):
+    model = train.train(run_args(small_corpus, tmp_path, "--max-steps", "2", "--fp8"))
+    assert isinstance(model.layers[0].self_attn.q_proj, train.Float8Linear)
+    assert model.layers[0].mlp.grouped_mm is train.fp8_grouped_mm
+    assert all(math.isfinite(json.loads(line)["ntp"]) for line in open(tmp_path / "metrics.jsonl"))
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(small_corpus, tmp_path, monkeypatch):
+    train.train(run_args(small_corpus, tmp_path, "--max-steps", "6"), stop_after=2)
+    before = (tmp_path / "ckpt.pt").read_bytes()
+    real_forward = Mellum2.forward
+
+    def poisoned(self, idx, targets=None):
+        logits, loss = real_forward(self, idx, targets)
+        self.loss_parts["ntp"] = torch.tensor(float("nan"))
+        return logits, loss
+
+    monkeypatch.setattr(Mellum2, "forward", poisoned)
+    with pytest.raises(train.NonFiniteLoss, match="non-finite loss at step 3"):
+        train.train(run_args(small_corpus, tmp_path, "--resume"))
+    assert (tmp_path / "ckpt.pt").read_bytes() == before
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--max-steps", "0"], "--max-steps must be positive"),
+    (["--batch-size", "3"], "must split evenly"),
+    (["--resume", "--out-dir", "{tmp}/nothing"], "no checkpoint there"),
+    (["--resume", "--out-dir", "{tmp}/corrupt"], "unreadable checkpoint"),
+])
+def test_bad_input_gives_one_line_and_a_nonzero_exit(argv, message, tmp_path, capsys):
+    (tmp_path / "corrupt").mkdir()
+    (tmp_path / "corrupt" / "ckpt.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--size", "tiny", *[a.format(tmp=tmp_path) for a in argv]])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code != 0 and message in err and len(err.splitlines()) == 1
+
+
+def test_unknown_size_is_refused(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--size", "huge"])
+    assert exit_info.value.code != 0 and "invalid choice: 'huge'" in capsys.readouterr().err
+
+
+DIST_WORKER = '''
+import sys, torch, torch.distributed as dist
+sys.path.insert(0, {repo!r})
+import train
+from test_mellum2 import SMALL, randomize
+from mellum2 import Mellum2
+torch.set_num_threads(1)
+rank, world, device = train.setup_distributed("cpu")
+
+def run(distributed):
+    torch.manual_seed(0)
+    model = randomize(Mellum2(SMALL))
+    opts = train.build_optimizers(model, 1e-2, ns_dtype=torch.float32)
+    wrapped = torch.nn.parallel.DistributedDataParallel(model) if distributed else model
+    g = torch.Generator().manual_seed(1)
+    for step in range(3):
+        x = torch.randint(0, SMALL.vocab_size, (8, 24), generator=g)
+        y = torch.randint(0, SMALL.vocab_size, (8, 24), generator=g)
+        if distributed:
+            x, y = x[rank::world], y[rank::world]
+        train.train_step(wrapped, x, y, 2, opts, torch.autocast("cpu", enabled=False))
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+together = run(distributed=True)
+gathered = [torch.empty_like(together) for _ in range(world)]
+dist.all_gather(gathered, together)
+if rank == 0:
+    dist.destroy_process_group()
+    alone = run(distributed=False)
+    print("replicas_equal", torch.equal(gathered[0], gathered[1]))
+    print("max_diff", (together - alone).abs().max().item())
+'''
+
+
+def test_two_processes_equal_one(tmp_path):
+    """One torchrun launch of two gloo processes, each on half of every batch, against one process
+    on the whole batch: the same parameters within 1e-6 (fp32 Newton-Schulz, as bf16 would amplify
+    the last-bit difference between a mean of two half-batch means and one full-batch mean)."""
+    repo = os.path.dirname(os.path.abspath(__file__))
+    script = tmp_path / "worker.py"
+    script.write_text(DIST_WORKER.format(repo=repo))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             str(script)], capture_output=True, text=True, timeout=300, cwd=repo, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = dict(line.split() for line in result.stdout.splitlines() if line.startswith(("replicas", "max_diff")))
+    assert out["replicas_equal"] == "True"
+    assert float(out["max_diff"]) < 1e-6
