@@ -104,8 +104,8 @@ class Muon(torch.optim.Optimizer):
             buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
             buf.lerp_(p.grad, 1 - group["momentum"])                   # buf = mu buf + (1 - mu) grad
             u = p.grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf
-            if i % world == rank:
-                updates.append(orthogonalize(u, group["ns_steps"], group["eps"], group["ns_dtype"]))
+            if i % world == rank:  # contiguous: a broadcast sends raw memory, so the layouts must agree
+                updates.append(orthogonalize(u, group["ns_steps"], group["eps"], group["ns_dtype"]).contiguous())
             else:
                 updates.append(torch.empty(p.shape, dtype=group["ns_dtype"], device=p.device))
         if world > 1:
@@ -574,7 +574,10 @@ def train(args, stop_after=None):
                     group["lr"] = lr
             batch = batch_size_at(step, s["steps"], s["batch_size"], s["ramp_fraction"])
             x, y = sampler.get_batch(step)
-            x, y = x[rank:batch:world].to(device), y[rank:batch:world].to(device)  # this process's rows
+            # This process's rows: a contiguous block, so that its micro-batches are exactly micro-batches
+            # of a single-process run (the balance loss depends on which rows share a micro-batch).
+            rows = slice(rank * batch // world, (rank + 1) * batch // world)
+            x, y = x[:batch][rows].to(device), y[:batch][rows].to(device)
             parts, grad_norm = train_step(model, x, y, s["micro_batch"], optimizers, autocast)
             step += 1
             tokens_seen += batch * seq_len
@@ -593,11 +596,13 @@ def train(args, stop_after=None):
             progress.update(step - 1, f"loss {parts['ntp']:.3f} mtp {parts.get('mtp', 0):.3f} aux {parts['aux']:.3f} "
                             f"z {parts['z']:.2f} | lr {lr:.2e} | {phase} | load max/mean {balance:.2f} | "
                             f"{speed:,.0f} tok/s", elapsed / (step - start_step) * (s["steps"] - step))
-            stopping = stop.all_agree() or step == stop_after
-            if master and (step % s["ckpt_every"] == 0 or step == s["steps"] or stopping):
+            interrupted = stop.all_agree()
+            if master and (step % s["ckpt_every"] == 0 or step == s["steps"] or interrupted or step == stop_after):
                 save_checkpoint(ckpt_path, raw, optimizers, step, s)
-            if stopping:
+            if interrupted or step == stop_after:
                 progress.message(f"stopped at step {step}; checkpoint {ckpt_path}; continue with --resume")
+                if interrupted:
+                    raise KeyboardInterrupt
                 return raw
     except NonFiniteLoss as e:
         raise NonFiniteLoss(f"non-finite loss at step {step + 1} ({e}); stopped, the last good checkpoint "
@@ -666,6 +671,8 @@ def main(argv=None):
     except (ValueError, CheckpointError, data.DataError, NonFiniteLoss) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt:  # the checkpoint is already written (or no step had run yet)
+        sys.exit(130)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
