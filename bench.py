@@ -5,6 +5,7 @@ machine, the two interleaved step by step so background load hits both alike), w
   python bench.py params          # total and active parameter counts of every preset
   python bench.py model           # forward+backward tokens/s of a preset: ours vs transformers
   python bench.py train           # whole training steps: ours vs transformers + AdamW, MoE vs dense
+  python bench.py decode          # decoding on a trained model: ours vs transformers, speculative vs plain
 
 On a shared machine set OMP_WAIT_POLICY=PASSIVE first: busy-waiting OpenMP threads distort timings.
 """
@@ -118,6 +119,47 @@ def train_steps(args):
           f"{seconds['moe_adamw'] / seconds['dense_adamw']:.2f}x with AdamW everywhere")
 
 
+def decoding(args):
+    """Greedy decoding on held-out code: ours vs transformers' generate on the same weights, and
+    speculative (MTP drafts) vs plain decoding, with the acceptance rate."""
+    import transformers
+
+    import data
+    import sample
+
+    model, _ = sample.load_model(args.init_from, "cpu")
+    corpus = data.build_corpus(progress=False)
+    prompts = [x[0, :args.prompt_len].tolist()
+               for x, _ in data.val_batches(corpus, "code", 1, model.config.max_seq_len, args.prompts)]
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        hf = transformers.MellumForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
+    n = args.new_tokens
+    times = {"transformers": [], "ours": [], "ours_speculative": []}
+    drafts = accepted = 0
+    for prompt in prompts:
+        ids = torch.tensor([prompt])
+        start = time.perf_counter()
+        with torch.no_grad():
+            expected = hf.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+        times["transformers"].append(time.perf_counter() - start)
+        start = time.perf_counter()
+        plain = sample.generate(model, [prompt], n, temperature=0)[0]
+        times["ours"].append(time.perf_counter() - start)
+        start = time.perf_counter()
+        fast, d, a = sample.generate_speculative(model, prompt, n, temperature=0)
+        times["ours_speculative"].append(time.perf_counter() - start)
+        drafts, accepted = drafts + d, accepted + a
+        assert plain == fast == expected[0, len(prompt):].tolist()[:len(plain)], "outputs differ"
+    print(f"{len(prompts)} held-out code prompts of {args.prompt_len} tokens, {n} new tokens each, greedy, "
+          f"batch 1, {torch.get_num_threads()} threads (outputs identical across all three)")
+    medians = {k: statistics.median(v) for k, v in times.items()}
+    for name, s in medians.items():
+        print(f"  {name:<18} {n / s:>8.1f} tokens/s   {medians['transformers'] / s:5.2f}x transformers")
+    print(f"  speculative vs plain: {medians['ours'] / medians['ours_speculative']:.2f}x, "
+          f"{accepted}/{drafts} drafts accepted ({accepted / drafts:.0%})")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="what", required=True)
@@ -130,8 +172,14 @@ def main():
         q.add_argument("--size", default="tiny", choices=["tiny", "small"], help="preset to measure")
         q.add_argument("--batch", type=int, default=16, help="sequences per step (each of the preset's length)")
         q.add_argument("--steps", type=int, default=7, help="timed steps per candidate")
+    d = sub.add_parser("decode", help="decoding speed: ours vs transformers' generate, speculative vs plain")
+    d.add_argument("--init-from", default="out/tiny", help="a trained run folder (default: out/tiny)")
+    d.add_argument("--prompts", type=int, default=10, help="held-out code prompts (default: 10)")
+    d.add_argument("--prompt-len", type=int, default=64, help="prompt tokens (default: 64)")
+    d.add_argument("--new-tokens", type=int, default=128, help="tokens to generate per prompt (default: 128)")
     args = parser.parse_args()
-    {"params": lambda: params(), "model": lambda: model(args), "train": lambda: train_steps(args)}[args.what]()
+    {"params": params, "model": lambda: model(args), "train": lambda: train_steps(args),
+     "decode": lambda: decoding(args)}[args.what]()
 
 
 if __name__ == "__main__":

@@ -746,22 +746,40 @@ def check_repetition(corpus, token_budget, allow_over_repetition=False):
 # The price: a gap always starts and ends on a token boundary of the whole-document tokenization,
 # while a user's cursor may sit inside a token. With 4096 ids most tokens are short, so this is small.
 
-def fim_format(prefix, suffix, middle=(), spm=True):
-    """Token ids in PSM or SPM order; with no `middle` this is the prompt the model completes."""
+def fim_format(prefix, suffix, middle=(), spm=True, special=SPECIAL_TOKENS):
+    """Token ids in PSM or SPM order; with no `middle` this is the prompt the model completes.
+    `special` maps the sentinel strings to ids (another tokenizer's, for a released checkpoint)."""
+    fim_prefix, fim_middle, fim_suffix = (special[t] for t in ("<fim_prefix>", "<fim_middle>", "<fim_suffix>"))
     if spm:
-        parts = [[FIM_SUFFIX], suffix, [FIM_PREFIX], prefix, [FIM_MIDDLE], middle]
+        parts = [[fim_suffix], suffix, [fim_prefix], prefix, [fim_middle], middle]
     else:
-        parts = [[FIM_PREFIX], prefix, [FIM_SUFFIX], suffix, [FIM_MIDDLE], middle]
+        parts = [[fim_prefix], prefix, [fim_suffix], suffix, [fim_middle], middle]
     return np.concatenate([np.asarray(p, dtype=np.int64) for p in parts])
 
 
-def fim_prompt(prefix, suffix, spm=True):
+# The chat template (rendered as ids, never as text, so a user cannot type a role marker):
+#   <|system|> text <|end|> <|user|> text <|end|> <|assistant|> [<think> reasoning </think>] text <|end|>
+# An Instruct model answers directly; a Thinking model first writes its reasoning between <think> tags.
+
+def render_chat(enc, messages, generation_prompt=True):
+    """[{"role": "system" | "user" | "assistant", "content": str, "reasoning": str (optional)}] ->
+    token ids; with generation_prompt the ids end with <|assistant|>, where the model takes over."""
+    ids = []
+    for message in messages:
+        ids.append(SPECIAL_TOKENS[f"<|{message['role']}|>"])
+        if message.get("reasoning"):
+            ids += [SPECIAL_TOKENS["<think>"], *enc.encode_ordinary(message["reasoning"]), SPECIAL_TOKENS["</think>"]]
+        ids += [*enc.encode_ordinary(message["content"]), SPECIAL_TOKENS["<|end|>"]]
+    return ids + [SPECIAL_TOKENS["<|assistant|>"]] * generation_prompt
+
+
+def fim_prompt(prefix, suffix, spm=True, special=SPECIAL_TOKENS):
     """The FIM prompt for sample.py: (prefix ids, suffix ids) -> list of ids ending in <fim_middle>.
 
     SPM by default, the order Mellum-4B's completion prompt uses. The model then writes the middle and
     ends it with <|endoftext|>, exactly as in training.
     """
-    return fim_format(prefix, suffix, spm=spm).tolist()
+    return fim_format(prefix, suffix, spm=spm, special=special).tolist()
 
 
 def fim_transform(tokens, rng, spm):

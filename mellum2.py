@@ -205,10 +205,11 @@ def rope_inv_freq(config, layer_type):
 
 
 def rope_cos_sin(config, layer_type, positions, dtype):
-    """cos and sin tables of shape (T, hd) for absolute `positions` (T,)."""
+    """cos and sin tables of shape (..., T, hd) for absolute `positions` (..., T): (T,) when every
+    row of a batch starts at 0 (training), (B, T) when rows are at different points (decoding)."""
     inv_freq, attention_factor = rope_inv_freq(config, layer_type)
-    angles = positions.float()[:, None] * inv_freq.to(positions.device)[None, :]  # (T, hd/2)
-    angles = torch.cat([angles, angles], dim=-1)  # (T, hd): pair j is (dim j, dim j + hd/2)
+    angles = positions.float()[..., None] * inv_freq.to(positions.device)  # (..., T, hd/2)
+    angles = torch.cat([angles, angles], dim=-1)  # (..., T, hd): pair j is (dim j, dim j + hd/2)
     return (angles.cos() * attention_factor).to(dtype), (angles.sin() * attention_factor).to(dtype)
 
 
@@ -217,16 +218,18 @@ def apply_rope(x, cos, sin):
     (GPT-NeoX) pairing of the released checkpoint, not the interleaved (x_2j, x_2j+1) one."""
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
-    return x * cos[:, None, :] + rotated * sin[:, None, :]
+    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # (..., T, 1, hd): the same angle for every head
+    return x * cos + rotated * sin
 
 
 # -----------------------------------------------------------------------------------------------
 # Attention: GQA with QK-norm, causal, sliding window on 3 of 4 layers (§2.1.4, §2.2)
 
 def attention_mask(q_positions, k_positions, window=None):
-    """(Tq, Tk) boolean mask, True where the query may look: causal, and for a sliding layer only
-    the key at the query's own position and the window-1 positions before it."""
-    distance = q_positions[:, None] - k_positions[None, :]  # (Tq, Tk), >= 0 for keys in the past
+    """(..., Tq, Tk) boolean mask for positions (..., Tq) and (..., Tk), True where the query may
+    look: causal, and for a sliding layer only the key at the query's own position and the window-1
+    positions before it."""
+    distance = q_positions[..., :, None] - k_positions[..., None, :]  # >= 0 for keys in the past
     allowed = distance >= 0
     if window is not None:
         allowed = allowed & (distance < window)
@@ -250,13 +253,17 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(hd, config.rms_norm_eps)
         self.k_norm = RMSNorm(hd, config.rms_norm_eps)
 
-    def forward(self, x, cos, sin, mask):
+    def forward(self, x, cos, sin, mask, cache=None, positions=None):
+        """x (B, T, D) -> (B, T, D). With a LayerCache, the new keys and values join those of the
+        tokens before (positions (B, T) say where the new tokens are) and the cache makes the mask."""
         B, T, _ = x.shape
         hd = self.config.head_dim
         q = self.q_norm(self.q_proj(x).view(B, T, self.config.n_head, hd))     # (B, T, H, hd)
         k = self.k_norm(self.k_proj(x).view(B, T, self.config.n_kv_head, hd))  # (B, T, Hkv, hd)
         v = self.v_proj(x).view(B, T, self.config.n_kv_head, hd)               # (B, T, Hkv, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v, mask = cache.update(k, v, positions)  # (B, S+T, Hkv, hd) x 2, (B, 1, T, S+T)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, hd), the layout SDPA wants
         # enable_gqa lets each group of n_head // n_kv_head query heads read the same K/V head without
         # copying K and V to n_head heads first: the KV cache (and its memory traffic) stays 8x smaller.
@@ -332,7 +339,8 @@ class MoE(nn.Module):
         counts = torch.bincount(flat_experts, minlength=self.config.n_expert)  # (E,) dropless: no cap
         offsets = counts.cumsum(0).to(torch.int32)            # (E,) end of each expert's block
         xs = x[token]                                         # (N*K, D), gathered in expert order
-        h = F.silu(self.grouped_mm(xs, self.gate_proj.mT, offsets)) * self.grouped_mm(xs, self.up_proj.mT, offsets)
+        gate, up = self.grouped_mm(xs, self.gate_proj.mT, offsets), self.grouped_mm(xs, self.up_proj.mT, offsets)
+        h = F.silu(gate) * up                                 # (N*K, F)
         ys = self.grouped_mm(h, self.down_proj.mT, offsets)   # (N*K, D)
         ys = ys * weights.flatten()[order, None]
         return torch.zeros_like(x).index_add_(0, token, ys)   # sum each token's K expert outputs
@@ -378,9 +386,9 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.n_embd, config.rms_norm_eps)
         self.mlp = MoE(config)
 
-    def forward(self, x, rope, masks):
+    def forward(self, x, rope, masks, cache=None, positions=None):
         cos, sin = rope[self.layer_type]
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, masks[self.layer_type])
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, masks[self.layer_type], cache, positions)
         moe_out, router_logits, experts = self.mlp(self.post_attention_layernorm(x))
         return x + moe_out, router_logits, experts
 
@@ -407,13 +415,83 @@ class MTP(nn.Module):
         self.layers = nn.ModuleList([Block(config, "sliding_attention")])
         self.norm = RMSNorm(D, config.rms_norm_eps)
 
-    def forward(self, next_token_emb, hidden, rope, masks):
+    def forward(self, next_token_emb, hidden, rope, masks, cache=None, positions=None):
         """next_token_emb, hidden: (B, T', D), aligned so that position t holds embed(token_{t+1})
         and h_t. Returns the normalised output (B, T', D) and the block's router logits and experts."""
         x = self.fc(torch.cat([self.pre_fc_norm_embedding(next_token_emb),
                                self.pre_fc_norm_hidden(hidden)], dim=-1))  # (B, T', D)
-        x, router_logits, experts = self.layers[0](x, rope, masks)
+        x, router_logits, experts = self.layers[0](x, rope, masks, cache, positions)
         return self.norm(x), router_logits, experts
+
+
+# -----------------------------------------------------------------------------------------------
+# The KV cache: decoding one token at a time re-uses the keys and values of every token before
+
+class LayerCache:
+    """The keys and values one attention layer has seen, per row of a batch. Only the n_kv_head
+    heads are stored, so GQA makes the cache 8x smaller than caching 32 heads. A full-attention layer
+    keeps every position (slot = position). A sliding layer keeps a rolling buffer of the last
+    `size` = window + spare positions (slot = position % size): its memory stays O(window) however long
+    the text grows, and the spare slots let speculative decoding take back a few tokens without
+    losing keys that are still inside the window."""
+
+    def __init__(self, batch_size, size, window, config, device, dtype):
+        shape = (batch_size, size, config.n_kv_head, config.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)  # (B, S, Hkv, hd)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.pos = torch.full((batch_size, size), -1, device=device)  # position held in each slot; -1 = none
+        self.window = window
+
+    def update(self, k, v, positions):
+        """New keys and values (B, T, Hkv, hd) at positions (B, T) (-1 = padding) -> every key and value
+        to attend to (B, S+T, Hkv, hd) and the mask (B, 1, T, S+T); then the new ones are stored."""
+        keys, values = torch.cat([self.k, k], dim=1), torch.cat([self.v, v], dim=1)
+        key_positions = torch.cat([self.pos, positions], dim=1)  # (B, S+T)
+        allowed = attention_mask(positions, key_positions, self.window) & (key_positions >= 0)[:, None, :]
+        allowed |= (positions < 0)[:, :, None]  # a padding query may look anywhere; its output is unused
+        size = self.pos.shape[1]
+        # Store the real tokens; of a chunk longer than the buffer only the last `size` positions stay.
+        keep = (positions >= 0) & (positions > positions.max(dim=1, keepdim=True).values - size)
+        rows, cols = keep.nonzero(as_tuple=True)
+        slots = positions[rows, cols] % size
+        self.k[rows, slots], self.v[rows, slots] = k[rows, cols], v[rows, cols]
+        self.pos[rows, slots] = positions[rows, cols]
+        return keys, values, allowed[:, None]
+
+    def rollback(self, lengths):
+        """Forget positions >= lengths (B,), e.g. a rejected speculative token."""
+        self.pos[self.pos >= lengths[:, None]] = -1
+
+
+class KVCache:
+    """One LayerCache per trunk layer (and one for the MTP block), and how many tokens each row holds."""
+
+    def __init__(self, config, batch_size, max_len, device=None, dtype=torch.float32, spare=8):
+        def layer(layer_type):
+            sliding = layer_type == "sliding_attention"
+            size = min(config.sliding_window + spare, max_len) if sliding else max_len
+            return LayerCache(batch_size, size, config.sliding_window if sliding else None, config, device, dtype)
+
+        self.layers = [layer(t) for t in config.layer_types + ["sliding_attention"] * config.n_mtp]
+        self.n_trunk = config.n_layer
+        self.length = torch.zeros(batch_size, dtype=torch.long, device=device)  # real tokens per row
+        self.max_len = max_len
+
+    def advance(self, n, pad=None):
+        """Positions (B, n) for the next n tokens of each row (-1 where pad (B, n) is True)."""
+        real = torch.ones(len(self.length), n, dtype=torch.bool, device=self.length.device) if pad is None else ~pad
+        positions = (self.length[:, None] + real.cumsum(dim=1) - 1).masked_fill(~real, -1)
+        self.length = self.length + real.sum(dim=1)
+        if self.length.max() > self.max_len:
+            raise ValueError(f"the cache holds at most {self.max_len} tokens per row")
+        return positions
+
+    def rollback(self, lengths):
+        """Shorten each row to lengths (B,) tokens in the trunk's layers. (The MTP block only ever
+        reads tokens the trunk has confirmed, so its cache never needs taking back.)"""
+        self.length = lengths.clone()
+        for layer in self.layers[:self.n_trunk]:
+            layer.rollback(lengths)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -444,6 +522,32 @@ class Mellum2(nn.Module):
             else:
                 p.normal_(0.0, self.config.init_std)
 
+    def rope(self, positions, dtype):
+        """cos and sin for each layer type at `positions`, shared by all layers of that type."""
+        return {t: rope_cos_sin(self.config, t, positions, dtype) for t in ("sliding_attention", "full_attention")}
+
+    def trunk(self, idx, cache=None, pad=None):
+        """The transformer without its head: idx (B, T) -> final normalised states h (B, T, D) and
+        the (router logits, chosen experts) of every layer. With a KVCache the tokens continue what
+        the cache holds; pad (B, T) marks left padding in a batch of prompts of different lengths."""
+        x = self.embed_tokens(idx)  # (B, T, D)
+        if cache is None:
+            positions = torch.arange(idx.shape[1], device=idx.device)  # (T,), the same for every row
+            # Full layers pass mask=None so SDPA can use its built-in causal path.
+            masks = {"full_attention": None,
+                     "sliding_attention": attention_mask(positions, positions, self.config.sliding_window)}
+            layer_caches = [None] * len(self.layers)
+        else:
+            positions = cache.advance(idx.shape[1], pad)  # (B, T), -1 at padding
+            masks = {"full_attention": None, "sliding_attention": None}  # each LayerCache makes its own
+            layer_caches = cache.layers
+        rope = self.rope(positions.clamp(min=0), x.dtype)
+        routing = []
+        for layer, layer_cache in zip(self.layers, layer_caches):
+            x, router_logits, experts = layer(x, rope, masks, layer_cache, positions)
+            routing.append((router_logits, experts))
+        return self.norm(x), routing
+
     def forward(self, idx, targets=None):
         """idx (B, T) token ids -> logits (B, T, V) and, with targets (B, T) (the next token at each
         position, IGNORE_INDEX where there is none), the total loss
@@ -451,19 +555,7 @@ class Mellum2(nn.Module):
         whose detached parts land in `self.loss_parts` for logging."""
         B, T = idx.shape
         cfg = self.config
-        x = self.embed_tokens(idx)  # (B, T, D)
-        positions = torch.arange(T, device=idx.device)
-        # One rope table and one mask per layer type, shared by all layers of that type. Full layers
-        # pass mask=None so SDPA can use its built-in causal path.
-        rope = {t: rope_cos_sin(cfg, t, positions, x.dtype) for t in ("sliding_attention", "full_attention")}
-        masks = {"full_attention": None,
-                 "sliding_attention": attention_mask(positions, positions, cfg.sliding_window)}
-
-        routing = []  # (router logits, chosen experts) of every MoE layer, for the balance losses
-        for layer in self.layers:
-            x, router_logits, experts = layer(x, rope, masks)
-            routing.append((router_logits, experts))
-        h = self.norm(x)  # (B, T, D)
+        h, routing = self.trunk(idx)  # (B, T, D)
         logits = self.lm_head(h)  # (B, T, V)
         if targets is None:
             return logits, None
@@ -474,10 +566,11 @@ class Mellum2(nn.Module):
         if self.mtp is not None and T >= 2:
             # Position t sees h_t and embed(idx_{t+1}) = embed(token t+1) and predicts targets_{t+1},
             # the token at t+2; the last position has no token t+1, so the MTP sequence is T-1 long.
-            # RoPE is relative, so the MTP block reuses the trunk's tables for positions 0..T-2.
-            mtp_rope = {t: (c[:T - 1], s[:T - 1]) for t, (c, s) in rope.items()}
-            mtp_masks = {"sliding_attention": masks["sliding_attention"][:T - 1, :T - 1]}
-            y, router_logits, experts = self.mtp(self.embed_tokens(idx[:, 1:]), h[:, :-1], mtp_rope, mtp_masks)
+            # RoPE is relative, so numbering the MTP positions 0..T-2 or 1..T-1 gives the same result.
+            positions = torch.arange(T - 1, device=idx.device)
+            mtp_masks = {"sliding_attention": attention_mask(positions, positions, cfg.sliding_window)}
+            y, router_logits, experts = self.mtp(self.embed_tokens(idx[:, 1:]), h[:, :-1],
+                                                 self.rope(positions, h.dtype), mtp_masks)
             routing.append((router_logits, experts))
             mtp_logits = self.lm_head(y)  # (B, T-1, V)
             mtp_loss = F.cross_entropy(mtp_logits.float().flatten(0, 1), targets[:, 1:].flatten(),
@@ -495,6 +588,15 @@ class Mellum2(nn.Module):
         self.loss_parts["expert_load"] = torch.stack(
             [torch.bincount(ex.flatten(), minlength=cfg.n_expert) / ex.numel() for _, ex in routing[:cfg.n_layer]])
         return logits, loss
+
+    def draft(self, h, next_idx, cache, positions):
+        """Inference with the MTP layer: h (B, T', D), the trunk's final states at positions p - 1,
+        and next_idx (B, T'), the tokens at p (positions (B, T')) -> logits (B, V) for the token after
+        the last one. The MTP block's own LayerCache (the KVCache's last) keeps the earlier pairs."""
+        masks = {"sliding_attention": None}
+        y, _, _ = self.mtp(self.embed_tokens(next_idx), h, self.rope(positions, h.dtype), masks,
+                           cache.layers[-1], positions)
+        return self.lm_head(y[:, -1])
 
     def num_params(self, active=False, include_mtp=False):
         """Parameters of the trunk, embedding and head included. With active=True only K of the E

@@ -21,8 +21,9 @@ import torch
 import torch.nn.functional as F
 
 import data
+import sample
 import train
-from mellum2 import (IGNORE_INDEX, CheckpointError, Mellum2, Mellum2Config, apply_rope, attention_mask,
+from mellum2 import (IGNORE_INDEX, CheckpointError, KVCache, Mellum2, Mellum2Config, apply_rope, attention_mask,
                      load_balancing_loss, rope_inv_freq)
 
 transformers = pytest.importorskip("transformers")
@@ -1109,3 +1110,167 @@ def test_two_processes_equal_one(tmp_path):
     out = dict(line.split() for line in result.stdout.splitlines() if line.startswith(("replicas", "max_diff")))
     assert out["replicas_equal"] == "True"
     assert float(out["max_diff"]) < 1e-6
+
+
+# -----------------------------------------------------------------------------------------------
+# Inference (sample.py): the KV cache, batching, transformers' generate, speculative decoding
+
+@torch.no_grad()
+def test_cached_decoding_equals_a_full_forward():
+    cfg = replace(SMALL, max_seq_len=64)
+    model = randomize(Mellum2(cfg)).eval()
+    idx = torch.randint(0, cfg.vocab_size, (2, 45))  # over 5 windows long
+    full, _ = model(idx)
+    cache = KVCache(cfg, 2, 64)
+    pieces, start = [], 0
+    for size in [13, 1, 1, 3, 8, 1, 18]:  # a prefill, then steps of several sizes
+        h, _ = model.trunk(idx[:, start:start + size], cache)
+        pieces.append(model.lm_head(h))
+        start += size
+    assert (torch.cat(pieces, dim=1) - full).abs().max().item() < 1e-5
+    # The sliding layers' rolling buffers stay window + spare slots long; the full layer keeps all.
+    sizes = {layer.pos.shape[1] for layer, t in zip(cache.layers, cfg.layer_types) if t == "sliding_attention"}
+    assert sizes == {cfg.sliding_window + 8}
+
+
+@torch.no_grad()
+def test_rollback_forgets_exactly_the_dropped_tokens():
+    cfg = replace(SMALL, max_seq_len=64)
+    model = randomize(Mellum2(cfg)).eval()
+    idx = torch.randint(0, cfg.vocab_size, (1, 30))
+    full, _ = model(idx)
+    cache = KVCache(cfg, 1, 64)
+    model.trunk(idx[:, :20], cache)
+    model.trunk(torch.randint(0, cfg.vocab_size, (1, 2)), cache)  # two wrong tokens ...
+    cache.rollback(torch.tensor([20]))                           # ... taken back
+    h, _ = model.trunk(idx[:, 20:], cache)
+    assert (model.lm_head(h) - full[:, 20:]).abs().max().item() < 1e-5
+
+
+@torch.no_grad()
+def test_batch_decoding_equals_one_by_one():
+    model = randomize(Mellum2(replace(SMALL, max_seq_len=64)), seed=5).eval()
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, SMALL.vocab_size, (n,), generator=g).tolist() for n in (3, 17, 9)]
+    together = sample.generate(model, prompts, 12, temperature=0)
+    alone = [sample.generate(model, [p], 12, temperature=0)[0] for p in prompts]
+    assert together == alone
+
+
+@torch.no_grad()
+def test_greedy_generation_equals_transformers_generate(tmp_path):
+    cfg = replace(SMALL, max_seq_len=64, vocab_size=300)
+    randomize(Mellum2(cfg), seed=11).save_pretrained(tmp_path)
+    ours = Mellum2.from_pretrained(tmp_path, device="cpu").eval()
+    hf = transformers.MellumForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    prompt = torch.randint(0, 300, (1, 20), generator=torch.Generator().manual_seed(3))
+    expected = hf.generate(prompt, max_new_tokens=24, do_sample=False, eos_token_id=None, pad_token_id=0)
+    got = sample.generate(ours, [prompt[0].tolist()], 24, temperature=0)[0]
+    assert got == expected[0, 20:].tolist()
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_greedy_speculative_output_equals_plain(seed):
+    """Half the models are trained a little on a repetitive pattern so most drafts are accepted;
+    the others are untrained, so most are rejected: both paths must give the plain output."""
+    cfg = replace(SMALL, max_seq_len=96, sliding_window=6)
+    torch.manual_seed(seed)
+    model = Mellum2(cfg)
+    if seed % 2:
+        pattern = torch.arange(40).repeat(3)[None] % 17
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        for _ in range(40):
+            model(pattern[:, :-1], pattern[:, 1:])[1].backward()
+            opt.step()
+            opt.zero_grad()
+    model.eval()
+    g = torch.Generator().manual_seed(seed)
+    for n in (1, 5, 20):
+        prompt = (torch.arange(n) % 17).tolist() if seed % 2 else torch.randint(0, 256, (n,), generator=g).tolist()
+        plain = sample.generate(model, [prompt], 30, temperature=0)[0]
+        fast, drafts, accepted = sample.generate_speculative(model, prompt, 30, temperature=0)
+        assert fast == plain
+        assert drafts > 0 and (accepted > drafts // 2 if seed % 2 else accepted < drafts)
+
+
+def test_speculative_sampling_keeps_the_target_distribution():
+    """verify_draft on a 5-token vocabulary: draft from q, keep or redraw; the tokens that come out
+    must follow p (each frequency within 5 binomial standard deviations)."""
+    p = torch.tensor([0.5, 0.2, 0.15, 0.1, 0.05])
+    q = torch.tensor([0.1, 0.4, 0.1, 0.3, 0.1])
+    g = torch.Generator().manual_seed(0)
+    n = 20000
+    counts = torch.zeros(5)
+    for _ in range(n):
+        draft = int(torch.multinomial(q, 1, generator=g))
+        _, token = sample.verify_draft(p, q, draft, g)
+        counts[token] += 1
+    sigma = (n * p * (1 - p)).sqrt()
+    assert ((counts - n * p).abs() <= 5 * sigma).all(), counts / n
+    # ... while the draft alone follows q, far from p: the correction is doing the work.
+    assert (q - p).abs().max() * n > 20 * sigma.max()
+
+
+def test_top_k_and_top_p_keep_the_right_tokens():
+    logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0]])
+    assert (sample.next_token_probs(logits, 1.0, top_k=2)[0, 2:] == 0).all()
+    probs = logits.softmax(-1)[0]
+    nucleus = sample.next_token_probs(logits, 1.0, top_p=float(probs[0] + probs[1]) - 1e-3)[0]
+    assert (nucleus[:2] > 0).all() and (nucleus[2:] == 0).all()
+    assert torch.equal(sample.next_token_probs(logits, 0.0)[0], torch.tensor([1.0, 0, 0, 0, 0]))
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--init-from", "{tmp}/nothing"], "no ckpt.pt"),
+    (["--init-from", "{tmp}/corrupt"], "unreadable checkpoint"),
+    (["--start", ""], "the prompt is empty"),
+    (["--temperature", "-1"], "--temperature"),
+    (["--top-p", "0"], "--top-p"),
+    (["--top-k", "-3"], "--top-k"),
+    (["--max-new-tokens", "0"], "--max-new-tokens"),
+    (["--prefix", "a"], "go together"),
+    (["--start", "x " * 400], "this model's context"),
+])
+def test_sample_bad_input(argv, message, tmp_path, capsys):
+    (tmp_path / "corrupt").mkdir()
+    (tmp_path / "corrupt" / "ckpt.pt").write_bytes(b"\x00garbage")
+    Mellum2(Mellum2Config.from_preset("tiny")).save_pretrained(tmp_path / "model")
+    args = ["--init-from", str(tmp_path / "model")] + [a.format(tmp=tmp_path) for a in argv]
+    with pytest.raises(SystemExit) as exit_info:
+        sample.main(args)
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 1 and message in err and len(err.splitlines()) == 1
+
+
+def test_special_token_text_in_a_prompt_stays_text():
+    enc = data.load_tokenizer()
+    args = sample.parse_args(["--start", "<|endoftext|><fim_middle> hi"])
+    vocab = sample.Vocabulary(enc, data.SPECIAL_TOKENS, {data.EOT})
+    ids, _ = sample.build_prompt(args, vocab)
+    assert not set(ids) & set(data.SPECIAL_TOKENS.values())
+    assert enc.decode(ids) == "<|endoftext|><fim_middle> hi"
+    chat, stops = sample.build_prompt(sample.parse_args(["--chat", "--start", "<|assistant|>"]), vocab)
+    assert chat.count(data.SPECIAL_TOKENS["<|assistant|>"]) == 1 and chat[-1] == data.SPECIAL_TOKENS["<|assistant|>"]
+    assert data.SPECIAL_TOKENS["<|end|>"] in stops
+
+
+def test_a_hugging_face_directory_brings_its_own_tokenizer(tmp_path, capsys):
+    """Like the released checkpoint: a tokenizer.json beside the weights, another vocabulary with
+    other ids for the FIM sentinels and the end of text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<fim_prefix>", "<fim_middle>", "<fim_suffix>"]
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["def add(a, b):\n    return a + b\n"] * 50, trainer)
+    randomize(Mellum2(replace(SMALL, vocab_size=320, eos_token_id=0)), seed=2).save_pretrained(tmp_path)
+    tok.save(str(tmp_path / "tokenizer.json"))
+    model, vocab = sample.load_model(str(tmp_path), "cpu")
+    assert vocab.special["<fim_middle>"] == 2 and vocab.stop_ids == {0}
+    ids, _ = sample.build_prompt(sample.parse_args(["--start", "def <fim_middle>(a):"]), vocab)
+    assert vocab.enc.decode_bytes(ids) == b"def <fim_middle>(a):" and 2 not in ids
+    fim, _ = sample.build_prompt(sample.parse_args(["--prefix", "def f(", "--suffix", "):"]), vocab)
+    assert fim[0] == 3 and fim[-1] == 2  # SPM: <fim_suffix> first, ends with <fim_middle>
+    sample.main(["--init-from", str(tmp_path), "--start", "def add", "--max-new-tokens", "5", "--temperature", "0"])
+    assert capsys.readouterr().out.strip() != ""

@@ -1,0 +1,338 @@
+"""
+Inference with Mellum 2: KV-cache decoding, fill-in-the-middle, chat, and speculative decoding with
+the MTP layer as the draft model (report §2.1.5, §6).
+
+    python sample.py --start "def fibonacci(n):"           # complete code (default model: out/tiny)
+    python sample.py --prefix "def add(a, b):\\n    " --suffix "\\n\\nprint(add(1, 2))"    # fill the gap
+    python sample.py --chat --start "Write a function that reverses a string."
+    python sample.py --speculative --start FILE:prompt.py   # the MTP layer drafts, the trunk checks
+
+Decoding, step by step:
+  1. prefill: the prompt goes through the model once; every layer's keys and values stay in a
+     KVCache (only the 4 KV heads of GQA; a rolling window-sized buffer on sliding layers)
+  2. decode: each new token is one forward pass of length 1 that reads the cache
+  3. speculative: the MTP layer guesses the token after the next one from the trunk's last state;
+     the trunk then scores both in one pass of length 2 and keeps the guess when it agrees. Greedy
+     output is identical to plain decoding; sampled output has the same distribution.
+"""
+
+import argparse
+import dataclasses
+import os
+import sys
+import time
+
+import torch
+
+import data
+import train
+from mellum2 import CheckpointError, KVCache, Mellum2, pick_device, pick_dtype
+
+
+# -----------------------------------------------------------------------------------------------
+# Loading
+
+@dataclasses.dataclass
+class Vocabulary:
+    enc: object         # encode_ordinary(text) -> ids and decode_bytes(ids) -> bytes, as a tiktoken.Encoding
+    special: dict       # special token string -> id
+    stop_ids: set       # ids that end a completion
+
+
+class HFTokenizer:
+    """The tokenizer.json of a Hugging Face directory (the released checkpoint's 98K vocabulary),
+    behind the two methods of a tiktoken.Encoding that sample.py uses."""
+
+    def __init__(self, path):
+        from tokenizers import Tokenizer  # installed with transformers; only needed for such directories
+        self.tokenizer = Tokenizer.from_file(path)
+        self.tokenizer.encode_special_tokens = True  # a special token's spelling in a prompt stays text
+        self.special = {t.content: i for i, t in self.tokenizer.get_added_tokens_decoder().items()}
+
+    def encode_ordinary(self, text):
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def decode_bytes(self, ids):
+        return self.tokenizer.decode(ids, skip_special_tokens=False).encode("utf-8")
+
+
+def load_model(init_from, device=None):
+    """One of our run folders (ckpt.pt) or a Hugging Face directory -> (model in eval mode, Vocabulary).
+    A Hugging Face directory with its own tokenizer.json (the released checkpoint) brings its own
+    vocabulary; anything else speaks the project's tokenizer."""
+    hf_tokenizer = os.path.join(init_from, "tokenizer.json")
+    if os.path.isfile(os.path.join(init_from, "ckpt.pt")):
+        model = train.model_from_checkpoint(train.load_checkpoint(os.path.join(init_from, "ckpt.pt")))
+        device = pick_device(device)
+        model.to(device=device, dtype=pick_dtype(device))
+        hf_tokenizer = None
+    elif os.path.isfile(os.path.join(init_from, "config.json")):
+        model = Mellum2.from_pretrained(init_from, device=device)
+    else:
+        raise CheckpointError(f"{init_from}: no ckpt.pt (a train.py run) or config.json (a Hugging Face directory)")
+    if hf_tokenizer and os.path.isfile(hf_tokenizer):
+        enc = HFTokenizer(hf_tokenizer)
+        n_vocab = len(enc.tokenizer.get_vocab())
+        stop_ids = {model.config.eos_token_id, enc.special.get("<|endoftext|>")} - {None}
+        vocab = Vocabulary(enc, enc.special, stop_ids)
+    else:
+        enc, n_vocab = data.load_tokenizer(), data.VOCAB_SIZE
+        vocab = Vocabulary(enc, data.SPECIAL_TOKENS, {data.EOT})
+    if n_vocab > model.config.vocab_size:
+        raise CheckpointError(f"{init_from}: the tokenizer has {n_vocab} tokens, the model only {model.config.vocab_size}")
+    return model.eval(), vocab
+
+
+# -----------------------------------------------------------------------------------------------
+# Sampling: temperature, top-k, top-p, as one distribution per row
+
+def next_token_probs(logits, temperature, top_k=0, top_p=1.0):
+    """logits (B, V) -> the distribution to sample from (B, V). Temperature 0 is greedy decoding,
+    written as a one-hot distribution so the speculative rule below needs no special case."""
+    logits = logits.float()
+    if temperature == 0:
+        return torch.nn.functional.one_hot(logits.argmax(dim=-1), logits.shape[-1]).float()
+    logits = logits / temperature
+    if top_k:
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = logits.softmax(dim=-1)
+    if top_p < 1.0:
+        # Keep the smallest set of most likely tokens whose probability reaches top_p.
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        outside = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p
+        probs = probs.scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
+        probs = probs / probs.sum(dim=-1, keepdim=True)
+    return probs
+
+
+def draw(probs, generator):
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]  # (B,)
+
+
+def verify_draft(p, q, draft, generator):
+    """The speculative-sampling rule for one drafted token: p (V,) the trunk's distribution, q (V,)
+    the draft's, draft the drafted id. Keep the draft with probability min(1, p/q); otherwise draw
+    from the leftover max(p - q, 0), renormalised. The kept-or-redrawn token is then distributed
+    exactly as p. With one-hot p and q (greedy) this keeps the draft iff both argmaxes agree, and
+    otherwise returns the trunk's argmax. Returns (accepted, token)."""
+    u = torch.rand((), generator=generator, device=p.device)
+    if u * q[draft] <= p[draft]:
+        return True, draft
+    leftover = (p - q).clamp(min=0)
+    return False, int(torch.multinomial(leftover / leftover.sum(), 1, generator=generator))
+
+
+# -----------------------------------------------------------------------------------------------
+# Plain decoding: a batch of prompts of different lengths, left-padded
+
+@torch.no_grad()
+def generate(model, prompts, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0, stop_ids=(), seed=None,
+             on_token=None):
+    """prompts: lists of token ids -> the new ids of each (up to max_new_tokens, ending at a stop id).
+    on_token(row, id) is called as each token is chosen (streaming); if it returns True, that row stops."""
+    device = next(model.parameters()).device
+    generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
+    B, longest = len(prompts), max(len(p) for p in prompts)
+    max_new_tokens = min(max_new_tokens, model.config.max_seq_len - longest)
+    idx = torch.zeros(B, longest, dtype=torch.long, device=device)
+    pad = torch.ones(B, longest, dtype=torch.bool, device=device)
+    for row, prompt in enumerate(prompts):  # left padding: every row's last prompt token is at the end
+        idx[row, longest - len(prompt):] = torch.tensor(prompt, device=device)
+        pad[row, longest - len(prompt):] = False
+    cache = KVCache(model.config, B, model.config.max_seq_len, device, next(model.parameters()).dtype)
+    h, _ = model.trunk(idx, cache, pad)
+    out, done = [[] for _ in range(B)], [False] * B
+    for _ in range(max_new_tokens):
+        tokens = draw(next_token_probs(model.lm_head(h[:, -1]), temperature, top_k, top_p), generator)
+        for row, token in enumerate(tokens.tolist()):
+            if not done[row]:
+                out[row].append(token)
+                done[row] = token in stop_ids or bool(on_token and on_token(row, token))
+        if all(done):
+            break
+        h, _ = model.trunk(tokens[:, None], cache)
+    return out
+
+
+# -----------------------------------------------------------------------------------------------
+# Speculative decoding with the MTP layer (one drafted token per step; batch of one)
+
+@torch.no_grad()
+def generate_speculative(model, prompt, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0, stop_ids=(),
+                         seed=None, on_token=None):
+    """Like generate() for one prompt, drafting with the MTP layer. Returns (new ids, drafts, accepted).
+
+    The state between steps: the trunk has cached positions 0..n-1 and chosen token x_n (not yet fed
+    in); its state h_{n-1} is known. One step:
+      draft   the MTP layer reads (h_{n-1}, x_n) and proposes d for position n+1
+      verify  the trunk reads [x_n, d]: its logits at n say what n+1 should be, at n+1 what n+2 is
+      accept  d is kept by verify_draft: then the logits at n+1 give a bonus token, two tokens per
+              trunk pass; rejected: verify_draft's token replaces d and d's cache entry is dropped
+    The MTP layer only ever reads confirmed (state, token) pairs, which it catches up on in its next
+    call, so its own cache never needs rolling back."""
+    if model.mtp is None:
+        raise ValueError("this model has no MTP layer to draft with; run without --speculative")
+    device = next(model.parameters()).device
+    generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
+    adjust = lambda logits: next_token_probs(logits, temperature, top_k, top_p)  # noqa: E731
+    max_new_tokens = min(max_new_tokens, model.config.max_seq_len - len(prompt))
+    cache = KVCache(model.config, 1, model.config.max_seq_len + 2, device, next(model.parameters()).dtype)
+    idx = torch.tensor([prompt], device=device)
+    h, _ = model.trunk(idx, cache)                               # (1, n, D): positions 0..n-1
+    n = len(prompt)
+    x_n = int(draw(adjust(model.lm_head(h[:, -1])), generator))
+    out = [x_n]
+    stopped = bool(on_token and on_token(0, x_n))
+    # Confirmed (state at p-1, token at p) pairs the MTP layer has not read yet, p = 1..n.
+    mtp_states, mtp_tokens = h, torch.cat([idx[:, 1:], torch.tensor([[x_n]], device=device)], dim=1)
+    drafts = accepted = 0
+    while len(out) < max_new_tokens and x_n not in stop_ids and not stopped:
+        k = mtp_tokens.shape[1]
+        positions = torch.arange(n - k + 1, n + 1, device=device)[None]
+        q = adjust(model.draft(mtp_states, mtp_tokens, cache, positions))[0]
+        d = int(draw(q[None], generator))
+        h2, _ = model.trunk(torch.tensor([[x_n, d]], device=device), cache)  # positions n, n+1
+        logits = model.lm_head(h2)                                            # (1, 2, V)
+        ok, token = verify_draft(adjust(logits[:, 0])[0], q, d, generator)
+        drafts, accepted = drafts + 1, accepted + ok
+        new = [token]
+        if ok and token not in stop_ids and len(out) + 1 < max_new_tokens:
+            bonus = int(draw(adjust(logits[:, 1]), generator))
+            new.append(bonus)
+            mtp_states, mtp_tokens = h2, torch.tensor([[d, bonus]], device=device)
+            n += 2
+        else:  # the trunk's pass at n+1 read a token that is not the text: forget it
+            cache.rollback(torch.tensor([n + 1], device=device))
+            mtp_states, mtp_tokens = h2[:, :1], torch.tensor([[token]], device=device)
+            n += 1
+        for t in new:
+            if not stopped:
+                out.append(t)
+                stopped = bool(on_token and on_token(0, t))
+        x_n = out[-1]
+    return out, drafts, accepted
+
+
+# -----------------------------------------------------------------------------------------------
+# The command line
+
+def read_text(value):
+    """A flag's text, or the contents of a file when it is written FILE:path."""
+    if value is None or not value.startswith("FILE:"):
+        return value
+    try:
+        with open(value[5:], encoding="utf-8") as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"cannot read {value[5:]}: {e}") from None
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--init-from", default=os.path.join("out", "tiny"),
+                   help="a train.py run folder or a Hugging Face directory (default: out/tiny)")
+    p.add_argument("--start", default="def ", help="the prompt, or FILE:path to read it from a file")
+    p.add_argument("--prefix", help="fill-in-the-middle: the text before the gap (or FILE:path)")
+    p.add_argument("--suffix", help="fill-in-the-middle: the text after the gap (or FILE:path)")
+    p.add_argument("--chat", action="store_true", help="treat --start as a user message in the chat template")
+    p.add_argument("--hide-thinking", action="store_true", help="in chat, do not print the <think> block")
+    p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate at most (default: 200)")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default: 0.8)")
+    p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens only (0 = all)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (default: 1.0 = off)")
+    p.add_argument("--seed", type=int, default=1337, help="random seed (default: 1337)")
+    p.add_argument("--stop", action="append", default=[], help="stop when this text appears (repeatable)")
+    p.add_argument("--speculative", action="store_true", help="draft with the MTP layer, verify with the trunk")
+    p.add_argument("--device", help="cpu, cuda, mps (default: the best available)")
+    return p.parse_args(argv)
+
+
+def check_args(args):
+    problems = [
+        (args.max_new_tokens > 0, f"--max-new-tokens must be positive, got {args.max_new_tokens}"),
+        (args.temperature >= 0, f"--temperature must be >= 0, got {args.temperature}"),
+        (args.top_k >= 0, f"--top-k must be >= 0, got {args.top_k}"),
+        (0 < args.top_p <= 1, f"--top-p must be in (0, 1], got {args.top_p}"),
+        ((args.prefix is None) == (args.suffix is None), "--prefix and --suffix go together"),
+    ]
+    for ok, message in problems:
+        if not ok:
+            raise ValueError(message)
+
+
+def build_prompt(args, vocab):
+    """Token ids of the prompt and the ids that end generation. Typed text is always encoded as
+    ordinary text: a special token's spelling in a prompt is just characters."""
+    enc, special = vocab.enc, vocab.special
+    if args.prefix is not None:
+        if "<fim_middle>" not in special:
+            raise ValueError("this tokenizer has no FIM sentinels (<fim_prefix>, <fim_suffix>, <fim_middle>)")
+        prefix, suffix = read_text(args.prefix), read_text(args.suffix)
+        ids = data.fim_prompt(enc.encode_ordinary(prefix), enc.encode_ordinary(suffix), special=special)
+    elif args.chat:
+        if special is not data.SPECIAL_TOKENS:
+            raise ValueError("--chat renders the project's chat template, which this tokenizer does not have")
+        ids = data.render_chat(enc, [{"role": "user", "content": read_text(args.start)}])
+    else:
+        ids = enc.encode_ordinary(read_text(args.start))
+    if not ids or (args.prefix is None and not args.chat and not read_text(args.start)):
+        raise ValueError("the prompt is empty")
+    return ids, vocab.stop_ids | ({special["<|end|>"]} if args.chat else set())
+
+
+class Printer:
+    """Streams decoded text to stdout as tokens arrive (whole UTF-8 characters only), hides a
+    <think> block if asked, and notices stop strings."""
+
+    def __init__(self, vocab, stops, hide_thinking):
+        self.enc, self.stops, self.hide_thinking = vocab.enc, stops, hide_thinking
+        thinking = {"<think>", "</think>"}
+        self.silent = {i for t, i in vocab.special.items() if t not in thinking}  # not printed
+        self.ids, self.printed, self.stopped = [], 0, False
+
+    def __call__(self, row, token):
+        if self.stopped or token in self.silent:
+            return
+        self.ids.append(token)
+        text = self.enc.decode_bytes(self.ids).decode("utf-8", errors="ignore")
+        if self.hide_thinking and "</think>" in text:
+            text = text.split("</think>", 1)[1]
+        elif self.hide_thinking and "<think>" in text:
+            text = ""
+        for stop in self.stops:
+            if stop in text:
+                text, self.stopped = text[:text.index(stop)], True
+        print(text[self.printed:], end="", flush=True)
+        self.printed = len(text)
+        return self.stopped
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        check_args(args)
+        model, vocab = load_model(args.init_from, args.device)
+        ids, stop_ids = build_prompt(args, vocab)
+        if len(ids) >= model.config.max_seq_len:
+            raise ValueError(f"the prompt is {len(ids)} tokens; this model's context is {model.config.max_seq_len}")
+        printer = Printer(vocab, args.stop, args.hide_thinking)
+        options = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, stop_ids=stop_ids,
+                       seed=args.seed, on_token=printer)
+        start = time.time()
+        if args.speculative:
+            out, drafts, accepted = generate_speculative(model, ids, args.max_new_tokens, **options)
+        else:
+            out = generate(model, [ids], args.max_new_tokens, **options)[0]
+        seconds = time.time() - start
+        print()
+        if args.speculative:
+            print(f"speculative: {accepted}/{drafts} drafts accepted ({accepted / max(drafts, 1):.0%}), "
+                  f"{len(out) / seconds:.1f} tokens/s", file=sys.stderr)
+    except (ValueError, CheckpointError, data.DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
