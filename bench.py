@@ -177,7 +177,11 @@ def main():
     d.add_argument("--prompts", type=int, default=10, help="held-out code prompts (default: 10)")
     d.add_argument("--prompt-len", type=int, default=64, help="prompt tokens (default: 64)")
     d.add_argument("--new-tokens", type=int, default=128, help="tokens to generate per prompt (default: 128)")
+    for q in (p, t, d):
+        q.add_argument("--threads", type=int, help="CPU threads (default: torch's choice)")
     args = parser.parse_args()
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
     {"params": params, "model": lambda: model(args), "train": lambda: train_steps(args),
      "decode": lambda: decoding(args)}[args.what]()
 
