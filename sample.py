@@ -106,6 +106,10 @@ def next_token_probs(logits, temperature, top_k=0, top_p=1.0):
     return probs
 
 
+def seeded_generator(seed, device):
+    return torch.Generator(device).manual_seed(seed) if seed is not None else None
+
+
 def draw(probs, generator):
     return torch.multinomial(probs, 1, generator=generator)[:, 0]  # (B,)
 
@@ -132,7 +136,7 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0
     """prompts: lists of token ids -> the new ids of each (up to max_new_tokens, ending at a stop id).
     on_token(row, id) is called as each token is chosen (streaming); if it returns True, that row stops."""
     device = next(model.parameters()).device
-    generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
+    generator = seeded_generator(seed, device)
     B, longest = len(prompts), max(len(p) for p in prompts)
     max_new_tokens = min(max_new_tokens, model.config.max_seq_len - longest)
     idx = torch.zeros(B, longest, dtype=torch.long, device=device)
@@ -174,7 +178,7 @@ def generate_speculative(model, prompt, max_new_tokens, temperature=0.0, top_k=0
     if model.mtp is None:
         raise ValueError("this model has no MTP layer to draft with; run without --speculative")
     device = next(model.parameters()).device
-    generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
+    generator = seeded_generator(seed, device)
     adjust = lambda logits: next_token_probs(logits, temperature, top_k, top_p)  # noqa: E731
     max_new_tokens = min(max_new_tokens, model.config.max_seq_len - len(prompt))
     cache = KVCache(model.config, 1, model.config.max_seq_len + 2, device, next(model.parameters()).dtype)

@@ -504,21 +504,25 @@ def train(args, stop_after=None):
     corpus = data.build_corpus(s["data"], progress=master, default_sources=s["default_data"])
     if master and world > 1:
         dist.barrier()
+    # 3. The model, fresh, from --init-from weights, or restored; its context sets the sequence length.
     config = Mellum2Config(**resumed["config"]) if resumed else \
         Mellum2Config.from_preset(s["size"], n_mtp=1 if s["mtp"] else 0, aux_loss_coef=s["aux_coef"])
-    seq_len = config.max_seq_len
-    token_budget = s["steps"] * s["batch_size"] * seq_len
-    if args.data_report:
-        data.data_report(corpus, token_budget)
+    if args.data_report:  # before building the model: the report needs none (and 12B would not fit)
+        data.data_report(corpus, s["steps"] * s["batch_size"] * config.max_seq_len)
         return None
-    sampler = data.BatchSampler(corpus, s["seed"], s["batch_size"], seq_len, s["steps"], s["allow_over_repetition"])
-
-    # 3. Model and optimizers, fresh or restored.
+    if s["init_from"] and os.path.isfile(os.path.join(s["init_from"], "config.json")):
+        config = mellum2.config_from_hf(mellum2.read_hf_config(s["init_from"]))
+    check_memory(config, device)
     torch.manual_seed(s["seed"])
     raw = model_from_checkpoint(resumed) if resumed else init_model(config, s["init_from"])
     config = raw.config
     if config.vocab_size != data.VOCAB_SIZE:
         raise CheckpointError(f"the model's vocabulary ({config.vocab_size}) is not the tokenizer's ({data.VOCAB_SIZE})")
+    seq_len = config.max_seq_len
+    token_budget = s["steps"] * s["batch_size"] * seq_len
+    sampler = data.BatchSampler(corpus, s["seed"], s["batch_size"], seq_len, s["steps"], s["allow_over_repetition"])
+
+    # 4. Optimizers, fresh or restored.
     raw.to(device)
     if s["fp8"]:
         convert_to_fp8(raw)
@@ -540,7 +544,7 @@ def train(args, stop_after=None):
     use_bf16 = pick_dtype(device) == torch.bfloat16
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
 
-    # 4. Say what will happen: every number this run uses.
+    # 5. Say what will happen: every number this run uses.
     if master:
         os.makedirs(out_dir, exist_ok=True)
         say(f"device {device} x {world} process(es), {'bf16 autocast' if use_bf16 else 'fp32'}"
@@ -557,7 +561,7 @@ def train(args, stop_after=None):
     if master:
         truncate_metrics(metrics_path, start_step)
 
-    # 5. The loop.
+    # 6. The loop.
     stop = StopRequest()
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
@@ -608,13 +612,30 @@ def train(args, stop_after=None):
         raise NonFiniteLoss(f"non-finite loss at step {step + 1} ({e}); stopped, the last good checkpoint "
                             f"in {out_dir} is kept") from None
 
-    # 6. Summary.
+    # 7. Summary.
     elapsed = time.time() - t_start
     say(f"\ndone: {step} steps, {tokens_seen:,} tokens, {elapsed:.0f} s, "
         f"{(tokens_seen - tokens_at_start) / elapsed:,.0f} tokens/s")
     say("validation loss per source: " + ", ".join(f"{k} {v:.3f}" for k, v in val.items()))
     say(f"checkpoint: {ckpt_path}")
     return raw
+
+
+def check_memory(config, device):
+    """Refuse, with the numbers, a model whose training state cannot fit: fp32 weights, gradients and
+    up to two optimizer moments are 16 bytes a parameter, on every process (DDP replicates them)."""
+    with torch.device("meta"):
+        n_params = Mellum2(config).num_params(include_mtp=True)
+    if device.type == "cuda":
+        have = torch.cuda.mem_get_info(device)[1]
+    elif hasattr(os, "sysconf"):
+        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    else:
+        return  # no portable way to ask on this system; let it try
+    if 16 * n_params > have:
+        raise ValueError(f"training {n_params / 1e9:.1f}B parameters needs about {16 * n_params / 2**30:.0f} GiB "
+                         f"(weights, gradients, optimizer state) on each process; this {device.type} has "
+                         f"{have / 2**30:.0f} GiB: choose a smaller --size")
 
 
 def check_settings(s, world):
