@@ -236,6 +236,14 @@ def attention_mask(q_positions, k_positions, window=None):
     return allowed
 
 
+def sdpa_attend(q, k, v, mask, window):
+    """softmax(q k^T / sqrt(hd) + mask) v for q (B, H, Tq, hd) and k, v (B, Hkv, Tk, hd). mask None
+    means plain causal; otherwise it already holds the causal window (`window` is for kernels that
+    skip the blocks outside it). enable_gqa lets each group of H // Hkv query heads read the same K/V
+    head without copying K and V to H heads first: the KV cache and its memory traffic stay 8x smaller."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
+
+
 class Attention(nn.Module):
 
     def __init__(self, config, layer_type):
@@ -252,6 +260,10 @@ class Attention(nn.Module):
         # It acts on one head's hd dims, and before RoPE: rotating first would mix in the position.
         self.q_norm = RMSNorm(hd, config.rms_norm_eps)
         self.k_norm = RMSNorm(hd, config.rms_norm_eps)
+        self.window = config.sliding_window if layer_type == "sliding_attention" else None
+        # The seam for a faster attention kernel: kernels.py replaces this function; the default is
+        # PyTorch's scaled_dot_product_attention.
+        self.attend = sdpa_attend
 
     def forward(self, x, cos, sin, mask, cache=None, positions=None):
         """x (B, T, D) -> (B, T, D). With a LayerCache, the new keys and values join those of the
@@ -265,10 +277,7 @@ class Attention(nn.Module):
         if cache is not None:
             k, v, mask = cache.update(k, v, positions)  # (B, S+T, Hkv, hd) x 2, (B, 1, T, S+T)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, hd), the layout SDPA wants
-        # enable_gqa lets each group of n_head // n_kv_head query heads read the same K/V head without
-        # copying K and V to n_head heads first: the KV cache (and its memory traffic) stays 8x smaller.
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                           enable_gqa=True)  # (B, H, T, hd), softmax scale hd**-0.5
+        y = self.attend(q, k, v, mask, self.window)  # (B, H, T, hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, D)
 
 
