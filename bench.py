@@ -6,6 +6,7 @@ machine, the two interleaved step by step so background load hits both alike), w
   python bench.py model           # forward+backward tokens/s of a preset: ours vs transformers
   python bench.py train           # whole training steps: ours vs transformers + AdamW, MoE vs dense
   python bench.py decode          # decoding on a trained model: ours vs transformers, speculative vs plain
+  python bench.py kernels         # kernels.py's Triton kernels vs their PyTorch fallbacks (GPU), fallbacks (CPU)
 
 On a shared machine set OMP_WAIT_POLICY=PASSIVE first: busy-waiting OpenMP threads distort timings.
 """
@@ -18,6 +19,7 @@ from dataclasses import replace
 
 import torch
 
+import mellum2
 from mellum2 import PRESETS, Mellum2, Mellum2Config
 
 
@@ -160,6 +162,81 @@ def decoding(args):
           f"{accepted}/{drafts} drafts accepted ({accepted / drafts:.0%})")
 
 
+def kernel_speed(args):
+    """Each Triton kernel against the fallback the model runs without it (mellum2.sdpa_attend with
+    the sliding-window mask; MoE.experts_grouped) and a plainer reference (causal SDPA without the
+    window; the per-expert loop), forward and forward+backward. Without a GPU there is no Triton to
+    time: the fallbacks and references are timed alone, at sizes a CPU finishes in a minute or two."""
+    import kernels
+
+    cuda = torch.cuda.is_available()
+    triton = cuda and kernels.resolve_mode("auto") == "triton"
+    device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
+    gpu_sizes = args.gpu_sizes or cuda
+    # (B, T, window, H, Hkv, hd): the real model's 8192-token sequences with 32 query heads sharing 4
+    # K/V heads of 128, on a sliding (window 1024) and a full layer; the CPU gets smaller sequences.
+    attention_sizes = [(1, 8192, 1024, 32, 4, 128), (1, 8192, None, 32, 4, 128)] if gpu_sizes else \
+        [(1, 256, 64, 4, 2, 64), (1, 1024, 256, 8, 2, 64), (1, 2048, 256, 8, 1, 64)]
+    # (N, D, F, E, K): one training micro-batch of 8192 tokens through one MoE layer of the release;
+    # on the CPU the tiny preset's layer and a narrower layer with the release's 64-choose-8 routing.
+    moe_sizes = [(8192, 2304, 896, 64, 8)] if gpu_sizes else [(1024, 256, 256, 16, 2), (1024, 256, 64, 64, 8)]
+    print(f"{device}, {dtype}, {torch.get_num_threads()} threads, median of {args.steps} interleaved rounds; "
+          f"ratios = fallback time / candidate time (above 1 = faster than the fallback)")
+    if not triton:
+        print("  no CUDA + triton here: timing the PyTorch fallbacks only (the Triton kernels need a GPU; "
+              "under TRITON_INTERPRET=1 they run, slowly, only to be tested)")
+
+    def synced(fn):  # GPU calls return before the work is done: wait for it inside the timed call
+        return (lambda: (fn(), torch.cuda.synchronize())) if cuda else fn
+
+    def report(title, fallback, candidates):
+        """Time every candidate forward (no grad) and forward+backward (grad of a random projection)."""
+        print(title)
+        rows = {}
+        for mode in ("forward", "forward+backward"):
+            calls = {}
+            for name, (fn, inputs) in candidates.items():
+                def call(fn=fn, inputs=inputs):
+                    if mode == "forward":
+                        with torch.no_grad():
+                            return fn(*inputs)
+                    out = fn(*inputs)
+                    out.backward(torch.ones_like(out))
+                calls[name] = synced(call)
+            rows[mode] = time_interleaved(args.steps, **calls)
+        for name in candidates:
+            cells = [f"{rows[m][name] * 1e3:9.2f} ms {rows[m][fallback] / rows[m][name]:5.2f}x" for m in rows]
+            print(f"  {name:<26} forward {cells[0]}   forward+backward {cells[1]}")
+
+    def leaf(*shape, scale=1.0):
+        return (torch.randn(*shape, device=device) * scale).to(dtype).requires_grad_()
+
+    for B, T, window, H, Hkv, hd in attention_sizes:
+        q, k, v = leaf(B, H, T, hd), leaf(B, Hkv, T, hd), leaf(B, Hkv, T, hd)
+        positions = torch.arange(T, device=device)
+        mask = None if window is None else mellum2.attention_mask(positions, positions, window)
+        candidates = {"sdpa_attend (fallback)": (mellum2.sdpa_attend, (q, k, v, mask, window))}
+        if window is not None:  # what the window would cost if it were free: plain causal SDPA
+            candidates["sdpa causal, no window"] = (mellum2.sdpa_attend, (q, k, v, None, None))
+        if triton:
+            candidates["triton flash_attention"] = (kernels.flash_attention, (q, k, v, window))
+        report(f"attention B={B} T={T} window={window} heads {H}/{Hkv} hd={hd}", "sdpa_attend (fallback)", candidates)
+
+    for N, D, F_, E, K in moe_sizes:
+        moe = mellum2.MoE(Mellum2Config(n_embd=D, expert_dim=F_, n_expert=E, n_expert_active=K)).to(device, dtype)
+        for p in moe.parameters():
+            torch.nn.init.normal_(p, 0.0, 0.02)
+        x = leaf(N, D)
+        with torch.no_grad():
+            _, weights, experts = moe.route(x)
+        candidates = {"experts_grouped (fallback)": (moe.experts_grouped, (x, weights, experts)),
+                      "experts_loop (reference)": (moe.experts_loop, (x, weights, experts))}
+        if triton:
+            candidates["triton fused_moe"] = (lambda *a: kernels.fused_moe(*a, moe.gate_proj, moe.up_proj,
+                                                                           moe.down_proj), (x, weights, experts))
+        report(f"MoE N={N} tokens D={D} F={F_} E={E} top-{K}", "experts_grouped (fallback)", candidates)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="what", required=True)
@@ -177,13 +254,17 @@ def main():
     d.add_argument("--prompts", type=int, default=10, help="held-out code prompts (default: 10)")
     d.add_argument("--prompt-len", type=int, default=64, help="prompt tokens (default: 64)")
     d.add_argument("--new-tokens", type=int, default=128, help="tokens to generate per prompt (default: 128)")
-    for q in (p, t, d):
+    k = sub.add_parser("kernels", help="Triton kernels vs their PyTorch fallbacks, forward and forward+backward")
+    k.add_argument("--steps", type=int, default=5, help="timed rounds per candidate")
+    k.add_argument("--gpu-sizes", action="store_true",
+                   help="the real model's sizes (T=8192, 64 experts of 896 at D=2304); automatic on CUDA")
+    for q in (p, t, d, k):
         q.add_argument("--threads", type=int, help="CPU threads (default: torch's choice)")
     args = parser.parse_args()
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
     {"params": params, "model": lambda: model(args), "train": lambda: train_steps(args),
-     "decode": lambda: decoding(args)}[args.what]()
+     "decode": lambda: decoding(args), "kernels": lambda: kernel_speed(args)}[args.what]()
 
 
 if __name__ == "__main__":

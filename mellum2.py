@@ -2,8 +2,8 @@
 Mellum 2, the model (report §2 Model Architecture, §2.2 Final Architecture, Table 2).
 
 A decoder-only Mixture-of-Experts transformer that follows the Qwen3-MoE recipe. Read it top to
-bottom: configuration, then the pieces in the order a token meets them, then the whole model and
-its checkpoint format. Differences from a plain GPT, each explained where it happens:
+bottom: configuration, then the pieces in the order a token meets them, the KV cache for decoding,
+then the whole model and its checkpoint format. Differences from a plain GPT, each explained where it happens:
 
   - RMSNorm before attention and before the MoE, no biases anywhere          -> RMSNorm, Block
   - rotary positions (theta 500000), and YaRN on the full-attention layers   -> rope_inv_freq

@@ -25,6 +25,7 @@ import time
 import torch
 
 import data
+import kernels
 import train
 from mellum2 import CheckpointError, KVCache, Mellum2, pick_device, pick_dtype
 
@@ -249,6 +250,8 @@ def parse_args(argv=None):
     p.add_argument("--stop", action="append", default=[], help="stop when this text appears (repeatable)")
     p.add_argument("--speculative", action="store_true", help="draft with the MTP layer, verify with the trunk")
     p.add_argument("--device", help="cpu, cuda, mps (default: the best available)")
+    p.add_argument("--kernels", choices=kernels.MODES,
+                   help="triton, torch, or auto = triton on CUDA when installed (default: $MELLUM2_KERNELS, else auto)")
     return p.parse_args(argv)
 
 
@@ -317,6 +320,7 @@ def main(argv=None):
     try:
         check_args(args)
         model, vocab = load_model(args.init_from, args.device)
+        kernels.install(model, args.kernels)
         ids, stop_ids = build_prompt(args, vocab)
         if len(ids) >= model.config.max_seq_len:
             raise ValueError(f"the prompt is {len(ids)} tokens; this model's context is {model.config.max_seq_len}")

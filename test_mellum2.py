@@ -3,28 +3,33 @@ against something we did not write where one exists (transformers' MellumForCaus
 torch.optim.Muon, brute-force loops, hand computations) and would fail if the thing were wrong.
 Run: python -m pytest -q"""
 
-import collections
-import json
-import math
 import os
-import random
-import signal
-import subprocess
-import sys
-import time
-from dataclasses import replace
 
-import numpy as np
-import pytest
-import regex
-import torch
-import torch.nn.functional as F
+# train.py and sample.py import kernels.py: run its Triton kernels through Triton's CPU interpreter,
+# which must be chosen before triton is first imported (test_kernels.py says the same, for any order).
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import data
-import sample
-import train
-from mellum2 import (IGNORE_INDEX, CheckpointError, KVCache, Mellum2, Mellum2Config, apply_rope, attention_mask,
-                     load_balancing_loss, rope_inv_freq)
+import collections  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import random  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from dataclasses import replace  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import regex  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import data  # noqa: E402
+import sample  # noqa: E402
+import train  # noqa: E402
+from mellum2 import (IGNORE_INDEX, CheckpointError, KVCache, Mellum2, Mellum2Config,  # noqa: E402
+                     apply_rope, attention_mask, load_balancing_loss, rope_inv_freq)
 
 transformers = pytest.importorskip("transformers")
 

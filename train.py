@@ -36,6 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import data
+import kernels
 import mellum2
 from mellum2 import CheckpointError, Mellum2, Mellum2Config, pick_device, pick_dtype
 
@@ -526,6 +527,7 @@ def train(args, stop_after=None):
     raw.to(device)
     if s["fp8"]:
         convert_to_fp8(raw)
+    kernel_mode = kernels.install(raw, args.kernels)  # Triton on CUDA when available (kernels.py)
     model = nn.parallel.DistributedDataParallel(raw, device_ids=[device.index] if device.type == "cuda" else None) \
         if world > 1 else raw
     optimizers = build_optimizers(raw, s["lr"], optimizer=s["optimizer"])
@@ -548,7 +550,7 @@ def train(args, stop_after=None):
     if master:
         os.makedirs(out_dir, exist_ok=True)
         say(f"device {device} x {world} process(es), {'bf16 autocast' if use_bf16 else 'fp32'}"
-            f"{', FP8 matmuls' if s['fp8'] else ''}")
+            f"{', FP8 matmuls' if s['fp8'] else ''}, {kernel_mode} kernels")
         say("model  " + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(config).items()))
         say(f"params {raw.num_params() / 1e6:.2f}M total, {raw.num_params(active=True) / 1e6:.2f}M active, "
             f"{raw.num_params(include_mtp=True) - raw.num_params():,} in the MTP layer")
@@ -661,6 +663,9 @@ def parse_args(argv=None):
     g.add_argument("--init-from", metavar="DIR",
                    help="start from these weights: a run folder of ours or a Hugging Face directory")
     g.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: the best available)")
+    g.add_argument("--kernels", choices=kernels.MODES,
+                   help="attention and MoE kernels: triton, torch, or auto = triton on CUDA when installed "
+                        "(default: $MELLUM2_KERNELS, else auto)")
     g.add_argument("--seed", type=int, default=1337, help="seeds the weights and the data order (default: 1337)")
     g = p.add_argument_group("optimization (defaults come from --size)")
     g.add_argument("--max-steps", type=int, help="optimizer steps in the whole run (the schedule spans them)")

@@ -1,0 +1,307 @@
+"""
+Tests of kernels.py on the CPU: the Triton kernels run under Triton's interpreter (TRITON_INTERPRET=1,
+which must be set before triton or kernels is imported), and each must equal both its PyTorch
+fallback in mellum2.py and a brute-force reference written here, forward and backward.
+"""
+
+import os
+from types import SimpleNamespace
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before kernels (and triton) are imported
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+pytest.importorskip("triton")
+
+import kernels  # noqa: E402
+import mellum2  # noqa: E402
+from mellum2 import Mellum2, Mellum2Config  # noqa: E402
+from test_mellum2 import SMALL  # noqa: E402  (the small config every model test uses)
+
+# Interpreter fp32 is exact up to summation order; fp16 keeps ~3 decimal digits, bf16 ~2 (and the
+# interpreter rounds bf16 stores toward zero where a GPU rounds to nearest).
+TOLERANCES = {torch.float32: 2e-5, torch.float16: 2e-2, torch.bfloat16: 6e-2}
+
+
+def assert_close(actual, expected, dtype=torch.float32, what=""):
+    """Max abs error relative to the expected tensor's scale (max(1, max |expected|))."""
+    assert actual.shape == expected.shape, what
+    scale = max(1.0, expected.abs().max().item())
+    error = (actual.float() - expected.float()).abs().max().item()
+    assert error <= TOLERANCES[dtype] * scale, f"{what} max error {error:.3g} (scale {scale:.3g}, {dtype})"
+
+
+# -----------------------------------------------------------------------------------------------
+# Attention
+
+def brute_force_attention(q, k, v, window):
+    """Softmax attention with the window written out element by element: query i sees key j iff
+    i - window < j <= i. K/V heads copied to their G query heads. fp32."""
+    B, H, T, hd = q.shape
+    G = H // k.shape[1]
+    k, v = k.float().repeat_interleave(G, dim=1), v.float().repeat_interleave(G, dim=1)
+    visible = torch.zeros(T, T, dtype=torch.bool)
+    for i in range(T):
+        for j in range(T):
+            visible[i, j] = j <= i and (window is None or i - j < window)
+    scores = (q.float() @ k.mT) / hd ** 0.5
+    return scores.masked_fill(~visible, float("-inf")).softmax(-1) @ v
+
+
+def attention_inputs(T, H, Hkv, hd=16, B=1, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(B, heads, T, hd, generator=g).to(dtype).requires_grad_()
+            for heads in (H, Hkv, Hkv)]
+
+
+def training_mask(T, window):
+    """What mellum2's trunk passes to `attend` in training: None on full layers, else (T, T)."""
+    positions = torch.arange(T)
+    return None if window is None else mellum2.attention_mask(positions, positions, window)
+
+
+ATTENTION_CASES = [  # T, window, H, Hkv, block_m, block_n
+    (100, None, 4, 4, 32, 32),  # full causal, T not a block multiple, GQA group 1
+    (100, 8, 4, 2, 32, 32),     # window smaller than a block, group 2
+    (64, 40, 8, 1, 32, 16),     # window not a block multiple, group 8 (MQA), BLOCK_M != BLOCK_N
+    (50, 200, 4, 2, 16, 32),    # window longer than the sequence = plain causal
+    (37, 1, 2, 1, 16, 16),      # window 1: each query sees only itself
+    (70, 34, 2, 2, 32, 32),     # query 64 sees key 31, the last of block 0: pins the lower bound's off-by-one
+]
+
+
+@pytest.mark.parametrize("T, window, H, Hkv, block_m, block_n", ATTENTION_CASES)
+def test_kernel_attention_matches_sdpa_and_brute_force(T, window, H, Hkv, block_m, block_n):
+    q, k, v = attention_inputs(T, H, Hkv)
+    y = kernels.flash_attention(q, k, v, window, block_m, block_n)
+    fallback = mellum2.sdpa_attend(q, k, v, training_mask(T, window), window)
+    reference = brute_force_attention(q, k, v, window)
+    assert_close(y, fallback)
+    assert_close(y, reference)
+    dy = torch.randn_like(y)
+    grads = torch.autograd.grad(y, (q, k, v), dy)
+    for expected in (torch.autograd.grad(fallback, (q, k, v), dy), torch.autograd.grad(reference, (q, k, v), dy)):
+        for actual, wanted in zip(grads, expected):
+            assert_close(actual, wanted)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_kernel_attention_half_precision(dtype):
+    q, k, v = attention_inputs(70, 4, 2, dtype=dtype)
+    y = kernels.flash_attention(q, k, v, 24)
+    assert y.dtype == dtype
+    reference = brute_force_attention(q, k, v, 24)  # fp32 on the same rounded inputs
+    assert_close(y, reference, dtype)
+    dy = torch.randn(y.shape).to(dtype)
+    for actual, wanted in zip(torch.autograd.grad(y, (q, k, v), dy),
+                              torch.autograd.grad(reference, (q, k, v), dy.float())):
+        assert actual.dtype == dtype
+        assert_close(actual, wanted, dtype)
+
+
+def test_kernel_attention_saves_the_log_sum_exp():
+    q, k, v = (t.detach() for t in attention_inputs(45, 2, 1))
+    _, lse = kernels.attention_forward(q, k, v, 10, 16, 16)
+    scores = (q @ k.repeat_interleave(2, dim=1).mT) / 16 ** 0.5
+    expected = scores.masked_fill(~training_mask(45, 10), float("-inf")).logsumexp(-1)
+    assert_close(lse, expected)
+
+
+def test_kernel_attention_window_convention():
+    """Window 3 = the query and the 2 keys before it (Hugging Face's `sliding_window`, FA's left = 2)."""
+    q, k, v = (t.detach() for t in attention_inputs(40, 2, 2))
+    y = kernels.flash_attention(q, k, v, 3)
+    i = 20
+    scores = (q[:, :, i:i + 1] @ k[:, :, i - 2:i + 1].mT) / 16 ** 0.5
+    assert_close(y[:, :, i:i + 1], scores.softmax(-1) @ v[:, :, i - 2:i + 1])
+
+
+def test_kernel_attend_falls_back_when_decoding_with_a_cache():
+    q, _, _ = attention_inputs(3, 4, 2)
+    _, k, v = attention_inputs(11, 4, 2, seed=1)
+    mask = torch.rand(1, 1, 3, 11) > 0.3
+    mask[..., 0] = True
+    assert torch.equal(kernels.triton_attend(q, k, v, mask, 8), mellum2.sdpa_attend(q, k, v, mask, 8))
+
+
+# -----------------------------------------------------------------------------------------------
+# Mixture of experts
+
+def brute_force_moe(x, weights, experts, gate_proj, up_proj, down_proj):
+    """One token and one slot at a time: out[n] = sum_k w[n,k] * expert_{e[n,k]}(x[n])."""
+    rows = []
+    for n in range(x.shape[0]):
+        out = torch.zeros_like(x[n])
+        for slot, e in enumerate(experts[n].tolist()):
+            h = F.silu(gate_proj[e] @ x[n]) * (up_proj[e] @ x[n])
+            out = out + weights[n, slot] * (down_proj[e] @ h)
+        rows.append(out)
+    return torch.stack(rows)
+
+
+def moe_inputs(N, D, F_, E, K, routing, dtype=torch.float32, seed=0):
+    """x, routing weights (renormalised, a leaf so its gradient is checked), expert ids, the three
+    stacked expert weights. routing: "random", "skewed" (every token picks experts 0..K-1: expert 0
+    gets all tokens, the others none) or "one_empty" (nobody picks expert 1)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(N, D, generator=g)
+    scores = torch.rand(N, E, generator=g)
+    if routing == "skewed":
+        scores[:, :K] += 10
+    if routing == "one_empty":
+        scores[:, 1] = -1
+    experts = scores.topk(K, dim=-1).indices
+    weights = torch.rand(N, K, generator=g) + 0.1
+    weights = weights / weights.sum(-1, keepdim=True)
+    params = [torch.randn(E, F_, D, generator=g) * 0.3, torch.randn(E, F_, D, generator=g) * 0.3,
+              torch.randn(E, D, F_, generator=g) * 0.3]
+    leaves = [t.to(dtype).requires_grad_() for t in [x, weights] + params]
+    return leaves[0], leaves[1], experts, *leaves[2:]
+
+
+def grouped_fallback(x, weights, experts, gate_proj, up_proj, down_proj):
+    """mellum2.MoE.experts_grouped, the model's default path, with the given weights."""
+    E, F_, D = gate_proj.shape
+    config = Mellum2Config(n_embd=D, expert_dim=F_, n_expert=E, n_expert_active=experts.shape[1])
+    moe = SimpleNamespace(config=config, grouped_mm=mellum2.grouped_mm, gate_proj=gate_proj, up_proj=up_proj,
+                          down_proj=down_proj)  # the method only reads these attributes
+    return mellum2.MoE.experts_grouped(moe, x, weights, experts)
+
+
+def test_kernel_moe_plan_of_the_docstring_example():
+    sorted_ids, block_expert, segments = kernels.moe_plan(torch.tensor([[2, 0], [0, 1], [2, 0]]), 3, 4)
+    assert sorted_ids.tolist() == [1, 2, 5, 6, 3, 6, 6, 6, 0, 4, 6, 6]
+    assert block_expert.tolist() == [0, 1, 2]
+    assert segments.tolist() == [0, 4, 8, 12]
+
+
+MOE_CASES = [  # N, D, F, E, K, routing; D and F are not multiples of the 32-wide blocks, N not of 16
+    (37, 40, 24, 8, 2, "random"),
+    (37, 40, 24, 8, 2, "skewed"),      # expert 0 receives every token, 6 experts receive none
+    (50, 32, 48, 8, 2, "one_empty"),
+    (24, 40, 24, 16, 4, "random"),
+    (16, 32, 16, 64, 8, "random"),     # the release's 64-choose-8 routing: most experts get no token
+]
+
+
+@pytest.mark.parametrize("N, D, F_, E, K, routing", MOE_CASES)
+def test_kernel_moe_matches_grouped_and_brute_force(N, D, F_, E, K, routing):
+    inputs = moe_inputs(N, D, F_, E, K, routing)
+    leaves = [t for t in inputs if t.requires_grad]
+    if routing == "skewed":
+        assert (inputs[2] == 0).any(-1).all()  # every token chose expert 0
+        assert torch.bincount(inputs[2].flatten(), minlength=E)[K:].sum() == 0
+    y = kernels.fused_moe(*inputs)
+    fallback, reference = grouped_fallback(*inputs), brute_force_moe(*inputs)
+    assert_close(y, fallback)
+    assert_close(y, reference)
+    dy = torch.randn_like(y)
+    grads = torch.autograd.grad(y, leaves, dy)
+    for expected in (torch.autograd.grad(fallback, leaves, dy), torch.autograd.grad(reference, leaves, dy)):
+        for actual, wanted in zip(grads, expected):
+            assert_close(actual, wanted)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_kernel_moe_half_precision(dtype):
+    inputs = moe_inputs(40, 40, 24, 8, 2, "one_empty", dtype=dtype)
+    leaves = [t for t in inputs if t.requires_grad]
+    y = kernels.fused_moe(*inputs)
+    assert y.dtype == dtype
+    fp32 = [t.detach().float().requires_grad_() if t.is_floating_point() else t for t in inputs]
+    reference = brute_force_moe(*fp32)
+    assert_close(y, reference, dtype)
+    dy = torch.randn(y.shape).to(dtype)
+    expected = torch.autograd.grad(reference, [t for t in fp32 if t.requires_grad], dy.float())
+    for actual, wanted in zip(torch.autograd.grad(y, leaves, dy), expected):
+        assert actual.dtype == dtype
+        assert_close(actual, wanted, dtype)
+
+
+# -----------------------------------------------------------------------------------------------
+# install() and a whole training step
+
+
+
+def test_kernel_training_step_matches_the_torch_path():
+    torch.manual_seed(0)
+    reference = Mellum2(SMALL)
+    model = Mellum2(SMALL)
+    model.load_state_dict(reference.state_dict())
+    assert kernels.install(model, "triton") == "triton"
+    attends = [m.attend for m in model.modules() if isinstance(m, mellum2.Attention)]
+    assert len(attends) == SMALL.n_layer + 1 and all(a is kernels.triton_attend for a in attends)  # MTP too
+    idx = torch.randint(0, SMALL.vocab_size, (2, 21))  # 21 tokens: not a block multiple, > window
+    _, loss = model(idx, torch.roll(idx, -1, 1))
+    _, expected = reference(idx, torch.roll(idx, -1, 1))
+    assert_close(loss, expected)
+    loss.backward()
+    expected.backward()
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        assert_close(p.grad, q.grad, what=name)
+
+
+def test_kernel_install_torch_keeps_the_model_functions():
+    model = Mellum2(SMALL)
+    assert kernels.install(model, "torch") == "torch"
+    for m in model.modules():
+        if isinstance(m, mellum2.Attention):
+            assert m.attend is mellum2.sdpa_attend
+        if isinstance(m, mellum2.MoE):
+            assert "experts_grouped" not in vars(m)
+    kernels.install(model, "triton")
+    kernels.install(model, "torch")  # and switching back restores them
+    assert all(m.attend is mellum2.sdpa_attend for m in model.modules() if isinstance(m, mellum2.Attention))
+    assert all("experts_grouped" not in vars(m) for m in model.modules() if isinstance(m, mellum2.MoE))
+
+
+def test_kernel_modes_and_errors(monkeypatch):
+    model = Mellum2(SMALL)
+    with pytest.raises(ValueError, match="unknown kernel mode 'fast'"):
+        kernels.install(model, "fast")
+    monkeypatch.setenv("MELLUM2_KERNELS", "torch")
+    assert kernels.install(model) == "torch"
+    monkeypatch.setenv("MELLUM2_KERNELS", "cuda")
+    with pytest.raises(ValueError, match="unknown kernel mode"):
+        kernels.install(model)
+    monkeypatch.delenv("MELLUM2_KERNELS")
+    expected_auto = "triton" if torch.cuda.is_available() else "torch"
+    assert kernels.install(model) == expected_auto
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        with pytest.raises(ValueError, match="needs a CUDA GPU, or TRITON_INTERPRET=1"):
+            kernels.install(model, "triton")
+
+
+# -----------------------------------------------------------------------------------------------
+# On a GPU, compiled (not interpreted): TRITON_INTERPRET=0 python -m pytest -q test_kernels.py -k cuda
+
+@pytest.mark.skipif(not torch.cuda.is_available() or kernels.interpreting(),
+                    reason="needs CUDA with TRITON_INTERPRET=0 (the kernels compiled, not interpreted)")
+@pytest.mark.parametrize("window", [256, None])
+def test_kernel_cuda_bf16_matches_the_fp32_fallbacks(window):
+    """bf16 kernels at near-real shapes (hd 128, groups of 4, D and F not block multiples) against
+    mellum2's own functions in fp32 on the same rounded inputs, forward and backward."""
+    torch.manual_seed(0)
+    q, k, v = (t.detach().cuda().requires_grad_() for t in attention_inputs(1000, 8, 2, hd=128, B=2,
+                                                                             dtype=torch.bfloat16))
+    q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
+    y = kernels.flash_attention(q, k, v, window)
+    mask = None if window is None else training_mask(1000, window).cuda()
+    expected = mellum2.sdpa_attend(q32, k32, v32, mask, window)
+    assert_close(y, expected, torch.bfloat16)
+    dy = torch.randn(y.shape, device="cuda")
+    for actual, wanted in zip(torch.autograd.grad(y, (q, k, v), dy.bfloat16()),
+                              torch.autograd.grad(expected, (q32, k32, v32), dy)):
+        assert_close(actual, wanted, torch.bfloat16)
+    inputs = [t.detach().cuda() for t in moe_inputs(700, 200, 136, 16, 4, "one_empty", dtype=torch.bfloat16)]
+    inputs = [t.requires_grad_() if t.is_floating_point() else t for t in inputs]
+    fp32 = [t.detach().float().requires_grad_() if t.is_floating_point() else t for t in inputs]
+    y, expected = kernels.fused_moe(*inputs), grouped_fallback(*fp32)
+    assert_close(y, expected, torch.bfloat16)
+    dy = torch.randn(y.shape, device="cuda")
+    for actual, wanted in zip(torch.autograd.grad(y, [t for t in inputs if t.requires_grad], dy.bfloat16()),
+                              torch.autograd.grad(expected, [t for t in fp32 if t.requires_grad], dy)):
+        assert_close(actual, wanted, torch.bfloat16)
