@@ -489,6 +489,26 @@ def synthetic_math(n, seed):
     return problems
 
 
+# --- Passkey retrieval: a long-context test that needs no downloads (§4, RULER-style) --------------
+# A five-digit number hidden at some depth of a long, boring text, asked for at the end. A model that
+# can use its whole context copies it; one whose positions break beyond its training length cannot.
+PASSKEY_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+
+
+def passkey_example(enc, length, depth, key):
+    """A prompt of exactly `length` tokens with "The pass key is KEY." hidden at `depth` (0.0 = the
+    start of the filler, 1.0 = its end) and the question at the end -> (prompt ids, answer ids)."""
+    needle = enc.encode_ordinary(f" The pass key is {key}. Remember it. {key} is the pass key. ")
+    question = enc.encode_ordinary(" What is the pass key? The pass key is")
+    filler = enc.encode_ordinary(PASSKEY_FILLER)
+    n_filler = length - len(needle) - len(question)
+    if n_filler < 0:
+        raise ValueError(f"a passkey prompt needs at least {len(needle) + len(question)} tokens, got {length}")
+    filler = (filler * (n_filler // len(filler) + 1))[:n_filler]
+    cut = round(depth * n_filler)
+    return filler[:cut] + needle + filler[cut:] + question, enc.encode_ordinary(f" {key}")
+
+
 # ------------------------------------------------------------------------------------------------
 # Held-out validation split
 # ------------------------------------------------------------------------------------------------
@@ -843,11 +863,13 @@ class BatchSampler:
     uniformly, so every training token is equally likely to be read.
     """
 
-    def __init__(self, corpus, seed, batch_size, seq_len, total_steps, allow_over_repetition=False):
+    def __init__(self, corpus, seed, batch_size, seq_len, total_steps, allow_over_repetition=False, phase=None):
+        """phase: an index into PHASES to use at every step instead of following the curriculum (the
+        long-context stage trains on the phase-3 mix, §4.2)."""
         if seq_len < 8:
             raise ValueError(f"seq_len must be at least 8, got {seq_len}")
         check_repetition(corpus, total_steps * batch_size * seq_len, allow_over_repetition)
-        self.corpus, self.seed, self.total_steps = corpus, seed, total_steps
+        self.corpus, self.seed, self.total_steps, self.phase = corpus, seed, total_steps, phase
         self.batch_size, self.seq_len = batch_size, seq_len
         self.sources = corpus.sources
         self.pieces = {s: self._piece_table(corpus.train[s].offsets, seq_len - 3) for s in self.sources}
@@ -906,7 +928,7 @@ class BatchSampler:
     def sample(self, step):
         """The Batch for `step`; depends only on (seed, step) and the corpus."""
         rng = np.random.default_rng([self.seed, step])
-        phase = PHASES[phase_index(step, self.total_steps)]
+        phase = PHASES[phase_index(step, self.total_steps) if self.phase is None else self.phase]
         mixture = phase_mixture(phase, self.sources)
         row_source = rng.choice(len(self.sources), size=self.batch_size, p=list(mixture.values()))
         out = np.empty((self.batch_size, self.seq_len + 1), dtype=np.int64)

@@ -68,6 +68,7 @@ class Mellum2Config:
     yarn_beta_fast: float = 32.0
     yarn_beta_slow: float = 1.0
     yarn_attention_factor: float | None = None  # None: the YaRN paper's 0.1 * ln(factor) + 1
+    yarn_layers: str = "full"     # "full": layer-selective, the report's; "all": every layer (its ablation)
     rms_norm_eps: float = 1e-6
     n_mtp: int = 1                # multi-token-prediction layers (the report uses exactly one)
     mtp_loss_weight: float = 0.1  # alpha in L = L_ntp + alpha * L_mtp (§2.1.5)
@@ -90,6 +91,7 @@ class Mellum2Config:
             (self.head_dim % 2 == 0, f"head_dim must be even for rotary embeddings, got {self.head_dim}"),
             (self.n_mtp in (0, 1), f"n_mtp must be 0 or 1 (the report uses one MTP layer), got {self.n_mtp}"),
             (self.yarn_factor >= 1.0, f"yarn_factor must be >= 1.0 (1.0 = off), got {self.yarn_factor}"),
+            (self.yarn_layers in ("full", "all"), f"yarn_layers must be 'full' or 'all', got {self.yarn_layers!r}"),
             (self.moe_impl in ("grouped", "loop"), f"moe_impl must be 'grouped' or 'loop', got {self.moe_impl!r}"),
             (min(self.vocab_size, self.n_layer, self.n_embd, self.n_head, self.n_kv_head, self.head_dim,
                  self.n_expert, self.expert_dim, self.max_seq_len) >= 1, "all sizes must be positive"),
@@ -185,7 +187,7 @@ def rope_inv_freq(config, layer_type):
     """
     hd = config.head_dim
     base = config.rope_theta ** (-torch.arange(0, hd, 2, dtype=torch.float32) / hd)  # (hd/2,)
-    if layer_type != "full_attention" or config.yarn_factor == 1.0:
+    if config.yarn_factor == 1.0 or (layer_type != "full_attention" and config.yarn_layers == "full"):
         return base, 1.0
 
     s, original = config.yarn_factor, config.yarn_original_max_seq_len
@@ -752,6 +754,8 @@ def config_to_hf(config, dtype=torch.float32):
                 "beta_fast": config.yarn_beta_fast, "beta_slow": config.yarn_beta_slow}
         if config.yarn_attention_factor is not None:  # else both sides use 0.1 * ln(factor) + 1
             full["attention_factor"] = config.yarn_attention_factor
+        if config.yarn_layers == "all":
+            sliding = dict(full)
     hf = {
         "architectures": ["MellumForCausalLM"], "model_type": "mellum",
         "vocab_size": config.vocab_size, "hidden_size": config.n_embd,
@@ -805,9 +809,11 @@ def config_from_hf(hf):
     theta = full.get("rope_theta", 500000.0)
     if sliding.get("rope_theta", theta) != theta:
         raise unsupported("different RoPE bases on sliding and full layers")
-    if sliding.get("rope_type", "default") != "default" or full.get("rope_type", "default") not in ("default", "yarn"):
-        raise unsupported("RoPE type (only plain RoPE, and YaRN on full layers)")
     yarn = full.get("rope_type") == "yarn"
+    yarn_everywhere = yarn and sliding == full
+    if full.get("rope_type", "default") not in ("default", "yarn") or \
+            (sliding.get("rope_type", "default") != "default" and not yarn_everywhere):
+        raise unsupported("RoPE type (plain RoPE, and YaRN on the full layers or the same YaRN on all)")
     defaults = Mellum2Config()
     return Mellum2Config(
         vocab_size=hf["vocab_size"], n_layer=n_layer, n_embd=hf["hidden_size"],
@@ -819,7 +825,7 @@ def config_from_hf(hf):
         yarn_factor=full["factor"] if yarn else 1.0,
         yarn_original_max_seq_len=full.get("original_max_position_embeddings", 8192),
         yarn_beta_fast=full.get("beta_fast") or 32.0, yarn_beta_slow=full.get("beta_slow") or 1.0,
-        yarn_attention_factor=full.get("attention_factor"),
+        yarn_attention_factor=full.get("attention_factor"), yarn_layers="all" if yarn_everywhere else "full",
         rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
         n_mtp=hf.get("num_nextn_predict_layers", hf.get("num_mtp_layers")) or 0,
         mtp_loss_weight=ours.get("mtp_loss_weight", defaults.mtp_loss_weight),

@@ -26,6 +26,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import data  # noqa: E402
+import mellum2  # noqa: E402
 import sample  # noqa: E402
 import train  # noqa: E402
 from mellum2 import (IGNORE_INDEX, CheckpointError, KVCache, Mellum2, Mellum2Config,  # noqa: E402
@@ -57,14 +58,14 @@ def hf_config(config):
     if config.yarn_factor != 1.0:
         rope_full = {"rope_type": "yarn", "rope_theta": config.rope_theta, "factor": config.yarn_factor,
                      "original_max_position_embeddings": config.yarn_original_max_seq_len}
+    rope_sliding = rope_full if config.yarn_layers == "all" else {"rope_type": "default", "rope_theta": config.rope_theta}
     return transformers.MellumConfig(
         vocab_size=config.vocab_size, hidden_size=config.n_embd, num_hidden_layers=config.n_layer,
         num_attention_heads=config.n_head, num_key_value_heads=config.n_kv_head, head_dim=config.head_dim,
         num_experts=config.n_expert, num_experts_per_tok=config.n_expert_active,
         moe_intermediate_size=config.expert_dim, sliding_window=config.sliding_window,
         layer_types=config.layer_types, max_position_embeddings=config.max_seq_len,
-        rope_parameters={"full_attention": rope_full,
-                         "sliding_attention": {"rope_type": "default", "rope_theta": config.rope_theta}},
+        rope_parameters={"full_attention": rope_full, "sliding_attention": rope_sliding},
     )
 
 
@@ -74,13 +75,12 @@ def random_configs():
     g = torch.Generator().manual_seed(1234)
     pick = lambda options: options[torch.randint(len(options), (1,), generator=g).item()]  # noqa: E731
     configs = []
-    for yarn in (1.0, 4.0):
-        for _ in range(2):
-            n_kv = pick([1, 2, 4])
-            configs.append(replace(SMALL, n_kv_head=n_kv, n_head=n_kv * pick([1, 2, 4]), n_layer=pick([4, 5]),
-                                   sliding_window=pick([3, 8, 16]), attn_pattern=pick(["SSSF", "SF", "FS"]),
-                                   n_expert=pick([4, 8]), n_expert_active=pick([1, 2, 3]),
-                                   yarn_factor=yarn, yarn_original_max_seq_len=16 if yarn > 1 else 8192))
+    for yarn, layers in ((1.0, "full"), (1.0, "full"), (4.0, "full"), (4.0, "full"), (4.0, "all")):
+        n_kv = pick([1, 2, 4])
+        configs.append(replace(SMALL, n_kv_head=n_kv, n_head=n_kv * pick([1, 2, 4]), n_layer=pick([4, 5]),
+                               sliding_window=pick([3, 8, 16]), attn_pattern=pick(["SSSF", "SF", "FS"]),
+                               n_expert=pick([4, 8]), n_expert_active=pick([1, 2, 3]), yarn_factor=yarn,
+                               yarn_original_max_seq_len=16 if yarn > 1 else 8192, yarn_layers=layers))
     return configs
 
 
@@ -93,7 +93,7 @@ def logits_of_hf(model_dir, idx):
 # -----------------------------------------------------------------------------------------------
 # Equality with transformers' MellumForCausalLM, both ways
 
-@pytest.mark.parametrize("config", random_configs(), ids=lambda c: f"yarn{c.yarn_factor}-{c.attn_pattern}")
+@pytest.mark.parametrize("config", random_configs(), ids=lambda c: f"yarn{c.yarn_factor}{c.yarn_layers}-{c.attn_pattern}")
 def test_hf_weights_into_ours_match_hf(config, tmp_path):
     torch.manual_seed(0)
     hf = transformers.MellumForCausalLM(hf_config(config)).eval()
@@ -108,7 +108,7 @@ def test_hf_weights_into_ours_match_hf(config, tmp_path):
     assert (got - expected).abs().max().item() < 1e-5
 
 
-@pytest.mark.parametrize("config", random_configs(), ids=lambda c: f"yarn{c.yarn_factor}-{c.attn_pattern}")
+@pytest.mark.parametrize("config", random_configs(), ids=lambda c: f"yarn{c.yarn_factor}{c.yarn_layers}-{c.attn_pattern}")
 def test_ours_exported_into_hf_match_ours(config, tmp_path):
     torch.manual_seed(0)
     ours = randomize(Mellum2(config)).eval()
@@ -1279,3 +1279,82 @@ def test_a_hugging_face_directory_brings_its_own_tokenizer(tmp_path, capsys):
     assert fim[0] == 3 and fim[-1] == 2  # SPM: <fim_suffix> first, ends with <fim_middle>
     sample.main(["--init-from", str(tmp_path), "--start", "def add", "--max-new-tokens", "5", "--temperature", "0"])
     assert capsys.readouterr().out.strip() != ""
+
+
+# -----------------------------------------------------------------------------------------------
+# Long context (train.py --stage long): layer-selective YaRN and the passkey test
+
+def test_layer_selective_yarn_changes_only_the_full_layers():
+    base = Mellum2Config.from_preset("tiny")
+    for variant in train.ROPE_VARIANTS:
+        cfg = train.long_context_config(base, 1024, variant=variant)
+        assert cfg.max_seq_len == 1024
+        changed = {t: not torch.equal(rope_inv_freq(cfg, t)[0], rope_inv_freq(base, t)[0])
+                   for t in ("sliding_attention", "full_attention")}
+        expected = {"selective-yarn": {"sliding_attention": False, "full_attention": True},
+                    "all-yarn": {"sliding_attention": True, "full_attention": True},
+                    "theta": {"sliding_attention": True, "full_attention": True},
+                    "unchanged": {"sliding_attention": False, "full_attention": False}}[variant]
+        assert changed == expected, variant
+    selective = train.long_context_config(base, 1024)
+    assert selective.yarn_factor == 4.0 and selective.yarn_original_max_seq_len == 256
+    assert rope_inv_freq(selective, "full_attention")[1] == pytest.approx(0.1 * math.log(4) + 1)
+
+
+@pytest.mark.parametrize("variant", ["selective-yarn", "all-yarn"])
+def test_long_context_config_round_trips_through_transformers(variant, tmp_path):
+    cfg = train.long_context_config(replace(SMALL, max_seq_len=32), 128, variant=variant)
+    Mellum2(cfg).save_pretrained(tmp_path)
+    hf = transformers.MellumConfig.from_pretrained(tmp_path)
+    full, sliding = hf.rope_parameters["full_attention"], hf.rope_parameters["sliding_attention"]
+    assert full["rope_type"] == "yarn" and full["factor"] == 4.0 and full["original_max_position_embeddings"] == 32
+    assert sliding["rope_type"] == ("yarn" if variant == "all-yarn" else "default")
+    assert mellum2.config_from_hf(hf.to_dict()) == cfg
+    assert Mellum2.from_pretrained(tmp_path).config == cfg
+
+
+def test_passkey_prompts_and_scoring():
+    enc = data.load_tokenizer()
+    for length, depth in [(256, 0.0), (300, 0.5), (1000, 1.0)]:
+        prompt, answer = data.passkey_example(enc, length, depth, 48213)
+        text = enc.decode(prompt)
+        assert len(prompt) == length and enc.decode(answer) == " 48213"
+        assert text.endswith("What is the pass key? The pass key is") and "The pass key is 48213." in text
+        where = text.index("The pass key is 48213") / len(text)
+        assert abs(where - depth) < 0.15
+    with pytest.raises(ValueError, match="at least"):
+        data.passkey_example(enc, 10, 0.5, 12345)
+    answer = [7, 8, 9]
+    logits = torch.zeros(5 + len(answer) - 1, 20)
+    for i, token in enumerate(answer):  # the argmax before each answer position is that answer token
+        logits[4 + i, token] = 1.0
+    assert train.passkey_correct(logits, 5, answer)
+    logits[5, 8], logits[5, 3] = 0.0, 2.0  # the second digit goes wrong
+    assert not train.passkey_correct(logits, 5, answer)
+
+
+def test_long_stage_trains_from_a_checkpoint(small_corpus, tmp_path):
+    train.train(run_args(small_corpus, tmp_path / "base", "--max-steps", "2"))
+    model = train.train(run_args(small_corpus, tmp_path / "long", "--stage", "long", "--init-from",
+                                 str(tmp_path / "base"), "--max-steps", "2", "--context", "512"))
+    assert model.config.max_seq_len == 512 and model.config.yarn_factor == 2.0
+    assert model.config.yarn_original_max_seq_len == 256 and model.config.yarn_layers == "full"
+    last = json.loads((tmp_path / "long" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert sorted(map(int, last["long_context_eval"])) == [256, 512, 1024, 2048]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--stage", "long"], "give --init-from"),
+    (["--stage", "long", "--init-from", "{base}", "--context", "256"], "must be longer"),
+    (["--stage", "long", "--init-from", "{base}", "--yarn-factor", "0.5"], "at least 1"),
+    (["--stage", "long", "--init-from", "{tmp}/nothing"], "no config.json"),
+])
+def test_long_stage_bad_input(argv, message, small_corpus, tmp_path, capsys):
+    base = tmp_path / "base"
+    Mellum2(Mellum2Config.from_preset("tiny")).save_pretrained(base)
+    argv = [a.format(base=base, tmp=tmp_path) for a in argv]
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--size", "tiny", "--data", small_corpus, "--no-default-data", "--allow-over-repetition",
+                    "--out-dir", str(tmp_path / "out"), *argv])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 1 and message in err and len(err.splitlines()) == 1

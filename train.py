@@ -273,10 +273,12 @@ class Run:
     eval_every: int      # steps between validation passes
     eval_batches: int    # validation batches per source
     ckpt_every: int      # steps between checkpoints
+    decay_fraction: float = 0.159  # the final share of steps over which the LR decays to 0 (phase 3)
+    ramp_fraction: float = 0.06    # the first share of steps at half batch
 
 
 RUNS = {
-    # ~300 seconds on 2 laptop CPU cores: 200 steps of 16 x 256 tokens, about 3M tokens in all.
+    # About 7 minutes on 2 laptop CPU cores: 200 steps of 16 x 256 tokens, 0.8M tokens in all.
     "tiny": Run(batch_size=16, micro_batch=16, steps=200, lr=3e-3, warmup_steps=10, eval_every=50,
                 eval_batches=4, ckpt_every=50),
     "small": Run(batch_size=64, micro_batch=16, steps=5000, lr=2e-3, warmup_steps=100, eval_every=250,
@@ -285,6 +287,80 @@ RUNS = {
     "mellum2-12b": Run(batch_size=4096, micro_batch=2, steps=323459, lr=3e-4, warmup_steps=2000,
                        eval_every=1000, eval_batches=8, ckpt_every=1000),
 }
+
+# The long-context stage (§4.3): a tenth of the pre-training LR, Warmup-Hold-Decay with the last
+# 1/7 decaying (500 of 3,500 iterations), no batch ramp; for the small sizes about the same tokens
+# per step as pre-training at 4x the sequence length.
+LONG_RUNS = {
+    "tiny": Run(batch_size=4, micro_batch=4, steps=60, lr=3e-4, warmup_steps=6, eval_every=30, eval_batches=2,
+                ckpt_every=30, decay_fraction=0.143, ramp_fraction=0.0),
+    "small": Run(batch_size=16, micro_batch=4, steps=500, lr=2e-4, warmup_steps=50, eval_every=100,
+                 eval_batches=4, ckpt_every=100, decay_fraction=0.143, ramp_fraction=0.0),
+    "mellum2-12b": Run(batch_size=256, micro_batch=1, steps=3500, lr=3e-5, warmup_steps=100, eval_every=500,
+                       eval_batches=4, ckpt_every=500, decay_fraction=0.143, ramp_fraction=0.0),
+}
+
+
+# -----------------------------------------------------------------------------------------------
+# Long context (§4.1 Layer-Selective YaRN, Fig. 7): the four ways of handling positions beyond the
+# pre-training context that the report compares
+
+ROPE_VARIANTS = {
+    "selective-yarn": "YaRN on the full-attention layers; sliding layers keep plain RoPE (the report's)",
+    "all-yarn": "the same YaRN on every layer",
+    "theta": "plain RoPE with a larger base on every layer (theta * s^(d/(d-2)), 'NTK-aware')",
+    "unchanged": "plain RoPE as in pre-training",
+}
+
+
+def long_context_config(config, context, yarn_factor=None, variant="selective-yarn"):
+    """The config for training at `context` tokens, from a pre-trained one. Sliding layers only ever
+    look a window back, a distance they were trained on, which is why the report leaves their RoPE
+    alone (selective); the other variants are its ablations."""
+    original = config.max_seq_len
+    yarn_factor = context / original if yarn_factor is None else yarn_factor
+    if config.yarn_factor != 1.0:
+        raise ValueError("this model's context was extended already (its config has YaRN)")
+    if context <= original:
+        raise ValueError(f"--context {context} must be longer than the model's pre-training context ({original})")
+    if yarn_factor < 1.0:
+        raise ValueError(f"--yarn-factor must be at least 1, got {yarn_factor}")
+    longer = dataclasses.replace(config, max_seq_len=context)
+    if variant == "unchanged":
+        return longer
+    if variant == "theta":  # stretch the slowest pair's wavelength by exactly the factor
+        d = config.head_dim
+        return dataclasses.replace(longer, rope_theta=config.rope_theta * yarn_factor ** (d / (d - 2)))
+    return dataclasses.replace(longer, yarn_factor=yarn_factor, yarn_original_max_seq_len=original,
+                               yarn_layers="full" if variant == "selective-yarn" else "all")
+
+
+@torch.no_grad()
+def long_context_eval(model, corpus, original, device, n_passkeys=8, seed=0):
+    """{length: (validation loss, passkey accuracy)} at 1x, 2x, 4x and 8x the pre-training context.
+    The loss is on the held-out code (its long files); a passkey counts when greedy decoding would
+    write it exactly, i.e. when the argmax at each answer position is the answer's next token."""
+    model.eval()
+    enc, rng, results = data.load_tokenizer(), random.Random(seed), {}
+    for length in (original, 2 * original, 4 * original, 8 * original):
+        losses = []
+        for x, y in data.val_batches(corpus, "code", 1, length, max_batches=2):
+            logits, _ = model(x.to(device))
+            losses.append(F.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten()).item())
+        hits = 0
+        for _ in range(n_passkeys):
+            prompt, answer = data.passkey_example(enc, length, rng.random(), rng.randrange(10000, 100000))
+            logits, _ = model(torch.tensor([prompt + answer[:-1]], device=device))
+            hits += passkey_correct(logits[0], len(prompt), answer)
+        results[length] = (sum(losses) / len(losses) if losses else float("nan"), hits / n_passkeys)
+    model.train()
+    return results
+
+
+def passkey_correct(logits, prompt_len, answer):
+    """logits (T, V) of prompt + answer[:-1]: True iff each answer token is the argmax before it."""
+    predicted = logits[prompt_len - 1:prompt_len - 1 + len(answer)].argmax(dim=-1)
+    return predicted.tolist() == list(answer)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -475,7 +551,7 @@ def train(args, stop_after=None):
     rank, world, device = setup_distributed(args.device)
     master = rank == 0
     say = print if master else (lambda *a, **k: None)
-    out_dir = args.out_dir or os.path.join("out", args.size)
+    out_dir = args.out_dir or os.path.join("out", args.size + ("-long" if args.stage == "long" else ""))
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
 
     # 1. Settings: the size's defaults and the flags, or exactly those of the run being resumed.
@@ -484,18 +560,19 @@ def train(args, stop_after=None):
         settings = resumed["settings"]
         say(f"resuming {ckpt_path} at step {resumed['step']} with the settings it was started with")
     else:
-        run = RUNS[args.size]
+        run = (LONG_RUNS if args.stage == "long" else RUNS)[args.size]
         given = lambda flag, default: default if flag is None else flag  # noqa: E731  (0 is a value, not "unset")
         batch_size = given(args.batch_size, run.batch_size)
         settings = dict(size=args.size, seed=args.seed, steps=given(args.max_steps, run.steps),
                         batch_size=batch_size, micro_batch=given(args.micro_batch, min(run.micro_batch, batch_size)),
-                        lr=given(args.lr, run.lr), warmup_steps=run.warmup_steps, decay_fraction=0.159,
-                        ramp_fraction=0.06, eval_every=run.eval_every, eval_batches=run.eval_batches,
+                        lr=given(args.lr, run.lr), warmup_steps=run.warmup_steps, decay_fraction=run.decay_fraction,
+                        ramp_fraction=run.ramp_fraction, eval_every=run.eval_every, eval_batches=run.eval_batches,
                         ckpt_every=run.ckpt_every, optimizer=args.optimizer, mtp=not args.no_mtp, fp8=args.fp8,
                         aux_coef=args.aux_coef,
                         data=list(args.data), default_data=not args.no_default_data,
                         allow_over_repetition=args.allow_over_repetition,
-                        init_from=args.init_from)
+                        init_from=args.init_from, stage=args.stage, context=args.context,
+                        yarn_factor=args.yarn_factor, rope_variant=args.rope_variant)
     s = settings
     check_settings(s, world)
 
@@ -516,12 +593,20 @@ def train(args, stop_after=None):
     check_memory(config, device)
     torch.manual_seed(s["seed"])
     raw = model_from_checkpoint(resumed) if resumed else init_model(config, s["init_from"])
+    if s["stage"] == "long" and not resumed:  # same weights, longer context, new RoPE for the far positions
+        pretrained = raw
+        raw = Mellum2(long_context_config(pretrained.config, s["context"] or 4 * pretrained.config.max_seq_len,
+                                          s["yarn_factor"], s["rope_variant"]))
+        raw.load_state_dict(pretrained.state_dict())
+        s["original_context"] = pretrained.config.max_seq_len
     config = raw.config
     if config.vocab_size != data.VOCAB_SIZE:
         raise CheckpointError(f"the model's vocabulary ({config.vocab_size}) is not the tokenizer's ({data.VOCAB_SIZE})")
     seq_len = config.max_seq_len
     token_budget = s["steps"] * s["batch_size"] * seq_len
-    sampler = data.BatchSampler(corpus, s["seed"], s["batch_size"], seq_len, s["steps"], s["allow_over_repetition"])
+    # The long-context stage trains on the phase-3 mix (§4.2 starts from it).
+    sampler = data.BatchSampler(corpus, s["seed"], s["batch_size"], seq_len, s["steps"], s["allow_over_repetition"],
+                                phase=len(data.PHASES) - 1 if s["stage"] == "long" else None)
 
     # 4. Optimizers, fresh or restored.
     raw.to(device)
@@ -619,8 +704,32 @@ def train(args, stop_after=None):
     say(f"\ndone: {step} steps, {tokens_seen:,} tokens, {elapsed:.0f} s, "
         f"{(tokens_seen - tokens_at_start) / elapsed:,.0f} tokens/s")
     say("validation loss per source: " + ", ".join(f"{k} {v:.3f}" for k, v in val.items()))
+    if s["stage"] == "long":
+        results = long_context_eval(raw, corpus, s["original_context"], device)
+        say(f"long context ({s['rope_variant']}): " + ", ".join(
+            f"{length} tokens loss {loss:.3f} passkey {acc:.0%}" for length, (loss, acc) in results.items()))
+        if master:
+            append_jsonl(metrics_path, {"step": step, "long_context_eval": results})
     say(f"checkpoint: {ckpt_path}")
     return raw
+
+
+def compare_rope_variants(args):
+    """--stage long --compare: every RoPE variant trained from the same checkpoint on the same tokens,
+    then one table, a miniature of the report's Fig. 7."""
+    base_dir = args.out_dir or os.path.join("out", f"{args.size}-long")
+    start, table = time.time(), {}
+    for variant in ROPE_VARIANTS:
+        out_dir = os.path.join(base_dir, variant)
+        train(argparse.Namespace(**{**vars(args), "rope_variant": variant, "out_dir": out_dir, "compare": False}))
+        with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+            table[variant] = json.loads(f.readlines()[-1])["long_context_eval"]
+    lengths = list(next(iter(table.values())))
+    print(f"\nlong-context comparison, {time.time() - start:.0f} s: validation loss (code) / passkey accuracy")
+    print(f"{'variant':<16}" + "".join(f"{length + ' tokens':>22}" for length in lengths))
+    for variant, results in table.items():
+        print(f"{variant:<16}" + "".join(f"{results[n][0]:>15.3f} / {results[n][1]:>4.0%}" for n in lengths))
+    return table
 
 
 def check_memory(config, device):
@@ -642,6 +751,8 @@ def check_memory(config, device):
 
 def check_settings(s, world):
     problems = [
+        (s["stage"] == "pretrain" or s["init_from"],
+         "--stage long continues a pre-trained model: give --init-from DIR (a train.py run or a Hugging Face directory)"),
         (s["steps"] > 0, f"--max-steps must be positive, got {s['steps']}"),
         (s["batch_size"] > 0 and s["micro_batch"] > 0,
          f"batch sizes must be positive, got --batch-size {s['batch_size']} --micro-batch {s['micro_batch']}"),
@@ -667,6 +778,16 @@ def parse_args(argv=None):
                    help="attention and MoE kernels: triton, torch, or auto = triton on CUDA when installed "
                         "(default: $MELLUM2_KERNELS, else auto)")
     g.add_argument("--seed", type=int, default=1337, help="seeds the weights and the data order (default: 1337)")
+    g = p.add_argument_group("long context (report §4): python train.py --stage long --init-from out/tiny")
+    g.add_argument("--stage", default="pretrain", choices=["pretrain", "long"],
+                   help="pretrain, or long: continue --init-from at a longer context with layer-selective YaRN")
+    g.add_argument("--context", type=int, help="the long stage's sequence length (default: 4x the model's)")
+    g.add_argument("--yarn-factor", type=float, help="YaRN scale factor (default: context / original context)")
+    g.add_argument("--rope-variant", default="selective-yarn", choices=list(ROPE_VARIANTS),
+                   help="; ".join(f"{k}: {v}" for k, v in ROPE_VARIANTS.items()))
+    g.add_argument("--compare", action="store_true",
+                   help="train every --rope-variant from the same --init-from and token budget, then print one "
+                        "table of validation loss and passkey accuracy at 1x, 2x, 4x and 8x the original context")
     g = p.add_argument_group("optimization (defaults come from --size)")
     g.add_argument("--max-steps", type=int, help="optimizer steps in the whole run (the schedule spans them)")
     g.add_argument("--batch-size", type=int, help="sequences per step, all processes together")
@@ -693,7 +814,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     try:
-        train(args)
+        compare_rope_variants(args) if args.compare else train(args)
     except (ValueError, CheckpointError, data.DataError, NonFiniteLoss) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
