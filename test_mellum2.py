@@ -1093,8 +1093,9 @@ def run(distributed):
 together = run(distributed=True)
 gathered = [torch.empty_like(together) for _ in range(world)]
 dist.all_gather(gathered, together)
+dist.barrier()
+dist.destroy_process_group()  # on every rank: a process that exits with gloo's threads alive aborts
 if rank == 0:
-    dist.destroy_process_group()
     alone = run(distributed=False)
     print("replicas_equal", torch.equal(gathered[0], gathered[1]))
     print("max_diff", (together - alone).abs().max().item())
