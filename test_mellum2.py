@@ -1093,8 +1093,7 @@ def run(distributed):
 together = run(distributed=True)
 gathered = [torch.empty_like(together) for _ in range(world)]
 dist.all_gather(gathered, together)
-dist.barrier()
-dist.destroy_process_group()  # on every rank: a process that exits with gloo's threads alive aborts
+train.leave_process_group()  # on every rank: exiting with DDP or gloo threads still alive aborts
 if rank == 0:
     alone = run(distributed=False)
     print("replicas_equal", torch.equal(gathered[0], gathered[1]))

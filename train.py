@@ -20,6 +20,7 @@ The recipe, in the report's order, each piece where it happens:
 import argparse
 import contextlib
 import dataclasses
+import gc
 import hashlib
 import json
 import math
@@ -821,8 +822,15 @@ def main(argv=None):
     except KeyboardInterrupt:  # the checkpoint is already written (or no step had run yet)
         sys.exit(130)
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        leave_process_group()
+
+
+def leave_process_group():
+    """Free DDP's gradient reducer (it sits in reference cycles) while the process group it talks to
+    still exists, then close the group; otherwise a process can abort on exit."""
+    if dist.is_initialized():
+        gc.collect()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
