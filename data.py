@@ -324,7 +324,8 @@ def _default_inputs(skipped):
         for package in packages:
             root = _package_dir(package)
             if root is not None:
-                package_files += [InputFile(source, "docstrings", f"{package}/{path.relative_to(root).as_posix()}", text)
+                package_files += [InputFile(source, "docstrings", f"{package}/{path.relative_to(root).as_posix()}",
+                                            text)
                                   for path in _walk(root, skipped, SKIP_DIRS, {".py"})
                                   if (text := _read_text(path, skipped)) is not None]
     inputs += package_files
@@ -673,7 +674,8 @@ def _write_cache(folder, fingerprint, docs, enc, progress, start):
     for source, splits in docs.items():
         manifest["sources"][source] = {}
         for split, split_docs in splits.items():
-            ids = [enc.encode_ordinary(text) for _, text in _progress(split_docs, f"tokenizing {source}/{split}", progress)]
+            label = f"tokenizing {source}/{split}"
+            ids = [enc.encode_ordinary(text) for _, text in _progress(split_docs, label, progress)]
             offsets = np.zeros(len(ids) + 1, dtype=np.int64)
             np.cumsum([len(x) for x in ids], out=offsets[1:])
             tokens = np.fromiter((t for x in ids for t in x), dtype=np.uint16, count=int(offsets[-1]))

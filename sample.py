@@ -80,7 +80,8 @@ def load_model(init_from, device=None):
         enc, n_vocab = data.load_tokenizer(), data.VOCAB_SIZE
         vocab = Vocabulary(enc, data.SPECIAL_TOKENS, {data.EOT})
     if n_vocab > model.config.vocab_size:
-        raise CheckpointError(f"{init_from}: the tokenizer has {n_vocab} tokens, the model only {model.config.vocab_size}")
+        raise CheckpointError(f"{init_from}: the tokenizer has {n_vocab} tokens, the model only "
+                              f"{model.config.vocab_size}")
     return model.eval(), vocab
 
 

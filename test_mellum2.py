@@ -58,7 +58,8 @@ def hf_config(config):
     if config.yarn_factor != 1.0:
         rope_full = {"rope_type": "yarn", "rope_theta": config.rope_theta, "factor": config.yarn_factor,
                      "original_max_position_embeddings": config.yarn_original_max_seq_len}
-    rope_sliding = rope_full if config.yarn_layers == "all" else {"rope_type": "default", "rope_theta": config.rope_theta}
+    plain = {"rope_type": "default", "rope_theta": config.rope_theta}
+    rope_sliding = rope_full if config.yarn_layers == "all" else plain
     return transformers.MellumConfig(
         vocab_size=config.vocab_size, hidden_size=config.n_embd, num_hidden_layers=config.n_layer,
         num_attention_heads=config.n_head, num_key_value_heads=config.n_kv_head, head_dim=config.head_dim,
@@ -84,6 +85,10 @@ def random_configs():
     return configs
 
 
+def config_id(c):
+    return f"yarn{c.yarn_factor}{c.yarn_layers}-{c.attn_pattern}"
+
+
 def logits_of_hf(model_dir, idx):
     hf = transformers.MellumForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     with torch.no_grad():
@@ -93,7 +98,7 @@ def logits_of_hf(model_dir, idx):
 # -----------------------------------------------------------------------------------------------
 # Equality with transformers' MellumForCausalLM, both ways
 
-@pytest.mark.parametrize("config", random_configs(), ids=lambda c: f"yarn{c.yarn_factor}{c.yarn_layers}-{c.attn_pattern}")
+@pytest.mark.parametrize("config", random_configs(), ids=config_id)
 def test_hf_weights_into_ours_match_hf(config, tmp_path):
     torch.manual_seed(0)
     hf = transformers.MellumForCausalLM(hf_config(config)).eval()
@@ -108,7 +113,7 @@ def test_hf_weights_into_ours_match_hf(config, tmp_path):
     assert (got - expected).abs().max().item() < 1e-5
 
 
-@pytest.mark.parametrize("config", random_configs(), ids=lambda c: f"yarn{c.yarn_factor}{c.yarn_layers}-{c.attn_pattern}")
+@pytest.mark.parametrize("config", random_configs(), ids=config_id)
 def test_ours_exported_into_hf_match_ours(config, tmp_path):
     torch.manual_seed(0)
     ours = randomize(Mellum2(config)).eval()
@@ -724,7 +729,8 @@ def test_repetition_cap(tiny):
 def test_data_report_prints_plan(tiny, capsys):
     data.data_report(tiny, 50_000)
     out = capsys.readouterr().out
-    for needle in ("foundation", "quality uplift", "capability sharpening", "repetition", "bytes/token", "OVER THE CAP"):
+    for needle in ("foundation", "quality uplift", "capability sharpening", "repetition", "bytes/token",
+                   "OVER THE CAP"):
         assert needle in out
 
 

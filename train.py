@@ -94,7 +94,7 @@ class Muon(torch.optim.Optimizer):
         for group in self.param_groups:
             for p in group["params"]:
                 if p.ndim not in (2, 3):
-                    raise ValueError(f"Muon takes matrices and stacks of matrices, got a tensor of shape {tuple(p.shape)}")
+                    raise ValueError(f"Muon takes matrices and stacks of matrices, got shape {tuple(p.shape)}")
 
     @torch.no_grad()
     def step(self):
@@ -602,7 +602,8 @@ def train(args, stop_after=None):
         s["original_context"] = pretrained.config.max_seq_len
     config = raw.config
     if config.vocab_size != data.VOCAB_SIZE:
-        raise CheckpointError(f"the model's vocabulary ({config.vocab_size}) is not the tokenizer's ({data.VOCAB_SIZE})")
+        raise CheckpointError(f"the model's vocabulary ({config.vocab_size}) is not the tokenizer's "
+                              f"({data.VOCAB_SIZE})")
     seq_len = config.max_seq_len
     token_budget = s["steps"] * s["batch_size"] * seq_len
     # The long-context stage trains on the phase-3 mix (§4.2 starts from it).
@@ -753,7 +754,8 @@ def check_memory(config, device):
 def check_settings(s, world):
     problems = [
         (s["stage"] == "pretrain" or s["init_from"],
-         "--stage long continues a pre-trained model: give --init-from DIR (a train.py run or a Hugging Face directory)"),
+         "--stage long continues a pre-trained model: give --init-from DIR (a train.py run or a Hugging Face "
+         "directory)"),
         (s["steps"] > 0, f"--max-steps must be positive, got {s['steps']}"),
         (s["batch_size"] > 0 and s["micro_batch"] > 0,
          f"batch sizes must be positive, got --batch-size {s['batch_size']} --micro-batch {s['micro_batch']}"),
@@ -769,7 +771,8 @@ def check_settings(s, world):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("run")
-    g.add_argument("--size", default="tiny", choices=list(RUNS), help="model preset and its run settings (default: tiny)")
+    g.add_argument("--size", default="tiny", choices=list(RUNS),
+                   help="model preset and its run settings (default: tiny)")
     g.add_argument("--out-dir", help="folder for ckpt.pt and metrics.jsonl (default: out/SIZE)")
     g.add_argument("--resume", action="store_true", help="continue the run in --out-dir exactly where it stopped")
     g.add_argument("--init-from", metavar="DIR",
@@ -799,7 +802,8 @@ def parse_args(argv=None):
     g.add_argument("--no-mtp", action="store_true", help="train without the MTP layer (the report's ablation)")
     g.add_argument("--fp8", action="store_true", help="FP8 tensorwise matmuls in attention, MTP and experts")
     g.add_argument("--aux-coef", type=float, default=1e-3,
-                   help="load-balancing loss coefficient (default 1e-3, the report's; it found 1e-2 better on short runs)")
+                   help="load-balancing loss coefficient (default 1e-3, the report's; it found 1e-2 better on "
+                        "short runs)")
     g = p.add_argument_group("data")
     g.add_argument("--data", action="append", default=[], metavar="DIR",
                    help="add your own folder of text or code (repeatable)")
