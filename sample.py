@@ -286,6 +286,9 @@ def build_prompt(args, vocab):
         ids = enc.encode_ordinary(read_text(args.start))
     if not ids or (args.prefix is None and not args.chat and not read_text(args.start)):
         raise ValueError("the prompt is empty")
+    typed = "".join(read_text(t) or "" for t in (args.start, args.prefix, args.suffix))
+    for token in [t for t in special if t in typed]:
+        print(f"note: {token} in the prompt is read as plain text, not as the special token", file=sys.stderr)
     return ids, vocab.stop_ids | ({special["<|end|>"]} if args.chat else set())
 
 

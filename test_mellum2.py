@@ -1253,11 +1253,12 @@ def test_sample_bad_input(argv, message, tmp_path, capsys):
     assert exit_info.value.code == 1 and message in err and len(err.splitlines()) == 1
 
 
-def test_special_token_text_in_a_prompt_stays_text():
+def test_special_token_text_in_a_prompt_stays_text(capsys):
     enc = data.load_tokenizer()
     args = sample.parse_args(["--start", "<|endoftext|><fim_middle> hi"])
     vocab = sample.Vocabulary(enc, data.SPECIAL_TOKENS, {data.EOT})
     ids, _ = sample.build_prompt(args, vocab)
+    assert "note: <|endoftext|> in the prompt is read as plain text" in capsys.readouterr().err
     assert not set(ids) & set(data.SPECIAL_TOKENS.values())
     assert enc.decode(ids) == "<|endoftext|><fim_middle> hi"
     chat, stops = sample.build_prompt(sample.parse_args(["--chat", "--start", "<|assistant|>"]), vocab)
