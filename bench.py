@@ -32,6 +32,15 @@ def params():
         print(f"{name:<12} " + " ".join(f"{c / 1e6:>9.2f}M" for c in counts))
 
 
+def as_transformers(model):
+    """The same weights in transformers' MellumForCausalLM (the reference), through our export."""
+    import transformers  # the reference; only the benchmarks and the tests need it
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        return transformers.MellumForCausalLM.from_pretrained(tmp, dtype=torch.float32)
+
+
 def time_interleaved(steps, **candidates):
     """Median seconds per call of each candidate, calling them in turn; the first round is warm-up."""
     times = {name: [] for name in candidates}
@@ -45,8 +54,6 @@ def time_interleaved(steps, **candidates):
 
 
 def model(args):
-    import transformers  # the reference; only this benchmark and the tests need it
-
     torch.manual_seed(0)
     config = Mellum2Config.from_preset(args.size, **({"n_expert": args.experts[0], "n_expert_active": args.experts[1]}
                                                      if args.experts else {}))
@@ -54,10 +61,7 @@ def model(args):
     full = Mellum2(config)
     loop = Mellum2(replace(config, n_mtp=0, moe_impl="loop"))
     loop.load_state_dict(trunk.state_dict())
-    with tempfile.TemporaryDirectory() as tmp:
-        trunk.save_pretrained(tmp)
-        hf = transformers.MellumForCausalLM.from_pretrained(tmp, dtype=torch.float32)
-    hf.train()
+    hf = as_transformers(trunk).train()
     B, T = args.batch, config.max_seq_len
     idx = torch.randint(0, config.vocab_size, (B, T))
     targets = torch.roll(idx, -1, dims=1)
@@ -78,8 +82,6 @@ def model(args):
 
 def train_steps(args):
     """Whole optimizer steps as train.py takes them (forward, backward, clipping, optimizers)."""
-    import transformers
-
     import train
 
     torch.manual_seed(0)
@@ -95,10 +97,7 @@ def train_steps(args):
         return lambda: train.train_step(model, idx, targets, B, optimizers, no_autocast)
 
     trunk = Mellum2(replace(config, n_mtp=0))
-    with tempfile.TemporaryDirectory() as tmp:
-        trunk.save_pretrained(tmp)
-        hf = transformers.MellumForCausalLM.from_pretrained(tmp, dtype=torch.float32)
-    hf.train()
+    hf = as_transformers(trunk).train()
     hf_adamw = torch.optim.AdamW(hf.parameters(), lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
 
     def reference():
@@ -124,8 +123,6 @@ def train_steps(args):
 def decoding(args):
     """Greedy decoding on held-out code: ours vs transformers' generate on the same weights, and
     speculative (MTP drafts) vs plain decoding, with the acceptance rate."""
-    import transformers
-
     import data
     import sample
 
@@ -133,9 +130,7 @@ def decoding(args):
     corpus = data.build_corpus(progress=False)
     prompts = [x[0, :args.prompt_len].tolist()
                for x, _ in data.val_batches(corpus, "code", 1, model.config.max_seq_len, args.prompts)]
-    with tempfile.TemporaryDirectory() as tmp:
-        model.save_pretrained(tmp)
-        hf = transformers.MellumForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
+    hf = as_transformers(model).eval()
     n = args.new_tokens
     times = {"transformers": [], "ours": [], "ours_speculative": []}
     drafts = accepted = 0

@@ -18,10 +18,11 @@ Public API (train.py / sample.py use these):
   load_tokenizer() -> tiktoken.Encoding           SPECIAL_TOKENS: name -> id     DataError
   build_corpus(extra_dirs, cache_dir, ...) -> Corpus   .train / .val: {source: TokenSplit}, .skipped
   PHASES, phase_index(step, total_steps), plan_tokens(...), planned_repetition(...)
-  BatchSampler(corpus, seed, batch_size, seq_len, total_steps).get_batch(step) -> (x, y)
+  BatchSampler(corpus, seed, batch_size, seq_len, total_steps, phase=None).get_batch(step) -> (x, y)
   val_batches(corpus, source, batch_size, seq_len, max_batches) -> iterator of (x, y)
-  fim_prompt(prefix_ids, suffix_ids), fim_reassemble(ids)
-  data_report(corpus, token_budget)
+  fim_prompt(prefix_ids, suffix_ids), fim_reassemble(ids), render_chat(enc, messages)
+  passkey_example(enc, length, depth, key)          (the long-context test, train.py --stage long)
+  data_report(corpus, token_budget)                  write_atomically(path, write)
 """
 
 import ast

@@ -69,14 +69,6 @@ def _upcast(dtype):
     return interpreting() and dtype == torch.bfloat16
 
 
-def _autocast(*tensors):
-    """The tensors in autocast's dtype when autocast is on (train.py's bf16 on GPUs), else in the
-    first one's dtype: a kernel needs one dtype, and autocast does not see inside custom functions."""
-    device = tensors[0].device.type
-    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else tensors[0].dtype
-    return [t.to(dtype) for t in tensors]
-
-
 # -----------------------------------------------------------------------------------------------
 # Mixture of experts (§2.1.2 experts, §3.4.5 dropless, App. B grouped GEMM)
 #
@@ -273,7 +265,7 @@ class FusedMoE(torch.autograd.Function):
 def fused_moe(x, weights, experts, gate_proj, up_proj, down_proj):
     """The Triton version of mellum2.MoE.experts_grouped: x (N, D), weights and experts (N, K),
     gate_proj, up_proj (E, F, D) and down_proj (E, D, F) -> (N, D)."""
-    x, weights, gate_proj, up_proj, down_proj = _autocast(x, weights, gate_proj, up_proj, down_proj)
+    x, weights, gate_proj, up_proj, down_proj = mellum2.in_compute_dtype(x, weights, gate_proj, up_proj, down_proj)
     return FusedMoE.apply(x.contiguous(), weights.contiguous(), experts, gate_proj, up_proj, down_proj)
 
 
@@ -434,7 +426,7 @@ def flash_attention(q, k, v, window=None, block_m=None, block_n=None):
     """Causal self-attention, each query seeing at most `window` keys (None: all before it), with
     the scale hd^-0.5: the same numbers as mellum2.sdpa_attend with the training mask.
     q (B, H, T, hd), k, v (B, Hkv, T, hd) -> (B, H, T, hd)."""
-    q, k, v = _autocast(q, k, v)
+    q, k, v = mellum2.in_compute_dtype(q, k, v)
     return FlashAttention.apply(q, k, v, window, block_m, block_n)
 
 

@@ -286,12 +286,18 @@ class Attention(nn.Module):
 # -----------------------------------------------------------------------------------------------
 # Mixture of experts (§2.1.2 Expert Configuration, §3.4.5 MoE-Specific Training)
 
+def in_compute_dtype(*tensors):
+    """The tensors in autocast's dtype when autocast is on, else in the first one's dtype. Autocast
+    covers neither torch's private grouped matmul nor custom kernels, which want one dtype."""
+    device = tensors[0].device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else tensors[0].dtype
+    return [t.to(dtype) for t in tensors]
+
+
 def grouped_mm(x, w, offsets):
     """Multiply consecutive row groups of x (M, in) by their own matrix w[g] (G, in, out): rows
     offsets[g-1]:offsets[g] use w[g]."""
-    if torch.is_autocast_enabled(x.device.type):  # autocast does not cover this private op
-        dtype = torch.get_autocast_dtype(x.device.type)
-        x, w = x.to(dtype), w.to(dtype)
+    x, w = in_compute_dtype(x, w)
     if x.device.type == "cpu" or (x.device.type == "cuda" and x.dtype == torch.bfloat16):
         return torch._grouped_mm(x, w, offs=offsets)
     # Elsewhere (MPS, fp32 on CUDA) torch has no grouped matmul: one matmul per contiguous group.

@@ -15,6 +15,8 @@ The recipe, in the report's order, each piece where it happens:
   - precision: fp32 on CPU, bf16 autocast on GPUs, --fp8 tensorwise matmuls   -> Float8Linear (§3.4.4)
   - many processes: DDP under torchrun, with a distributed Muon               -> setup_distributed (§3.4.7)
   - checkpoints written atomically; --resume continues exactly; Ctrl-C saves  -> save_checkpoint
+  - long context: --stage long, layer-selective YaRN and its ablations        -> long_context_config (§4)
+  - Triton kernels for attention and the experts on GPUs (--kernels)          -> kernels.py
 """
 
 import argparse
@@ -252,7 +254,7 @@ def convert_to_fp8(model):
     rounding there flips expert choices or token probabilities."""
     for module in model.modules():
         if isinstance(module, mellum2.Attention):
-            for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            for name in ("q_proj", "k_proj", "v_proj", "o_proj"):  # same weight tensor, FP8 forward
                 getattr(module, name).__class__ = Float8Linear
         elif isinstance(module, mellum2.MTP):
             module.fc.__class__ = Float8Linear
@@ -344,16 +346,12 @@ def long_context_eval(model, corpus, original, device, n_passkeys=8, seed=0):
     model.eval()
     enc, rng, results = data.load_tokenizer(), random.Random(seed), {}
     for length in (original, 2 * original, 4 * original, 8 * original):
-        losses = []
-        for x, y in data.val_batches(corpus, "code", 1, length, max_batches=2):
-            logits, _ = model(x.to(device))
-            losses.append(F.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten()).item())
         hits = 0
         for _ in range(n_passkeys):
             prompt, answer = data.passkey_example(enc, length, rng.random(), rng.randrange(10000, 100000))
             logits, _ = model(torch.tensor([prompt + answer[:-1]], device=device))
             hits += passkey_correct(logits[0], len(prompt), answer)
-        results[length] = (sum(losses) / len(losses) if losses else float("nan"), hits / n_passkeys)
+        results[length] = (validation_loss(model, corpus, "code", 1, length, 2, device), hits / n_passkeys)
     model.train()
     return results
 
@@ -455,16 +453,20 @@ def init_model(config, init_from):
 def validation_losses(model, corpus, micro_batch, seq_len, max_batches, device):
     """Mean next-token loss on each source's held-out split (the MTP head is not scored)."""
     model.eval()
-    losses = {}
-    for source in corpus.sources:
-        batch_losses = []
-        for x, y in data.val_batches(corpus, source, micro_batch, seq_len, max_batches):
-            logits, _ = model(x.to(device))
-            batch_losses.append(F.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten()).item())
-        if batch_losses:
-            losses[source] = sum(batch_losses) / len(batch_losses)
+    losses = {source: validation_loss(model, corpus, source, micro_batch, seq_len, max_batches, device)
+              for source in corpus.sources}
     model.train()
-    return losses
+    return {source: loss for source, loss in losses.items() if not math.isnan(loss)}
+
+
+@torch.no_grad()
+def validation_loss(model, corpus, source, batch_size, seq_len, max_batches, device):
+    """Mean next-token loss over validation batches of one source; NaN if its split is too short."""
+    losses = []
+    for x, y in data.val_batches(corpus, source, batch_size, seq_len, max_batches):
+        logits, _ = model(x.to(device))  # (B, T, V)
+        losses.append(F.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten()).item())
+    return sum(losses) / len(losses) if losses else float("nan")
 
 
 def expert_balance(expert_load):
