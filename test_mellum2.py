@@ -1355,11 +1355,16 @@ def test_long_stage_trains_from_a_checkpoint(small_corpus, tmp_path):
     (["--stage", "long", "--init-from", "{base}", "--context", "256"], "must be longer"),
     (["--stage", "long", "--init-from", "{base}", "--yarn-factor", "0.5"], "at least 1"),
     (["--stage", "long", "--init-from", "{tmp}/nothing"], "no config.json"),
+    (["--stage", "long", "--init-from", "{unfinished}"], "holds no finished pre-training"),
 ])
 def test_long_stage_bad_input(argv, message, small_corpus, tmp_path, capsys):
     base = tmp_path / "base"
     Mellum2(Mellum2Config.from_preset("tiny")).save_pretrained(base)
-    argv = [a.format(base=base, tmp=tmp_path) for a in argv]
+    unfinished = tmp_path / "unfinished"
+    if "{unfinished}" in argv:  # a pre-training run stopped after 1 of its 3 steps
+        train.train(run_args(small_corpus, unfinished, "--max-steps", "3"), stop_after=1)
+        capsys.readouterr()  # that run's own output is not the error under test
+    argv = [a.format(base=base, tmp=tmp_path, unfinished=unfinished) for a in argv]
     with pytest.raises(SystemExit) as exit_info:
         train.main(["--size", "tiny", "--data", small_corpus, "--no-default-data", "--allow-over-repetition",
                     "--out-dir", str(tmp_path / "out"), *argv])

@@ -437,12 +437,19 @@ def model_from_checkpoint(state):
     return model
 
 
-def init_model(config, init_from):
-    """A fresh model, or the weights of `init_from`: one of our run folders or a Hugging Face directory."""
+def init_model(config, init_from, pretrained=False):
+    """A fresh model, or the weights of `init_from`: one of our run folders or a Hugging Face directory.
+    With pretrained=True a run folder must hold a finished pre-training run (the long stage's start)."""
     if init_from is None:
         return Mellum2(config)
     if os.path.isfile(os.path.join(init_from, "ckpt.pt")):
-        return model_from_checkpoint(load_checkpoint(os.path.join(init_from, "ckpt.pt")))
+        state = load_checkpoint(os.path.join(init_from, "ckpt.pt"))
+        run = state["settings"]
+        if pretrained and (run.get("stage", "pretrain") != "pretrain" or state["step"] < run["steps"]):
+            raise ValueError(f"{init_from} holds no finished pre-training (a {run.get('stage', 'pretrain')} run "
+                             f"at step {state['step']} of {run['steps']}): finish it with --resume, or start "
+                             f"from a pre-training run")
+        return model_from_checkpoint(state)
     return Mellum2.from_pretrained(init_from, device="cpu", dtype=torch.float32)
 
 
@@ -595,7 +602,7 @@ def train(args, stop_after=None):
         config = mellum2.config_from_hf(mellum2.read_hf_config(s["init_from"]))
     check_memory(config, device)
     torch.manual_seed(s["seed"])
-    raw = model_from_checkpoint(resumed) if resumed else init_model(config, s["init_from"])
+    raw = model_from_checkpoint(resumed) if resumed else init_model(config, s["init_from"], s["stage"] == "long")
     if s["stage"] == "long" and not resumed:  # same weights, longer context, new RoPE for the far positions
         pretrained = raw
         raw = Mellum2(long_context_config(pretrained.config, s["context"] or 4 * pretrained.config.max_seq_len,
