@@ -928,10 +928,14 @@ class BatchSampler:
                 bisect.insort(free, (space - len(tokens), r))
         return rows
 
+    def phase_at(self, step):
+        """The Phase whose mixture and FIM rate step `step` uses."""
+        return PHASES[phase_index(step, self.total_steps) if self.phase is None else self.phase]
+
     def sample(self, step):
         """The Batch for `step`; depends only on (seed, step) and the corpus."""
         rng = np.random.default_rng([self.seed, step])
-        phase = PHASES[phase_index(step, self.total_steps) if self.phase is None else self.phase]
+        phase = self.phase_at(step)
         mixture = phase_mixture(phase, self.sources)
         row_source = rng.choice(len(self.sources), size=self.batch_size, p=list(mixture.values()))
         out = np.empty((self.batch_size, self.seq_len + 1), dtype=np.int64)

@@ -686,7 +686,7 @@ def train(args, stop_after=None):
             balance = expert_balance(raw.loss_parts["expert_load"])
             elapsed = time.time() - t_start
             speed = (tokens_seen - tokens_at_start) / elapsed
-            phase = data.PHASES[data.phase_index(step - 1, s["steps"])].name
+            phase = sampler.phase_at(step - 1).name
             record = dict(step=step, tokens=tokens_seen, lr=lr, grad_norm=grad_norm, expert_balance=balance,
                           phase=phase, tokens_per_s=speed, **parts)
             if step % s["eval_every"] == 0 or step == s["steps"]:
