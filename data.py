@@ -20,7 +20,8 @@ Public API (train.py / sample.py use these):
   PHASES, phase_index(step, total_steps), plan_tokens(...), planned_repetition(...)
   BatchSampler(corpus, seed, batch_size, seq_len, total_steps, phase=None).get_batch(step) -> (x, y)
   val_batches(corpus, source, batch_size, seq_len, max_batches) -> iterator of (x, y)
-  fim_prompt(prefix_ids, suffix_ids), fim_reassemble(ids), render_chat(enc, messages)
+  fim_prompt(prefix_ids, suffix_ids), fim_reassemble(ids), render_chat(enc, messages),
+  render_training_chat(enc, messages, trained, reasoning)   (post-training's loss masks)
   passkey_example(enc, length, depth, key)          (the long-context test, train.py --stage long)
   data_report(corpus, token_budget)                  write_atomically(path, write)
 """
@@ -781,19 +782,48 @@ def fim_format(prefix, suffix, middle=(), spm=True, special=SPECIAL_TOKENS):
 
 
 # The chat template (rendered as ids, never as text, so a user cannot type a role marker):
-#   <|system|> text <|end|> <|user|> text <|end|> <|assistant|> [<think> reasoning </think>] text <|end|>
+#   <|system|> text <|end|> <|user|> text <|end|>
+#   <|assistant|> [<think> reasoning </think>] text [<tool_call> {json} </tool_call>] <|end|>
+#   <|user|> <tool_response> result </tool_response> <|end|>        (a tool's answer, Qwen3's way)
 # An Instruct model answers directly; a Thinking model first writes its reasoning between <think> tags.
+# A tool's answer comes back in a user turn wrapped in <tool_response> text, as in Qwen3's template,
+# which Mellum 2's architecture follows; the 16 special ids have no spare room for a tool role.
+
+def render_message(enc, message, reasoning=True):
+    """One message -> its ids, role marker first and <|end|> last. reasoning=False drops the
+    message's "reasoning" (Instruct data, and earlier turns of a Thinking conversation)."""
+    if message["role"] == "tool":
+        return [SPECIAL_TOKENS["<|user|>"], *enc.encode_ordinary(f"<tool_response>{message['content']}</tool_response>"),
+                SPECIAL_TOKENS["<|end|>"]]
+    ids = [SPECIAL_TOKENS[f"<|{message['role']}|>"]]
+    if reasoning and message.get("reasoning"):
+        ids += [SPECIAL_TOKENS["<think>"], *enc.encode_ordinary(message["reasoning"]), SPECIAL_TOKENS["</think>"]]
+    ids += enc.encode_ordinary(message["content"])
+    if message.get("tool_call"):
+        ids += [SPECIAL_TOKENS["<tool_call>"], *enc.encode_ordinary(json.dumps(message["tool_call"])),
+                SPECIAL_TOKENS["</tool_call>"]]
+    return ids + [SPECIAL_TOKENS["<|end|>"]]
+
 
 def render_chat(enc, messages, generation_prompt=True):
-    """[{"role": "system" | "user" | "assistant", "content": str, "reasoning": str (optional)}] ->
-    token ids; with generation_prompt the ids end with <|assistant|>, where the model takes over."""
-    ids = []
-    for message in messages:
-        ids.append(SPECIAL_TOKENS[f"<|{message['role']}|>"])
-        if message.get("reasoning"):
-            ids += [SPECIAL_TOKENS["<think>"], *enc.encode_ordinary(message["reasoning"]), SPECIAL_TOKENS["</think>"]]
-        ids += [*enc.encode_ordinary(message["content"]), SPECIAL_TOKENS["<|end|>"]]
+    """[{"role": "system" | "user" | "assistant" | "tool", "content": str, "reasoning": str (optional),
+    "tool_call": dict (optional)}] -> token ids; with generation_prompt the ids end with <|assistant|>,
+    where the model takes over."""
+    ids = [i for message in messages for i in render_message(enc, message)]
     return ids + [SPECIAL_TOKENS["<|assistant|>"]] * generation_prompt
+
+
+def render_training_chat(enc, messages, trained, reasoning):
+    """The SFT form of a conversation: (ids, mask), mask[t] = 1 where ids[t] is a training target.
+    `trained` and `reasoning` are sets of message indices: the assistant turns that carry loss and
+    the ones whose reasoning is kept. A trained turn's targets are everything after its <|assistant|>
+    marker up to and including its <|end|>: the marker itself is what the prompt ends with."""
+    ids, mask = [], []
+    for i, message in enumerate(messages):
+        turn = render_message(enc, message, reasoning=i in reasoning)
+        ids += turn
+        mask += [0] + [int(i in trained)] * (len(turn) - 1)
+    return ids, mask
 
 
 def fim_prompt(prefix, suffix, spm=True, special=SPECIAL_TOKENS):

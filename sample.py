@@ -134,9 +134,11 @@ def verify_draft(p, q, draft, generator):
 
 @torch.no_grad()
 def generate(model, prompts, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0, stop_ids=(), seed=None,
-             on_token=None):
+             on_token=None, logprobs=None):
     """prompts: lists of token ids -> the new ids of each (up to max_new_tokens, ending at a stop id).
-    on_token(row, id) is called as each token is chosen (streaming); if it returns True, that row stops."""
+    on_token(row, id) is called as each token is chosen (streaming); if it returns True, that row stops.
+    With a list for `logprobs`, it receives per row the log-probability each new token had in the
+    distribution it was drawn from (what an RL rollout engine records, train.py --stage grpo)."""
     device = next(model.parameters()).device
     generator = seeded_generator(seed, device)
     B, longest = len(prompts), max(len(p) for p in prompts)
@@ -149,11 +151,17 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0
     cache = KVCache(model.config, B, model.config.max_seq_len, device, next(model.parameters()).dtype)
     h, _ = model.trunk(idx, cache, pad)
     out, done = [[] for _ in range(B)], [False] * B
+    if logprobs is not None:
+        logprobs[:] = [[] for _ in range(B)]
     for _ in range(max_new_tokens):
-        tokens = draw(next_token_probs(model.lm_head(h[:, -1]), temperature, top_k, top_p), generator)
+        probs = next_token_probs(model.lm_head(h[:, -1]), temperature, top_k, top_p)
+        tokens = draw(probs, generator)
+        chosen = probs.gather(1, tokens[:, None])[:, 0].log().tolist() if logprobs is not None else None
         for row, token in enumerate(tokens.tolist()):
             if not done[row]:
                 out[row].append(token)
+                if chosen is not None:
+                    logprobs[row].append(chosen[row])
                 done[row] = token in stop_ids or bool(on_token and on_token(row, token))
         if all(done):
             break

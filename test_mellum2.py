@@ -1355,7 +1355,7 @@ def test_long_stage_trains_from_a_checkpoint(small_corpus, tmp_path):
     (["--stage", "long", "--init-from", "{base}", "--context", "256"], "must be longer"),
     (["--stage", "long", "--init-from", "{base}", "--yarn-factor", "0.5"], "at least 1"),
     (["--stage", "long", "--init-from", "{tmp}/nothing"], "no config.json"),
-    (["--stage", "long", "--init-from", "{unfinished}"], "holds no finished pre-training"),
+    (["--stage", "long", "--init-from", "{unfinished}"], "holds no finished pretrain run"),
 ])
 def test_long_stage_bad_input(argv, message, small_corpus, tmp_path, capsys):
     base = tmp_path / "base"

@@ -1,9 +1,12 @@
 """
-Pre-training Mellum 2 (report §3 Pre-Training), from a laptop CPU to many GPUs.
+Training Mellum 2, from a laptop CPU to many GPUs: pre-training (report §3), the long-context stage
+(§4) and post-training (§5).
 
-    python train.py --size tiny                   # the whole recipe on a 2-core CPU in minutes
+    python train.py --size tiny                   # the whole pre-training recipe on a 2-core CPU in minutes
     python train.py --size tiny --data-report     # what the data curriculum will do, then exit
     torchrun --standalone --nproc_per_node=8 train.py --size small
+    python train.py --stage sft --variant instruct --init-from out/tiny            # SFT, then RL:
+    python train.py --stage grpo --variant instruct --init-from out/tiny-sft-instruct
 
 The recipe, in the report's order, each piece where it happens:
   - data: three phases of web / code / math with FIM and best-fit packing    -> data.py (§3.2)
@@ -17,10 +20,16 @@ The recipe, in the report's order, each piece where it happens:
   - checkpoints written atomically; --resume continues exactly; Ctrl-C saves  -> save_checkpoint
   - long context: --stage long, layer-selective YaRN and its ablations        -> long_context_config (§4)
   - Triton kernels for attention and the experts on GPUs (--kernels)          -> kernels.py
+  - SFT, Instruct and Thinking: masked demonstrations of verifiable tasks     -> tasks.py, train() (§5.1)
+  - RL: GRPO with leave-one-out advantages, clip-higher, IcePop, reward       -> grpo (§5.2)
+    shaping, asynchronous rollouts and a sandboxed verifier
 """
 
 import argparse
+import collections
+import concurrent.futures
 import contextlib
+import copy
 import dataclasses
 import gc
 import hashlib
@@ -41,7 +50,9 @@ import torch.nn.functional as F
 import data
 import kernels
 import mellum2
+import tasks
 from mellum2 import CheckpointError, Mellum2, Mellum2Config, pick_device, pick_dtype
+from tasks import run_sandboxed  # noqa: F401  (the verification stack's sandbox: from train import run_sandboxed)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -121,13 +132,13 @@ class Muon(torch.optim.Optimizer):
             p.add_(o, alpha=-group["lr"] * scale)
 
 
-def build_optimizers(model, lr, weight_decay=0.1, optimizer="muon", ns_dtype=torch.bfloat16):
+def build_optimizers(model, lr, weight_decay=0.1, optimizer="muon", ns_dtype=torch.bfloat16, betas=(0.9, 0.95)):
     """Muon for every hidden matrix and expert stack; AdamW for the rest (App. B: Adam betas (0.9,
     0.95), eps 1e-8). Embedding and head rows are per-token vectors rather than linear maps between
     hidden spaces, and the router's rows are per-expert score directions: orthogonalising those would
     equalise what should differ, so they stay with AdamW, as do the norm gains (vectors). Gains are
     not decayed: pulling them to 0 would fight the normalisation they exist to undo.
-    With optimizer="adamw" everything uses AdamW (the report's baseline, §3.4.1)."""
+    With optimizer="adamw" everything uses AdamW (the report's baseline, §3.4.1, and its RL optimizer)."""
     def with_adamw(name, p):
         return optimizer == "adamw" or p.ndim == 1 or name.startswith(("embed_tokens", "lm_head")) \
             or name.endswith("mlp.gate.weight")
@@ -137,7 +148,7 @@ def build_optimizers(model, lr, weight_decay=0.1, optimizer="muon", ns_dtype=tor
     gains = [p for n, p in named if with_adamw(n, p) and p.ndim == 1]
     matrices = [p for n, p in named if not with_adamw(n, p)]
     adamw = torch.optim.AdamW([{"params": decayed, "weight_decay": weight_decay},
-                               {"params": gains, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95), eps=1e-8)
+                               {"params": gains, "weight_decay": 0.0}], lr=lr, betas=betas, eps=1e-8)
     return [adamw] + ([Muon(matrices, lr=lr, weight_decay=weight_decay, ns_dtype=ns_dtype)] if matrices else [])
 
 
@@ -154,6 +165,15 @@ def lr_multiplier(step, total_steps, warmup_steps, decay_fraction=0.159):
     if step < decay_start:
         return 1.0
     return (total_steps - step) / (total_steps - decay_start)
+
+
+def cosine_multiplier(step, total_steps, warmup_steps, floor=0.1):
+    """SFT's schedule (§5.1.2): linear warmup, then a cosine from the peak down to floor x peak
+    (3e-5 to 3e-6 in the report)."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - 1 - warmup_steps)
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def batch_size_at(step, total_steps, batch_size, ramp_fraction=0.06):
@@ -278,6 +298,7 @@ class Run:
     ckpt_every: int      # steps between checkpoints
     decay_fraction: float = 0.159  # the final share of steps over which the LR decays to 0 (phase 3)
     ramp_fraction: float = 0.06    # the first share of steps at half batch
+    eval_tasks: int = 0            # post-training: held-out tasks per suite at each evaluation
 
 
 RUNS = {
@@ -301,6 +322,19 @@ LONG_RUNS = {
                  eval_batches=4, ckpt_every=100, decay_fraction=0.143, ramp_fraction=0.0),
     "mellum2-12b": Run(batch_size=256, micro_batch=1, steps=3500, lr=3e-5, warmup_steps=100, eval_every=500,
                        eval_batches=4, ckpt_every=500, decay_fraction=0.143, ramp_fraction=0.0),
+}
+
+
+# SFT (§5.1.2): a tenth of the pre-training LR (3e-5 in the report), 100 warmup iterations, cosine
+# to a tenth of the peak, no batch ramp. Tiny: about 3 minutes, stopped while there is room left for
+# RL to improve (rl.md: a model that is always right or always wrong gives GRPO no signal).
+SFT_RUNS = {
+    "tiny": Run(batch_size=32, micro_batch=32, steps=150, lr=1e-3, warmup_steps=10, eval_every=50,
+                eval_batches=0, ckpt_every=50, ramp_fraction=0.0, eval_tasks=64),
+    "small": Run(batch_size=64, micro_batch=16, steps=1000, lr=2e-4, warmup_steps=50, eval_every=250,
+                 eval_batches=0, ckpt_every=250, ramp_fraction=0.0, eval_tasks=128),
+    "mellum2-12b": Run(batch_size=64, micro_batch=1, steps=5594, lr=3e-5, warmup_steps=100, eval_every=500,
+                       eval_batches=0, ckpt_every=500, ramp_fraction=0.0, eval_tasks=256),
 }
 
 
@@ -408,16 +442,18 @@ def tokenizer_reference():
         return {"file": data.TOKENIZER_FILE.name, "sha256": hashlib.sha256(f.read()).hexdigest()}
 
 
-def save_checkpoint(path, model, optimizers, step, settings):
+def save_checkpoint(path, model, optimizers, step, settings, tokens=0, **extra):
     state = {
         "model": model.state_dict(),
         "optimizers": [opt.state_dict() for opt in optimizers],
         "step": step,  # the next step to run; the data sampler needs nothing else (data.BatchSampler)
+        "tokens": tokens,
         "config": dataclasses.asdict(model.config),
         "settings": settings,
         "tokenizer": tokenizer_reference(),
         "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+        **extra,
     }
     data.write_atomically(path, lambda tmp: torch.save(state, tmp))
 
@@ -437,18 +473,24 @@ def model_from_checkpoint(state):
     return model
 
 
-def init_model(config, init_from, pretrained=False):
+# The stages a run folder must have finished to start each stage from it (a Hugging Face directory
+# says nothing about its history and is taken as it is).
+START_STAGES = {"pretrain": (), "long": ("pretrain",), "sft": ("pretrain", "long"), "grpo": ("sft",)}
+
+
+def init_model(config, init_from, after=()):
     """A fresh model, or the weights of `init_from`: one of our run folders or a Hugging Face directory.
-    With pretrained=True a run folder must hold a finished pre-training run (the long stage's start)."""
+    With `after`, a run folder must hold a finished run of one of those stages."""
     if init_from is None:
         return Mellum2(config)
     if os.path.isfile(os.path.join(init_from, "ckpt.pt")):
         state = load_checkpoint(os.path.join(init_from, "ckpt.pt"))
         run = state["settings"]
-        if pretrained and (run.get("stage", "pretrain") != "pretrain" or state["step"] < run["steps"]):
-            raise ValueError(f"{init_from} holds no finished pre-training (a {run.get('stage', 'pretrain')} run "
-                             f"at step {state['step']} of {run['steps']}): finish it with --resume, or start "
-                             f"from a pre-training run")
+        stage = run.get("stage", "pretrain")
+        if after and (stage not in after or state["step"] < run["steps"]):
+            raise ValueError(f"{init_from} holds no finished {' or '.join(after)} run (a {stage} run at step "
+                             f"{state['step']} of {run['steps']}): finish it with --resume, or start from "
+                             f"a {after[0]} run")
         return model_from_checkpoint(state)
     return Mellum2.from_pretrained(init_from, device="cpu", dtype=torch.float32)
 
@@ -556,12 +598,19 @@ def train_step(model, x, y, micro_batch, optimizers, autocast, grad_clip=1.0):
     return dict(zip(parts, stacked.tolist())), grad_norm.item()
 
 
+def given(flag, default):
+    """A flag's value, or the default when it was not given (0 is a value, not "unset")."""
+    return default if flag is None else flag
+
+
 def train(args, stop_after=None):
     """The whole run. stop_after=N stops after N steps as Ctrl-C would (tests use it)."""
     rank, world, device = setup_distributed(args.device)
     master = rank == 0
     say = print if master else (lambda *a, **k: None)
-    out_dir = args.out_dir or os.path.join("out", args.size + ("-long" if args.stage == "long" else ""))
+    sft = args.stage == "sft"
+    out_dir = args.out_dir or os.path.join("out", args.size + {"pretrain": "", "long": "-long",
+                                                               "sft": f"-sft-{args.variant}"}[args.stage])
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
 
     # 1. Settings: the size's defaults and the flags, or exactly those of the run being resumed.
@@ -570,28 +619,29 @@ def train(args, stop_after=None):
         settings = resumed["settings"]
         say(f"resuming {ckpt_path} at step {resumed['step']} with the settings it was started with")
     else:
-        run = (LONG_RUNS if args.stage == "long" else RUNS)[args.size]
-        given = lambda flag, default: default if flag is None else flag  # noqa: E731  (0 is a value, not "unset")
+        run = {"long": LONG_RUNS, "sft": SFT_RUNS}.get(args.stage, RUNS)[args.size]
         batch_size = given(args.batch_size, run.batch_size)
         settings = dict(size=args.size, seed=args.seed, steps=given(args.max_steps, run.steps),
                         batch_size=batch_size, micro_batch=given(args.micro_batch, min(run.micro_batch, batch_size)),
                         lr=given(args.lr, run.lr), warmup_steps=run.warmup_steps, decay_fraction=run.decay_fraction,
                         ramp_fraction=run.ramp_fraction, eval_every=run.eval_every, eval_batches=run.eval_batches,
                         ckpt_every=run.ckpt_every, optimizer=args.optimizer, mtp=not args.no_mtp, fp8=args.fp8,
-                        aux_coef=args.aux_coef,
+                        aux_coef=given(args.aux_coef, 1e-4 if sft else 1e-3), eval_tasks=run.eval_tasks,
                         data=list(args.data), default_data=not args.no_default_data,
                         allow_over_repetition=args.allow_over_repetition,
                         init_from=args.init_from, stage=args.stage, context=args.context,
-                        yarn_factor=args.yarn_factor, rope_variant=args.rope_variant)
+                        yarn_factor=args.yarn_factor, rope_variant=args.rope_variant, variant=args.variant)
     s = settings
     check_settings(s, world)
 
-    # 2. Data. Process 0 builds the token caches; the others wait, then read them.
-    if not master:
-        dist.barrier()
-    corpus = data.build_corpus(s["data"], progress=master, default_sources=s["default_data"])
-    if master and world > 1:
-        dist.barrier()
+    # 2. Data. Process 0 builds the token caches; the others wait, then read them. (SFT makes its own.)
+    corpus = None
+    if not sft:
+        if not master:
+            dist.barrier()
+        corpus = data.build_corpus(s["data"], progress=master, default_sources=s["default_data"])
+        if master and world > 1:
+            dist.barrier()
     # 3. The model, fresh, from --init-from weights, or restored; its context sets the sequence length.
     config = Mellum2Config(**resumed["config"]) if resumed else \
         Mellum2Config.from_preset(s["size"], n_mtp=1 if s["mtp"] else 0, aux_loss_coef=s["aux_coef"])
@@ -602,22 +652,27 @@ def train(args, stop_after=None):
         config = mellum2.config_from_hf(mellum2.read_hf_config(s["init_from"]))
     check_memory(config, device)
     torch.manual_seed(s["seed"])
-    raw = model_from_checkpoint(resumed) if resumed else init_model(config, s["init_from"], s["stage"] == "long")
+    raw = model_from_checkpoint(resumed) if resumed else init_model(config, s["init_from"], START_STAGES[s["stage"]])
     if s["stage"] == "long" and not resumed:  # same weights, longer context, new RoPE for the far positions
         pretrained = raw
         raw = Mellum2(long_context_config(pretrained.config, s["context"] or 4 * pretrained.config.max_seq_len,
                                           s["yarn_factor"], s["rope_variant"]))
         raw.load_state_dict(pretrained.state_dict())
         s["original_context"] = pretrained.config.max_seq_len
+    if sft:  # §5.1.2: the balance loss at a tenth of pre-training's
+        raw.config = dataclasses.replace(raw.config, aux_loss_coef=s["aux_coef"])
     config = raw.config
     if config.vocab_size != data.VOCAB_SIZE:
         raise CheckpointError(f"the model's vocabulary ({config.vocab_size}) is not the tokenizer's "
                               f"({data.VOCAB_SIZE})")
     seq_len = config.max_seq_len
     token_budget = s["steps"] * s["batch_size"] * seq_len
-    # The long-context stage trains on the phase-3 mix (§4.2 starts from it).
-    sampler = data.BatchSampler(corpus, s["seed"], s["batch_size"], seq_len, s["steps"], s["allow_over_repetition"],
-                                phase=len(data.PHASES) - 1 if s["stage"] == "long" else None)
+    # The long-context stage trains on the phase-3 mix (§4.2 starts from it); SFT on demonstrations.
+    if sft:
+        sampler = tasks.SFTSampler(s["variant"], s["seed"], s["batch_size"], seq_len)
+    else:
+        sampler = data.BatchSampler(corpus, s["seed"], s["batch_size"], seq_len, s["steps"],
+                                    s["allow_over_repetition"], phase=len(data.PHASES) - 1 if s["stage"] == "long" else None)
 
     # 4. Optimizers, fresh or restored.
     raw.to(device)
@@ -651,10 +706,14 @@ def train(args, stop_after=None):
         say(f"params {raw.num_params() / 1e6:.2f}M total, {raw.num_params(active=True) / 1e6:.2f}M active, "
             f"{raw.num_params(include_mtp=True) - raw.num_params():,} in the MTP layer")
         say("run    " + ", ".join(f"{k}={v}" for k, v in s.items()))
-        say(f"tokens {token_budget:,} planned ({s['steps']} steps x {s['batch_size']} x {seq_len}; "
-            f"half batch for the first {math.ceil(s['ramp_fraction'] * s['steps'])} steps)")
-        for source, r in data.planned_repetition(corpus, token_budget).items():
-            say(f"       {source}: {len(corpus.train[source].tokens):,} training tokens, planned repetition {r:.2f}x")
+        if sft:
+            say(f"data   {s['steps']} steps x {s['batch_size']} {s['variant']} samples of at most {seq_len} tokens, "
+                f"generated from the task suites {', '.join(tasks.SUITES)}")
+        else:
+            say(f"tokens {token_budget:,} planned ({s['steps']} steps x {s['batch_size']} x {seq_len}; "
+                f"half batch for the first {math.ceil(s['ramp_fraction'] * s['steps'])} steps)")
+            for source, r in data.planned_repetition(corpus, token_budget).items():
+                say(f"       {source}: {len(corpus.train[source].tokens):,} training tokens, planned repetition {r:.2f}x")
     metrics_path = os.path.join(out_dir, "metrics.jsonl")
     if master:
         truncate_metrics(metrics_path, start_step)
@@ -664,13 +723,20 @@ def train(args, stop_after=None):
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
     progress = Progress(s["steps"], master)
-    tokens_seen = sum(batch_size_at(i, s["steps"], s["batch_size"], s["ramp_fraction"]) for i in range(start_step))
-    tokens_seen *= seq_len
+    tokens_seen = resumed.get("tokens", 0) if resumed else 0
     t_start, tokens_at_start, val = time.time(), tokens_seen, {}
     step = start_step
+    if sft and not resumed:  # where SFT starts from: the pre-trained model's held-out accuracy
+        val = evaluate_tasks(raw, s["eval_tasks"], MAX_ANSWER_TOKENS[s["variant"]])
+        progress.message("before SFT: " + describe_eval(val, "sft"))
+        if master:
+            append_jsonl(metrics_path, {"step": 0, "val": val})
     try:
         while step < s["steps"]:
-            lr = s["lr"] * lr_multiplier(step, s["steps"], s["warmup_steps"], s["decay_fraction"])
+            if sft:
+                lr = s["lr"] * cosine_multiplier(step, s["steps"], s["warmup_steps"])
+            else:
+                lr = s["lr"] * lr_multiplier(step, s["steps"], s["warmup_steps"], s["decay_fraction"])
             for opt in optimizers:
                 for group in opt.param_groups:
                     group["lr"] = lr
@@ -682,17 +748,20 @@ def train(args, stop_after=None):
             x, y = x[:batch][rows].to(device), y[:batch][rows].to(device)
             parts, grad_norm = train_step(model, x, y, s["micro_batch"], optimizers, autocast)
             step += 1
-            tokens_seen += batch * seq_len
+            tokens_seen += batch * x.shape[1]
             balance = expert_balance(raw.loss_parts["expert_load"])
             elapsed = time.time() - t_start
             speed = (tokens_seen - tokens_at_start) / elapsed
-            phase = sampler.phase_at(step - 1).name
+            phase = s["variant"] if sft else sampler.phase_at(step - 1).name
             record = dict(step=step, tokens=tokens_seen, lr=lr, grad_norm=grad_norm, expert_balance=balance,
                           phase=phase, tokens_per_s=speed, **parts)
             if step % s["eval_every"] == 0 or step == s["steps"]:
-                val = validation_losses(raw, corpus, s["micro_batch"], seq_len, s["eval_batches"], device)
+                if sft:
+                    val = evaluate_tasks(raw, s["eval_tasks"], MAX_ANSWER_TOKENS[s["variant"]])
+                else:
+                    val = validation_losses(raw, corpus, s["micro_batch"], seq_len, s["eval_batches"], device)
                 record["val"] = val
-                progress.message(f"step {step}: validation loss " + ", ".join(f"{k} {v:.3f}" for k, v in val.items()))
+                progress.message(f"step {step}: " + describe_eval(val, s["stage"]))
             if master:
                 append_jsonl(metrics_path, record)
             progress.update(step - 1, f"loss {parts['ntp']:.3f} mtp {parts.get('mtp', 0):.3f} aux {parts['aux']:.3f} "
@@ -700,7 +769,7 @@ def train(args, stop_after=None):
                             f"{speed:,.0f} tok/s", elapsed / (step - start_step) * (s["steps"] - step))
             interrupted = stop.all_agree()
             if master and (step % s["ckpt_every"] == 0 or step == s["steps"] or interrupted or step == stop_after):
-                save_checkpoint(ckpt_path, raw, optimizers, step, s)
+                save_checkpoint(ckpt_path, raw, optimizers, step, s, tokens=tokens_seen)
             if interrupted or step == stop_after:
                 progress.message(f"stopped at step {step}; checkpoint {ckpt_path}; continue with --resume")
                 if interrupted:
@@ -714,7 +783,7 @@ def train(args, stop_after=None):
     elapsed = time.time() - t_start
     say(f"\ndone: {step} steps, {tokens_seen:,} tokens, {elapsed:.0f} s, "
         f"{(tokens_seen - tokens_at_start) / elapsed:,.0f} tokens/s")
-    say("validation loss per source: " + ", ".join(f"{k} {v:.3f}" for k, v in val.items()))
+    say(describe_eval(val, s["stage"]))
     if s["stage"] == "long":
         results = long_context_eval(raw, corpus, s["original_context"], device)
         say(f"long context ({s['rope_variant']}): " + ", ".join(
@@ -743,6 +812,445 @@ def compare_rope_variants(args):
     return table
 
 
+# -----------------------------------------------------------------------------------------------
+# Post-training (§5). SFT (§5.1) is a stage of train() above: the same loop on tasks.SFTSampler's
+# masked demonstrations. What follows is shared by SFT and RL (rollouts and held-out scores), then
+# the RL stage (§5.2): GRPO with the report's four changes, its reward shaping, and the asynchronous
+# rollout worker.
+
+# Length caps of an answer, all turns together: ours need at most about 55 tokens (Instruct) and 100
+# (Thinking), below the quarter of the cap where the overlong penalty starts; the report
+# caps RL rollouts at 16384 and 40960.
+MAX_ANSWER_TOKENS = {"instruct": 96, "thinking": 192}
+MAX_TURNS = 3   # a tool call, its answer, the final reply (the report allows up to 10 turns)
+
+
+@dataclasses.dataclass
+class Rollout:
+    task: tasks.Task
+    prompt: list                                  # the chat up to and including <|assistant|>
+    ids: list = dataclasses.field(default_factory=list)      # everything after the prompt
+    written: list = dataclasses.field(default_factory=list)  # 1 where the model wrote ids[t]; 0 for a tool's reply
+    logp: list = dataclasses.field(default_factory=list)     # the rollout engine's log-prob of each written token
+    finished: bool = False    # the final turn ended within the token cap
+    answer: str = ""          # the final turn's text, which the verifier reads
+    reward: float = None      # the verifier's score; None when our side failed to score it
+    shaped: float = None      # after the overlong and concision shaping: what the advantage uses
+
+
+def rollout(model, enc, task_list, max_tokens, temperature=1.0, seed=None):
+    """Answer every task, turn by turn: each turn is one batched sample.generate call over the rows
+    still talking; a turn that calls the tool gets the tool's reply appended and goes on. A row that
+    exhausts max_tokens (written tokens, all turns together) stays unfinished."""
+    import sample  # sample.py imports this file, so it cannot be imported at the top
+    end, assistant = data.SPECIAL_TOKENS["<|end|>"], data.SPECIAL_TOKENS["<|assistant|>"]
+    rows = [Rollout(t, data.render_chat(enc, [{"role": "user", "content": t.prompt}])) for t in task_list]
+    active = rows
+    for turn in range(MAX_TURNS):
+        budget = [max_tokens - sum(r.written) for r in active]
+        written = [0] * len(active)
+
+        def at_budget(row, token):
+            written[row] += 1
+            return written[row] >= budget[row]
+
+        logprobs = []
+        new = sample.generate(model, [r.prompt + r.ids for r in active], max(budget), temperature,
+                              stop_ids={end, data.EOT}, seed=None if seed is None else seed * MAX_TURNS + turn,
+                              on_token=at_budget, logprobs=logprobs)
+        talking = []
+        for r, ids, lps in zip(active, new, logprobs):
+            r.ids, r.written, r.logp = r.ids + ids, r.written + [1] * len(ids), r.logp + lps
+            if not ids or ids[-1] not in (end, data.EOT):
+                continue   # cut off by the cap (or the context): unfinished
+            said = tasks.parse_turn(enc, ids[:-1])
+            if said.tool_call is not None and turn + 1 < MAX_TURNS and sum(r.written) < max_tokens:
+                reply = data.render_message(enc, {"role": "tool", "content": tasks.call_tool(said.tool_call)})
+                r.ids, r.written = r.ids + reply + [assistant], r.written + [0] * (len(reply) + 1)
+                if len(r.prompt) + len(r.ids) < model.config.max_seq_len:   # else: out of context, unfinished
+                    talking.append(r)
+            else:
+                r.finished, r.answer = True, said.content
+        active = talking
+        if not active:
+            break
+    return rows
+
+
+def score(rollouts, verifier):
+    """Fill in each rollout's reward; an unfinished one scores 0 without being checked."""
+    finished = [r for r in rollouts if r.finished]
+    for r, value in zip(finished, verifier.score_all([(r.task, r.answer) for r in finished])):
+        r.reward = value
+    for r in rollouts:
+        if not r.finished:
+            r.reward = 0.0
+
+
+@torch.no_grad()
+def evaluate_tasks(model, n_per_suite, max_tokens, seed=0):
+    """Greedy held-out accuracy per suite (a task counts when its verifier gives full marks), plus
+    the reflection words per answer (what the concision penalty acts on)."""
+    was_training = model.training
+    model.eval()
+    task_list = [task for suite in tasks.SUITES for task in tasks.eval_tasks(suite, n_per_suite, seed)]
+    rows = rollout(model, data.load_tokenizer(), task_list, max_tokens, temperature=0.0)
+    with tasks.Verifier() as verifier:
+        score(rows, verifier)
+    model.train(was_training)
+    result = {suite: sum(r.reward == 1.0 for r in rows if r.task.suite == suite) / n_per_suite
+              for suite in tasks.SUITES}
+    result["reflection_words"] = sum(tasks.count_reflection_words(r.answer) for r in rows) / len(rows)
+    return result
+
+
+def describe_eval(val, stage):
+    if stage in ("sft", "grpo"):
+        return "held-out accuracy " + ", ".join(f"{k} {val[k]:.0%}" for k in tasks.SUITES) + \
+            f" | reflection words per answer {val['reflection_words']:.2f}"
+    return "validation loss " + ", ".join(f"{k} {v:.3f}" for k, v in val.items())
+
+
+# --- The GRPO objective (§5.2.3 RL algorithm) ----------------------------------------------------
+#   L = -(1/N_tok) sum_{i,t} M(rho_it) * min(r_it A_i, clip(r_it, 1 - 0.2, 1 + 0.28) A_i)
+#   A_i    = R_i - mean of the other G-1 rewards of its group   (leave-one-out, no std: Dr. GRPO)
+#   r_it   = pi_train(theta) / pi_train(theta_old)              (the PPO ratio; clip-higher: DAPO)
+#   rho_it = pi_train(theta_old) / pi_infer(theta_old)          (trainer vs rollout engine)
+#   M(rho) = rho inside [0.5, 5], else 0                        (IcePop: drop the token, don't clip)
+#   N_tok  = every valid generated token of the batch           (token-level: DAPO); no KL term
+
+CLIP_LOW, CLIP_HIGH = 0.2, 0.28
+ICEPOP_BAND = (0.5, 5.0)
+
+
+def leave_one_out_advantages(rewards):
+    """(groups, G) rewards -> (groups, G) advantages, each reward minus the mean of the others."""
+    G = rewards.shape[-1]
+    return rewards - (rewards.sum(dim=-1, keepdim=True) - rewards) / (G - 1)
+
+
+def icepop_weight(rho, band=ICEPOP_BAND):
+    """The per-token IcePop weight: rho itself where it lies in the band, 0 outside (never clipped)."""
+    return torch.where((rho >= band[0]) & (rho <= band[1]), rho, torch.zeros_like(rho))
+
+
+def grpo_loss(logp, logp_old, logp_infer, advantages, mask, n_tokens):
+    """logp / logp_old / logp_infer (N, T): each sampled token's log-prob under the policy being
+    trained, the trainer before this update, and the rollout engine; advantages (N,); mask (N, T)
+    1 on valid generated tokens. n_tokens: valid tokens of the whole batch (the normaliser, also
+    when the batch is split into micro-batches). Returns the loss and its statistics."""
+    ratio = (logp - logp_old).exp()
+    weight = icepop_weight((logp_old - logp_infer).exp()).detach()
+    A = advantages[:, None]
+    surrogate = torch.minimum(ratio * A, ratio.clamp(1 - CLIP_LOW, 1 + CLIP_HIGH) * A)
+    loss = -(weight * surrogate * mask).sum() / n_tokens
+    with torch.no_grad():
+        clipped = ((ratio < 1 - CLIP_LOW) | (ratio > 1 + CLIP_HIGH)) & (mask > 0)
+        stats = {"icepop_masked": ((weight == 0) & (mask > 0)).sum().item(), "clipped": clipped.sum().item(),
+                 "abs_log_rho": ((logp_old - logp_infer).abs() * mask).sum().item()}
+    return loss, stats
+
+
+# --- Reward shaping (§5.2.3) ---------------------------------------------------------------------
+
+OVERLONG_BUFFER = 0.25   # the last quarter of the cap (DAPO: 4096 of 20480); the report gives no size
+OVERLONG_FLOOR = 0.0     # the reward at the cap; the report's floor is not published
+
+
+def overlong_shaped(reward, length, cap, buffer_fraction=OVERLONG_BUFFER, floor=OVERLONG_FLOOR):
+    """The report's soft overlong penalty: inside the buffer below the cap the reward slides linearly
+    from its raw value (at the buffer's start) to the floor (at the cap). Rollouts past the cap
+    never get here: they are left out of the loss."""
+    start = cap - buffer_fraction * cap
+    if length <= start:
+        return reward
+    return reward + (floor - reward) * (length - start) / (cap - start)
+
+
+# The concision penalty's three tiers: our choice, the report does not publish them.
+CONCISION_TIERS = ((0, 1.0), (2, 0.9), (5, 0.7), (math.inf, 0.5))   # (up to n reflection words, multiplier)
+
+
+def concision_multiplier(n_words):
+    """The concision penalty: a correct Instruct answer's reward is multiplied by a factor that
+    shrinks with its count of reflection words ("wait", "actually", ...), in three tiers."""
+    return next(multiplier for most, multiplier in CONCISION_TIERS if n_words <= most)
+
+
+def shape_rewards(rollouts, variant, cap, concision=True):
+    for r in rollouts:
+        if r.reward is None:
+            continue
+        shaped = overlong_shaped(r.reward, sum(r.written), cap)
+        if concision and variant == "instruct":   # Thinking answers may reflect: that is their reasoning
+            shaped *= concision_multiplier(tasks.count_reflection_words(r.answer))
+        r.shaped = shaped
+
+
+def usable_groups(rollouts, group_size, wanted):
+    """Dynamic sampling: split into groups of one prompt's G answers, drop groups whose shaped rewards
+    are all equal (their advantages are all 0) and keep at most `wanted`. A rollout our verifier
+    could not score leaves its group (it is neither right nor wrong)."""
+    groups = [rollouts[i:i + group_size] for i in range(0, len(rollouts), group_size)]
+    kept = [g for g in groups if all(r.shaped is not None for r in g) and len({r.shaped for r in g}) > 1]
+    return kept[:wanted], len(groups)
+
+
+def token_logprobs(model, x, targets):
+    """x, targets (N, T) -> (N, T) log-prob of each target under the model (next-token head only:
+    RL here trains without the MTP and balance losses, which score no answer)."""
+    logits, _ = model(x)
+    return torch.log_softmax(logits.float(), dim=-1).gather(-1, targets[..., None])[..., 0]
+
+
+def grpo_tensors(groups, pad_id):
+    """Groups of rollouts -> x, targets, mask, logp_infer (N, T) and advantages (N,). A position is
+    trained when the model wrote its target token and the rollout finished within the cap."""
+    rows = [r for g in groups for r in g]
+    advantages = leave_one_out_advantages(torch.tensor([[r.shaped for r in g] for g in groups])).flatten()
+    T = max(len(r.prompt) + len(r.ids) for r in rows) - 1
+    x = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    targets = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    mask, logp_infer = torch.zeros(len(rows), T), torch.zeros(len(rows), T)
+    for i, r in enumerate(rows):
+        ids = torch.tensor(r.prompt + r.ids)
+        x[i, :len(ids) - 1], targets[i, :len(ids) - 1] = ids[:-1], ids[1:]
+        written = torch.tensor(r.written, dtype=torch.bool)
+        positions = torch.arange(len(r.prompt) - 1, len(ids) - 1)[written]
+        mask[i, positions] = float(r.finished)
+        logp_infer[i, positions] = torch.tensor(r.logp)
+    return x, targets, mask, logp_infer, advantages
+
+
+def grpo_update(model, optimizers, groups, minibatches=2, micro_batch=16, grad_clip=1.0):
+    """One batch of groups -> `minibatches` optimizer steps. logp_old is computed for the whole batch
+    first, so in the second mini-batch r != 1 and the clip has work to do (in the first, r == 1 and
+    only IcePop acts). Returns summed statistics."""
+    device = next(model.parameters()).device
+    x, targets, mask, logp_infer, advantages = (t.to(device) for t in grpo_tensors(groups, data.SPECIAL_TOKENS["<|pad|>"]))
+    with torch.no_grad():
+        logp_old = torch.cat([token_logprobs(model, x[i:i + micro_batch], targets[i:i + micro_batch])
+                              for i in range(0, len(x), micro_batch)])
+    totals = collections.Counter(tokens=mask.sum().item())
+    order = torch.arange(len(x), device=device)
+    for rows in order.chunk(minibatches):
+        n_tokens = mask[rows].sum().clamp(min=1)
+        for chunk in rows.split(micro_batch):
+            logp = token_logprobs(model, x[chunk], targets[chunk])
+            loss, stats = grpo_loss(logp, logp_old[chunk], logp_infer[chunk], advantages[chunk], mask[chunk], n_tokens)
+            loss.backward()
+            totals.update(stats, loss=loss.item())
+        nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        for opt in optimizers:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    return totals
+
+
+# --- Asynchronous rollouts (§5.2.1: collectors, a trajectory buffer, staleness <= 2) --------------
+
+@dataclasses.dataclass(frozen=True)
+class RLRun:
+    steps: int            # optimizer batches (each one or more optimizer steps, see minibatches)
+    prompts: int          # groups trained per batch, after zero-variance groups are dropped
+    group_size: int       # G answers per prompt
+    lr: float
+    warmup_steps: int
+    eval_every: int
+    eval_tasks: int       # held-out tasks per suite
+    ckpt_every: int
+    oversample: float = 1.5   # prompts sampled per prompt kept (§5.2.4), to refill dropped groups
+    minibatches: int = 2
+
+
+GRPO_RUNS = {
+    # About 4 minutes on 2 CPU cores. AdamW at 1e-4, a common choice at this model size, made the
+    # held-out scores swing by 40 points between evaluations; 3e-5 kept them steady.
+    "tiny": RLRun(steps=60, prompts=8, group_size=8, lr=3e-5, warmup_steps=5, eval_every=20, eval_tasks=64,
+                  ckpt_every=10),
+    "small": RLRun(steps=200, prompts=16, group_size=8, lr=3e-5, warmup_steps=10, eval_every=50, eval_tasks=128,
+                   ckpt_every=25),
+    # §5.2.4, Table 8: 256 prompts x 16 answers, AdamW at 1e-6 after 50 warmup steps; Instruct ran 500.
+    "mellum2-12b": RLRun(steps=500, prompts=256, group_size=16, lr=1e-6, warmup_steps=50, eval_every=50,
+                         eval_tasks=256, ckpt_every=10),
+}
+
+
+def copy_weights(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+class RolloutWorker:
+    """A thread with its own copy of the policy (the rollout engine) and the verifier pool. Batch k
+    is sampled with the policy of version k - staleness: with staleness 1 the learner trains on
+    batch k while batch k + 1 is being sampled, the report's asynchronous loop in one process, and
+    which weights sample which batch never depends on timing, so a run repeats exactly.
+    With staleness 0 (--sync) every batch waits for the weights it is trained with."""
+
+    def __init__(self, model, run, variant, seed, concision, threads):
+        self.policy = copy.deepcopy(model).eval()
+        self.run, self.variant, self.seed, self.concision = run, variant, seed, concision
+        self.enc, self.verifier = data.load_tokenizer(), tasks.Verifier()
+        self.pool = concurrent.futures.ThreadPoolExecutor(1, initializer=torch.set_num_threads, initargs=(threads,))
+        self.pending = {}   # batch index -> (policy version, weights, future)
+
+    def submit(self, index, version, weights):
+        future = self.pool.submit(self._sample, index, version, weights)
+        self.pending[index] = (version, weights, future)
+
+    def take(self, index):
+        version, _, future = self.pending.pop(index)
+        return version, future.result()
+
+    @torch.no_grad()
+    def _sample(self, index, version, weights):
+        self.policy.load_state_dict(weights)
+        rng = random.Random(f"grpo-{self.seed}-{index}")
+        n_prompts = math.ceil(self.run.prompts * self.run.oversample)
+        prompts = [tasks.make_task(rng.choice(tasks.SUITES), rng) for _ in range(n_prompts)]
+        started = time.time()
+        rows = rollout(self.policy, self.enc, [t for t in prompts for _ in range(self.run.group_size)],
+                       MAX_ANSWER_TOKENS[self.variant], temperature=1.0, seed=self.seed * 100_003 + index)
+        score(rows, self.verifier)
+        shape_rewards(rows, self.variant, MAX_ANSWER_TOKENS[self.variant], self.concision)
+        return rows, time.time() - started
+
+    def close(self):
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        self.verifier.close()
+
+
+def grpo(args, stop_after=None):
+    """The RL stage: python train.py --stage grpo --variant instruct --init-from out/tiny-sft-instruct."""
+    if "RANK" in os.environ:
+        raise ValueError("--stage grpo runs in one process; start it with python, not torchrun")
+    device = pick_device(args.device)
+    out_dir = args.out_dir or os.path.join("out", f"{args.size}-grpo-{args.variant}")
+    ckpt_path, metrics_path = os.path.join(out_dir, "ckpt.pt"), os.path.join(out_dir, "metrics.jsonl")
+    resumed = load_checkpoint(ckpt_path) if args.resume else None
+    if resumed:
+        s = resumed["settings"]
+        print(f"resuming {ckpt_path} at step {resumed['step']} with the settings it was started with")
+        raw = model_from_checkpoint(resumed)
+    else:
+        run = GRPO_RUNS[args.size]
+        s = dict(stage="grpo", size=args.size, variant=args.variant, seed=args.seed, init_from=args.init_from,
+                 steps=given(args.max_steps, run.steps), group_size=given(args.group_size, run.group_size),
+                 lr=given(args.lr, run.lr), staleness=0 if args.sync else args.max_staleness,
+                 concision=not args.no_concision, run=dataclasses.asdict(run))
+        if s["group_size"] < 2:
+            raise ValueError(f"--group-size must be at least 2 (the leave-one-out baseline needs another "
+                             f"answer), got {s['group_size']}")
+        if s["steps"] <= 0 or s["lr"] <= 0 or s["staleness"] < 0:
+            raise ValueError(f"--max-steps and --lr must be positive and --max-staleness at least 0, got "
+                             f"{s['steps']}, {s['lr']} and {s['staleness']}")
+        if not args.init_from:
+            raise ValueError("--stage grpo continues an SFT model: give --init-from DIR (a train.py --stage sft run)")
+        if not os.path.isfile(os.path.join(args.init_from, "ckpt.pt")):
+            raise ValueError(f"{args.init_from}: --stage grpo starts from a train.py --stage sft run folder")
+        raw = init_model(None, args.init_from, START_STAGES["grpo"])
+        tuned_as = load_checkpoint(os.path.join(args.init_from, "ckpt.pt"))["settings"]["variant"]
+        if tuned_as != args.variant:
+            raise ValueError(f"{args.init_from} was fine-tuned as {tuned_as}; GRPO --variant {args.variant} needs "
+                             f"a {args.variant} SFT run (the report trains each separately)")
+    run = RLRun(**{**s["run"], "group_size": s["group_size"]})
+    torch.manual_seed(s["seed"])
+    raw.to(device)
+    # §5.2.4: AdamW (0.9, 0.999), weight decay 0.01, constant LR after a linear warmup, clip 1.0.
+    optimizers = build_optimizers(raw, s["lr"], weight_decay=0.01, optimizer="adamw", betas=(0.9, 0.999))
+    step = 0
+    if resumed:
+        for opt, state in zip(optimizers, resumed["optimizers"]):
+            opt.load_state_dict(state)
+        step = resumed["step"]
+    os.makedirs(out_dir, exist_ok=True)
+    truncate_metrics(metrics_path, step)
+    # Two threads on a few cores: each gets half, or they fight over the same ones.
+    threads_before = torch.get_num_threads()
+    threads = max(1, threads_before // 2) if s["staleness"] else threads_before
+    torch.set_num_threads(threads)
+    print(f"GRPO ({s['variant']}) on {device}: {run.prompts} prompts x {run.group_size} answers per batch "
+          f"({run.oversample}x oversampled), {s['steps']} batches of {run.minibatches} optimizer steps, "
+          f"lr {s['lr']:g}, rollouts at most {s['staleness']} step(s) stale{' (--sync)' if not s['staleness'] else ''}, "
+          f"concision penalty {'on' if s['concision'] and s['variant'] == 'instruct' else 'off'}, "
+          f"{threads} thread(s) per worker")
+    if not resumed:
+        val = evaluate_tasks(raw, run.eval_tasks, MAX_ANSWER_TOKENS[s["variant"]])
+        print("before GRPO: " + describe_eval(val, "grpo"))
+        append_jsonl(metrics_path, {"step": 0, "val": val})
+
+    worker = RolloutWorker(raw, run, s["variant"], s["seed"], s["concision"], threads)
+    # The policies that sample the next `staleness` batches: the current one at a fresh start, the
+    # saved ones on resume (so a resumed run samples exactly what the uninterrupted one would).
+    for index, (version, weights) in sorted((resumed or {}).get("rollout_policies", {}).items()):
+        worker.submit(index, version, weights)
+    for index in range(step, step + s["staleness"]):
+        if index not in worker.pending:
+            worker.submit(index, step, copy_weights(raw))
+    stop = StopRequest()
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    progress = Progress(s["steps"], True)
+    t_start, n_rollouts, step_at_start = time.time(), 0, step
+    try:
+        while step < s["steps"]:
+            if step + s["staleness"] < s["steps"]:
+                worker.submit(step + s["staleness"], step, copy_weights(raw))
+            waited = time.time()
+            version, (rows, sample_time) = worker.take(step)
+            waited = time.time() - waited
+            lr = s["lr"] * min(1.0, (step + 1) / run.warmup_steps)
+            for opt in optimizers:
+                for group in opt.param_groups:
+                    group["lr"] = lr
+            groups, n_groups = usable_groups(rows, run.group_size, run.prompts)
+            t_train = time.time()
+            totals = grpo_update(raw, optimizers, groups, run.minibatches) if groups else collections.Counter()
+            t_train = time.time() - t_train
+            step += 1
+            n_rollouts += len(rows)
+            tokens = max(totals["tokens"], 1)
+            record = dict(step=step, lr=lr, staleness=step - 1 - version,
+                          reward=sum(r.reward or 0 for r in rows) / len(rows),
+                          accuracy=sum(r.reward == 1.0 for r in rows) / len(rows),
+                          suite_accuracy={suite: sum(r.reward == 1.0 for r in rows if r.task.suite == suite) /
+                                          max(1, sum(r.task.suite == suite for r in rows)) for suite in tasks.SUITES},
+                          groups_kept=len(groups), unfinished=sum(not r.finished for r in rows) / len(rows),
+                          answer_tokens=sum(sum(r.written) for r in rows) / len(rows),
+                          reflection_words=sum(tasks.count_reflection_words(r.answer) for r in rows) / len(rows),
+                          icepop_masked=totals["icepop_masked"] / tokens, clipped=totals["clipped"] / tokens,
+                          abs_log_rho=totals["abs_log_rho"] / tokens, loss=totals["loss"],
+                          sample_s=sample_time, wait_s=waited, train_s=t_train,
+                          rollouts_per_s=n_rollouts / (time.time() - t_start))
+            record["zero_variance"] = sum(len({r.shaped for r in rows[i:i + run.group_size]}) == 1
+                                          for i in range(0, len(rows), run.group_size)) / n_groups
+            if step % run.eval_every == 0 or step == s["steps"]:
+                record["val"] = evaluate_tasks(raw, run.eval_tasks, MAX_ANSWER_TOKENS[s["variant"]])
+                progress.message(f"step {step}: " + describe_eval(record["val"], "grpo"))
+            append_jsonl(metrics_path, record)
+            elapsed = time.time() - t_start
+            progress.update(step - 1, f"reward {record['reward']:.2f} acc {record['accuracy']:.0%} | groups "
+                            f"{len(groups)}/{n_groups} | icepop {record['icepop_masked']:.1%} | "
+                            f"{record['rollouts_per_s']:.1f} rollouts/s", elapsed / (step - step_at_start) *
+                            (s["steps"] - step))
+            if step % run.ckpt_every == 0 or step == s["steps"] or stop.requested or step == stop_after:
+                policies = {i: (v, w) for i, (v, w, _) in worker.pending.items()}
+                save_checkpoint(ckpt_path, raw, optimizers, step, s, rollout_policies=policies)
+            if stop.requested or step == stop_after:
+                progress.message(f"stopped at step {step}; checkpoint {ckpt_path}; continue with --resume")
+                if stop.requested:
+                    raise KeyboardInterrupt
+                return raw
+    finally:
+        worker.close()
+        torch.set_num_threads(threads_before)
+    elapsed = time.time() - t_start
+    print(f"\ndone: {step} GRPO batches, {n_rollouts} rollouts in {elapsed:.0f} s "
+          f"({n_rollouts / elapsed:.1f} rollouts/s)")
+    print(f"checkpoint: {ckpt_path}")
+    return raw
+
+
 def check_memory(config, device):
     """Refuse, with the numbers, a model whose training state cannot fit: fp32 weights, gradients and
     up to two optimizer moments are 16 bytes a parameter, on every process (DDP replicates them)."""
@@ -763,8 +1271,8 @@ def check_memory(config, device):
 def check_settings(s, world):
     problems = [
         (s["stage"] == "pretrain" or s["init_from"],
-         "--stage long continues a pre-trained model: give --init-from DIR (a train.py run or a Hugging Face "
-         "directory)"),
+         f"--stage {s['stage']} continues a pre-trained model: give --init-from DIR (a train.py run or a Hugging "
+         f"Face directory)"),
         (s["steps"] > 0, f"--max-steps must be positive, got {s['steps']}"),
         (s["batch_size"] > 0 and s["micro_batch"] > 0,
          f"batch sizes must be positive, got --batch-size {s['batch_size']} --micro-batch {s['micro_batch']}"),
@@ -792,8 +1300,9 @@ def parse_args(argv=None):
                         "(default: $MELLUM2_KERNELS, else auto)")
     g.add_argument("--seed", type=int, default=1337, help="seeds the weights and the data order (default: 1337)")
     g = p.add_argument_group("long context (report §4): python train.py --stage long --init-from out/tiny")
-    g.add_argument("--stage", default="pretrain", choices=["pretrain", "long"],
-                   help="pretrain, or long: continue --init-from at a longer context with layer-selective YaRN")
+    g.add_argument("--stage", default="pretrain", choices=list(START_STAGES),
+                   help="pretrain; long: continue --init-from at a longer context with layer-selective YaRN; "
+                        "sft and grpo: post-training (see below)")
     g.add_argument("--context", type=int, help="the long stage's sequence length (default: 4x the model's)")
     g.add_argument("--yarn-factor", type=float, help="YaRN scale factor (default: context / original context)")
     g.add_argument("--rope-variant", default="selective-yarn", choices=list(ROPE_VARIANTS),
@@ -801,6 +1310,18 @@ def parse_args(argv=None):
     g.add_argument("--compare", action="store_true",
                    help="train every --rope-variant from the same --init-from and token budget, then print one "
                         "table of validation loss and passkey accuracy at 1x, 2x, 4x and 8x the original context")
+    g = p.add_argument_group("post-training (report §5): --stage sft --init-from out/tiny, then --stage grpo "
+                             "--init-from out/tiny-sft-instruct")
+    g.add_argument("--variant", default="instruct", choices=tasks.VARIANTS,
+                   help="instruct: answers directly, trained on every assistant turn; thinking: reasons in "
+                        "<think> first, trained on the final turn with its reasoning (default: instruct)")
+    g.add_argument("--group-size", type=int, help="GRPO: answers sampled per prompt (default from --size: 8)")
+    g.add_argument("--max-staleness", type=int, default=1,
+                   help="GRPO: rollouts come from the policy this many steps old while the learner trains "
+                        "(default 1; the report allows 2)")
+    g.add_argument("--sync", action="store_true", help="GRPO: sample each batch with the current policy, then train")
+    g.add_argument("--no-concision", action="store_true",
+                   help="GRPO: without the concision penalty on reflection words (Instruct)")
     g = p.add_argument_group("optimization (defaults come from --size)")
     g.add_argument("--max-steps", type=int, help="optimizer steps in the whole run (the schedule spans them)")
     g.add_argument("--batch-size", type=int, help="sequences per step, all processes together")
@@ -810,9 +1331,9 @@ def parse_args(argv=None):
                    help="muon: Muon on matrices + AdamW on the rest (the report); adamw: AdamW everywhere")
     g.add_argument("--no-mtp", action="store_true", help="train without the MTP layer (the report's ablation)")
     g.add_argument("--fp8", action="store_true", help="FP8 tensorwise matmuls in attention, MTP and experts")
-    g.add_argument("--aux-coef", type=float, default=1e-3,
-                   help="load-balancing loss coefficient (default 1e-3, the report's; it found 1e-2 better on "
-                        "short runs)")
+    g.add_argument("--aux-coef", type=float,
+                   help="load-balancing loss coefficient (default 1e-3, the report's, and 1e-4 in SFT; it found "
+                        "1e-2 better on short pre-training runs)")
     g = p.add_argument_group("data")
     g.add_argument("--data", action="append", default=[], metavar="DIR",
                    help="add your own folder of text or code (repeatable)")
@@ -828,7 +1349,10 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     try:
-        compare_rope_variants(args) if args.compare else train(args)
+        if args.stage == "grpo":
+            grpo(args)
+        else:
+            compare_rope_variants(args) if args.compare else train(args)
     except (ValueError, CheckpointError, data.DataError, NonFiniteLoss) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

@@ -1,0 +1,439 @@
+"""Tests of post-training (report §5): SFT samples and masks, the GRPO objective and its reward
+shaping, the verifiers, the sandbox against hostile programs, and both stages run end to end.
+
+    python -m pytest -q test_posttrain.py
+"""
+
+import dataclasses
+import json
+import os
+import random
+import time
+
+import pytest
+import torch
+
+import data
+import tasks
+import train
+from mellum2 import IGNORE_INDEX, Mellum2
+from test_mellum2 import SMALL
+
+S = data.SPECIAL_TOKENS
+U, A, E, THINK, END_THINK = S["<|user|>"], S["<|assistant|>"], S["<|end|>"], S["<think>"], S["</think>"]
+
+
+@pytest.fixture(scope="module")
+def enc():
+    return data.load_tokenizer()
+
+
+# -----------------------------------------------------------------------------------------------
+# SFT samples: which tokens train (§5.1)
+
+CONVERSATION = [{"role": "user", "content": "2 + 2?"},
+                {"role": "assistant", "content": "4", "reasoning": "two and two"},
+                {"role": "user", "content": "and 3 + 3?"},
+                {"role": "assistant", "content": "6", "reasoning": "three and three"}]
+
+
+def trained_pieces(ids, mask):
+    """The runs of consecutive trained ids, as lists."""
+    pieces, run = [], []
+    for i, m in zip(ids, mask):
+        if m:
+            run.append(i)
+        elif run:
+            pieces, run = pieces + [run], []
+    return pieces + ([run] if run else [])
+
+
+def test_instruct_trains_every_assistant_turn_without_reasoning(enc):
+    (ids, mask), = tasks.sft_samples(enc, CONVERSATION, "instruct", 1000)
+    t = enc.encode_ordinary
+    assert ids == [U, *t("2 + 2?"), E, A, *t("4"), E, U, *t("and 3 + 3?"), E, A, *t("6"), E]
+    assert trained_pieces(ids, mask) == [[*t("4"), E], [*t("6"), E]]
+    assert THINK not in ids
+
+
+def test_thinking_trains_only_the_final_turn_with_its_reasoning_and_unfolds(enc):
+    samples = tasks.sft_samples(enc, CONVERSATION, "thinking", 1000)
+    t = enc.encode_ordinary
+    assert len(samples) == 2   # one per assistant turn as the final one
+    (first, first_mask), (second, second_mask) = samples
+    assert first == [U, *t("2 + 2?"), E, A, THINK, *t("two and two"), END_THINK, *t("4"), E]
+    assert trained_pieces(first, first_mask) == [[THINK, *t("two and two"), END_THINK, *t("4"), E]]
+    # The earlier turn is context, without its reasoning; only the last turn trains.
+    assert second == [U, *t("2 + 2?"), E, A, *t("4"), E, U, *t("and 3 + 3?"), E,
+                      A, THINK, *t("three and three"), END_THINK, *t("6"), E]
+    assert trained_pieces(second, second_mask) == [[THINK, *t("three and three"), END_THINK, *t("6"), E]]
+
+
+def test_unfolding_keeps_at_most_five_and_skips_turns_without_reasoning(enc):
+    messages = []
+    for i in range(7):
+        messages += [{"role": "user", "content": f"q{i}"},
+                     {"role": "assistant", "content": f"a{i}", "reasoning": f"r{i}" if i != 5 else ""}]
+    samples = tasks.sft_samples(enc, messages, "thinking", 1000)
+    # turns 2..6 are the last five; turn 5 has no reasoning and gives no sample
+    finals = [enc.decode([i for i in ids if i < data.N_RANKS]).split("r")[-1] for ids, _ in samples]
+    assert len(samples) == 4 and finals[-1] == "6a6"
+    assert samples[-1][0] == data.render_training_chat(enc, messages, {13}, {13})[0]
+
+
+def test_samples_longer_than_the_context_are_dropped_not_truncated(enc):
+    (ids, _), = tasks.sft_samples(enc, CONVERSATION, "instruct", 1000)
+    assert tasks.sft_samples(enc, CONVERSATION, "instruct", len(ids)) == [(ids, _)]
+    assert tasks.sft_samples(enc, CONVERSATION, "instruct", len(ids) - 1) == []
+    thinking = tasks.sft_samples(enc, CONVERSATION, "thinking", 1000)
+    assert tasks.sft_samples(enc, CONVERSATION, "thinking", len(thinking[0][0])) == thinking[:1]
+
+
+def test_tool_turns_are_context_and_the_call_is_trained(enc):
+    task = tasks.tool_task(random.Random(0))
+    messages = tasks.demonstration(task)
+    (ids, mask), = tasks.sft_samples(enc, messages, "instruct", 1000)
+    pieces = trained_pieces(ids, mask)
+    assert pieces[0][0] == S["<tool_call>"] and pieces[0][-2:] == [S["</tool_call>"], E]
+    assert json.loads(enc.decode(pieces[0][1:-2])) == task.tool_call
+    assert enc.decode(pieces[1][:-1]).endswith(task.answer)
+    response = enc.encode_ordinary(f"<tool_response>{task.answer}</tool_response>")
+    start = next(i for i in range(len(ids)) if ids[i:i + len(response)] == response)
+    assert not any(mask[start - 1:start + len(response) + 2])   # <|user|> reply <|end|> <|assistant|>
+
+
+def test_sft_batches_mask_targets_and_repeat(enc):
+    sampler = tasks.SFTSampler("thinking", seed=3, batch_size=6, seq_len=256)
+    x, y = sampler.get_batch(7)
+    again_x, again_y = tasks.SFTSampler("thinking", seed=3, batch_size=6, seq_len=256).get_batch(7)
+    assert torch.equal(x, again_x) and torch.equal(y, again_y)
+    assert x.shape == y.shape and x.shape[1] <= 256
+    trained = y != IGNORE_INDEX
+    assert trained.any() and (trained.sum(1) < (x != S["<|pad|>"]).sum(1)).all()   # prompts never train
+    inside = trained[:, :-1] & (x[:, 1:] != S["<|pad|>"])
+    assert torch.equal(x[:, 1:][inside], y[:, :-1][inside])                        # y is x shifted by one
+    assert (x[~trained] != S["<|pad|>"]).any()                                     # prompts are input only
+
+
+def test_held_out_problems_never_appear_in_training():
+    rng = random.Random(0)
+    for suite in tasks.SUITES:
+        held = {t.key for t in tasks.eval_tasks(suite, 50)}
+        trained = {tasks.make_task(suite, rng).key for _ in range(500)}
+        assert held and not held & trained
+
+
+# -----------------------------------------------------------------------------------------------
+# The GRPO objective (§5.2.3), on hand-computed numbers
+
+def test_leave_one_out_advantages():
+    rewards = torch.tensor([[1.0, 0.0, 0.0, 1.0], [0.5, 0.5, 0.5, 0.5]])
+    expected = torch.tensor([[1 - 1 / 3, -2 / 3, -2 / 3, 1 - 1 / 3], [0.0, 0.0, 0.0, 0.0]])
+    assert torch.allclose(train.leave_one_out_advantages(rewards), expected)
+
+
+def test_icepop_keeps_rho_inside_the_band_and_drops_it_outside():
+    rho = torch.tensor([0.49, 0.5, 1.0, 3.0, 5.0, 5.01, 100.0])
+    assert train.icepop_weight(rho).tolist() == [0.0, 0.5, 1.0, 3.0, 5.0, 0.0, 0.0]
+
+
+def test_grpo_loss_clipping_icepop_and_token_level_mean():
+    # row 0 (A = +1): ratios 1.5 (clipped to 1.28), 0.5 (kept: the min picks it); row 1 (A = -1):
+    # ratio 0.5 (clipped to 0.8), 1.5 (kept), and a token whose engine ratio rho = 6 is dropped.
+    ratio = torch.tensor([[1.5, 0.5, 1.0], [0.5, 1.5, 1.0]])
+    logp_old = torch.full((2, 3), -1.0)
+    logp = (logp_old + ratio.log()).requires_grad_()
+    rho = torch.tensor([[1.0, 2.0, 1.0], [1.0, 1.0, 6.0]])
+    logp_infer = logp_old - rho.log()
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])   # row 0's last token is padding
+    loss, stats = train.grpo_loss(logp, logp_old, logp_infer, torch.tensor([1.0, -1.0]), mask, n_tokens=5)
+    expected = -(1.0 * 1.28 + 2.0 * 0.5 + 1.0 * -0.8 + 1.0 * -1.5 + 0.0) / 5
+    assert loss.item() == pytest.approx(expected, abs=1e-6)
+    assert stats["icepop_masked"] == 1 and stats["clipped"] == 4
+    loss.backward()
+    # Clipped tokens pass no gradient; kept ones pass -w * A * r / n_tokens (d r / d logp = r).
+    assert torch.allclose(logp.grad, torch.tensor([[0.0, -2.0 * 0.5 / 5, 0.0], [0.0, 1.5 / 5, 0.0]]), atol=1e-7)
+
+
+def test_token_level_aggregation_weights_every_token_equally():
+    # A 1-token and a 3-token answer with the same advantage: the 3-token one carries 3/4 of the
+    # gradient (a per-sequence mean would give each half).
+    logp = torch.zeros(2, 3, requires_grad=True)
+    mask = torch.tensor([[1.0, 0, 0], [1, 1, 1]])
+    loss, _ = train.grpo_loss(logp, logp.detach(), logp.detach(), torch.tensor([1.0, 1.0]), mask, mask.sum())
+    loss.backward()
+    assert logp.grad.sum(1).tolist() == pytest.approx([-0.25, -0.75])
+
+
+def test_overlong_penalty_at_its_boundaries():
+    shaped = lambda length: train.overlong_shaped(1.0, length, cap=100, buffer_fraction=0.25, floor=0.0)  # noqa: E731
+    assert shaped(10) == 1.0 and shaped(75) == 1.0
+    assert shaped(87.5) == pytest.approx(0.5) and shaped(100) == 0.0
+    assert train.overlong_shaped(0.0, 90, cap=100, buffer_fraction=0.25, floor=-1.0) == pytest.approx(-0.6)
+
+
+def test_concision_tiers_at_their_boundaries():
+    assert [train.concision_multiplier(n) for n in (0, 1, 2, 3, 5, 6, 40)] == [1.0, 0.9, 0.9, 0.7, 0.7, 0.5, 0.5]
+    assert tasks.count_reflection_words("Wait, actually... Hmm. Let me check. awaiting") == 4
+
+
+def rollout_of(task, reward, answer="", written=3):
+    r = train.Rollout(task, prompt=[A], ids=[1] * written, written=[1] * written, logp=[0.0] * written,
+                      finished=True, answer=answer, reward=reward)
+    return r
+
+
+def test_shaping_applies_concision_to_instruct_only_and_groups_drop_zero_variance():
+    task = tasks.math_task(random.Random(0))
+    rows = [rollout_of(task, 1.0, "wait wait wait 5"), rollout_of(task, 1.0, "5"),
+            rollout_of(task, 0.0), rollout_of(task, 0.0),          # group 2: all wrong
+            rollout_of(task, 1.0), rollout_of(task, None)]         # group 3: one unscoreable answer
+    train.shape_rewards(rows, "instruct", cap=96)
+    assert [r.shaped for r in rows[:2]] == [0.7, 1.0]
+    kept, n_groups = train.usable_groups(rows, group_size=2, wanted=8)
+    assert n_groups == 3 and kept == [rows[:2]]
+    train.shape_rewards(rows, "thinking", cap=96)
+    assert rows[0].shaped == 1.0
+
+
+# -----------------------------------------------------------------------------------------------
+# Verifiers (§5.2.1)
+
+def test_math_and_tool_verifiers():
+    math_task = tasks.Task("math", "What is 40 + 2?", "42", key="40+2", reasoning=("",))
+    assert tasks.reward(math_task, "42") == 1.0 and tasks.reward(math_task, "It is 42.") == 1.0
+    assert tasks.reward(math_task, "43") == 0.0 and tasks.reward(math_task, "no idea") == 0.0
+    tool = tasks.tool_task(random.Random(1))
+    assert tasks.reward(tool, f"{tool.tool_call['arguments']['expression']} = {tool.answer}") == 1.0
+    assert tasks.reward(tool, str(int(tool.answer) + 1)) == 0.0
+
+
+def test_calculator_tool_answers_or_explains():
+    call = lambda expression: json.dumps({"name": "calculator", "arguments": {"expression": expression}})  # noqa: E731
+    assert tasks.call_tool(call("382 * 47")) == "17954" and tasks.call_tool(call("7 / 2")) == "3.5"
+    for bad in (call("__import__('os')"), call("1 / 0"), call("2 ** 99999"), '{"name": "shell"}', "not json"):
+        assert tasks.call_tool(bad).startswith("error:")
+
+
+def test_code_verifier_counts_passed_asserts():
+    task = tasks.Task("code", "", "", key="", reasoning=("",), cases=(((1,), 3), ((2,), 5), ((0,), 1)))
+    assert tasks.reward(task, "def f(x):\n    return 2 * x + 1") == 1.0
+    assert tasks.reward(task, "```python\ndef f(x):\n    return 2 * x + 1\n```") == 1.0
+    assert tasks.reward(task, "def f(x):\n    return 3") == pytest.approx(1 / 3)
+    assert tasks.reward(task, "def f(x) return") == 0.0                       # syntax error
+    assert tasks.reward(task, "def f(x):\n    return x\nprint('0' * 16, 3)") == 0.0  # cannot print a score
+
+
+def test_every_generated_task_is_solved_by_its_own_reference():
+    rng = random.Random(5)
+    for suite in tasks.SUITES:
+        for _ in range(5):
+            task = tasks.make_task(suite, rng)
+            answer = tasks.demonstration(task)[-1]["content"]
+            assert tasks.reward(task, task.answer if suite == "code" else answer) == 1.0
+
+
+def test_verifier_retries_its_own_failures_and_keeps_serving(monkeypatch):
+    task = tasks.Task("code", "", "", key="", reasoning=("",), cases=(((1,), 1),))
+    real, failures = tasks.run_sandboxed, []
+
+    def flaky(source, timeout):
+        if len(failures) < 1:
+            failures.append(1)
+            raise OSError("no more processes")
+        return real(source, timeout=timeout)
+
+    monkeypatch.setattr(tasks, "run_sandboxed", flaky)
+    with tasks.Verifier(retries=2) as verifier:
+        assert verifier.submit(task, "def f(x):\n    return x").result() == 1.0   # retried, not scored 0
+        monkeypatch.setattr(tasks, "run_sandboxed", lambda source, timeout: (_ for _ in ()).throw(OSError("down")))
+        assert verifier.submit(task, "def f(x):\n    return x").result() is None  # persistent: left out
+        monkeypatch.setattr(tasks, "run_sandboxed", real)
+        assert verifier.score_all([(task, "def f(x):\n    return x"), (task, "bad")]) == [1.0, 0.0]
+
+
+# -----------------------------------------------------------------------------------------------
+# The sandbox against hostile programs: each is stopped in bounded time, scores 0, and leaves the
+# host as it was
+
+HOSTILE = {
+    "infinite loop": "while True:\n    pass",
+    "sleeping forever": "import time\ntime.sleep(60)",
+    "fork bomb": "import os\nwhile True:\n    os.fork()",
+    "process spawner": "import subprocess\nsubprocess.Popen(['sleep', '60'])",
+    "memory bomb": "x = bytearray(4 * 1024**3)",
+    "output flood": "while True:\n    print('x' * 1000)",
+}
+
+
+@pytest.mark.parametrize("name", HOSTILE)
+def test_sandbox_contains_hostile_programs(name):
+    started = time.time()
+    result = train.run_sandboxed(HOSTILE[name], timeout=1.0)
+    assert time.time() - started < 5
+    assert not result.ok and len(result.stdout) <= 65536
+    task = tasks.Task("code", "", "", key="", reasoning=("",), cases=(((1,), 1),))
+    assert tasks.code_reward(task, "def f(x):\n    return x\n" + HOSTILE[name], timeout=1.0) == 0.0
+
+
+def test_sandbox_reports_each_way_of_ending():
+    assert train.run_sandboxed("print('hi')").ok and train.run_sandboxed("print('hi')").stdout == "hi\n"
+    assert train.run_sandboxed("while True: pass", timeout=0.5).timed_out
+    crashed = train.run_sandboxed("raise SystemExit(3)")
+    assert not crashed.ok and crashed.returncode == 3 and not crashed.timed_out
+    memory = train.run_sandboxed("x = bytearray(4 * 1024**3)")
+    assert not memory.ok and "MemoryError" in memory.stderr
+
+
+def test_sandbox_cannot_write_outside_its_directory(tmp_path):
+    target = tmp_path / "outside.txt"
+    for program in (f"open({str(target)!r}, 'w').write('x')",
+                    f"import os\nos.close(os.open({str(target)!r}, os.O_WRONLY | os.O_CREAT))",
+                    f"import os\nos.remove({str(tmp_path / 'keep.txt')!r})"):
+        (tmp_path / "keep.txt").write_text("precious")
+        result = train.run_sandboxed(program)
+        assert not result.ok and not target.exists() and (tmp_path / "keep.txt").read_text() == "precious"
+    inside = train.run_sandboxed("open('scratch.txt', 'w').write('fine')\nprint(open('scratch.txt').read())")
+    assert inside.ok and inside.stdout == "fine\n"
+
+
+def test_sandbox_sees_no_environment(monkeypatch):
+    monkeypatch.setenv("MELLUM2_SECRET", "hunter2")
+    result = train.run_sandboxed("import os\nprint(dict(os.environ))")
+    assert result.ok and "hunter2" not in result.stdout
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="the privilege drop happens for root")
+def test_sandbox_started_by_root_runs_unprivileged():
+    result = train.run_sandboxed("import os\nprint(os.getuid(), os.getgid())")
+    assert result.ok and result.stdout.split()[0] != "0"
+
+
+# -----------------------------------------------------------------------------------------------
+# Both stages end to end on a small model
+
+SMALL_TASKS = dataclasses.replace(SMALL, vocab_size=data.VOCAB_SIZE, max_seq_len=256, sliding_window=16)
+
+
+def save_run(folder, model, stage, steps=1, **settings):
+    folder.mkdir(parents=True, exist_ok=True)
+    train.save_checkpoint(folder / "ckpt.pt", model, [], steps, dict(stage=stage, steps=steps, **settings))
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def sft_run(tmp_path_factory):
+    """A small model after a short SFT (Instruct) from random weights."""
+    folder = tmp_path_factory.mktemp("runs")
+    torch.manual_seed(0)
+    base = save_run(folder / "base", Mellum2(SMALL_TASKS), "pretrain")
+    sft_settings = dataclasses.replace(train.SFT_RUNS["tiny"], steps=12, eval_every=12, eval_tasks=2, batch_size=8,
+                                       micro_batch=8, lr=3e-3, warmup_steps=2)
+    original = train.SFT_RUNS["tiny"]
+    train.SFT_RUNS["tiny"] = sft_settings
+    try:
+        train.train(train.parse_args(["--stage", "sft", "--init-from", base, "--out-dir", str(folder / "sft")]))
+    finally:
+        train.SFT_RUNS["tiny"] = original
+    return folder
+
+
+def test_sft_stage_runs_and_scores_the_held_out_tasks(sft_run):
+    records = [json.loads(line) for line in open(sft_run / "sft" / "metrics.jsonl")]
+    assert records[0]["step"] == 0 and set(tasks.SUITES) <= set(records[0]["val"])   # before SFT
+    assert records[-1]["step"] == 12 and "val" in records[-1]
+    assert records[-1]["ntp"] < records[1]["ntp"] - 1.0
+    state = train.load_checkpoint(sft_run / "sft" / "ckpt.pt")
+    assert state["settings"]["stage"] == "sft" and state["settings"]["variant"] == "instruct"
+    assert state["config"]["aux_loss_coef"] == 1e-4
+
+
+TINY_RL = train.RLRun(steps=3, prompts=2, group_size=4, lr=1e-3, warmup_steps=1, eval_every=3, eval_tasks=2,
+                      ckpt_every=1)
+
+
+def grpo_args(sft_run, out, *extra):
+    return train.parse_args(["--stage", "grpo", "--init-from", str(sft_run / "sft"), "--out-dir", str(out), *extra])
+
+
+def varied_reward(task, text):
+    """A stand-in verifier that gives mixed rewards to any answers (the real ones are tested above)."""
+    return float(sum(map(ord, text)) % 3 == 0)
+
+
+def test_grpo_runs_end_to_end_and_resumes_exactly(sft_run, tmp_path, monkeypatch):
+    monkeypatch.setitem(train.GRPO_RUNS, "tiny", TINY_RL)
+    monkeypatch.setattr(tasks, "reward", varied_reward)
+    start = train.model_from_checkpoint(train.load_checkpoint(sft_run / "sft" / "ckpt.pt"))
+    straight = train.grpo(grpo_args(sft_run, tmp_path / "a"))
+    records = [json.loads(line) for line in open(tmp_path / "a" / "metrics.jsonl")]
+    steps = [r for r in records if r["step"] > 0]
+    assert [r["step"] for r in steps] == [1, 2, 3] and "val" in records[0] and "val" in steps[-1]
+    assert [r["staleness"] for r in steps] == [0, 1, 1]           # batch k from the policy of step k - 1
+    assert sum(r["groups_kept"] for r in steps) > 0
+    assert any(not torch.equal(a, b) for a, b in zip(start.parameters(), straight.parameters()))
+    # Stopped after one step and resumed: the same parameters, the same logged rewards.
+    train.grpo(grpo_args(sft_run, tmp_path / "b"), stop_after=1)
+    resumed = train.grpo(grpo_args(sft_run, tmp_path / "b", "--resume"))
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+    rewards = lambda d: [json.loads(line).get("reward") for line in open(d / "metrics.jsonl")]  # noqa: E731
+    assert rewards(tmp_path / "a") == rewards(tmp_path / "b")
+
+
+def test_grpo_sync_samples_with_the_current_policy(sft_run, tmp_path, monkeypatch):
+    monkeypatch.setitem(train.GRPO_RUNS, "tiny", dataclasses.replace(TINY_RL, steps=2, eval_every=100))
+    monkeypatch.setattr(tasks, "reward", varied_reward)
+    train.grpo(grpo_args(sft_run, tmp_path, "--sync"))
+    steps = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")][1:]
+    assert [r["staleness"] for r in steps] == [0, 0]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--stage", "grpo", "--init-from", "{pretrain}"], "holds no finished sft run"),
+    (["--stage", "grpo", "--init-from", "{sft}", "--group-size", "1"], "--group-size must be at least 2"),
+    (["--stage", "grpo", "--init-from", "{sft}", "--variant", "thinking"], "needs a thinking SFT run"),
+    (["--stage", "grpo"], "give --init-from"),
+    (["--stage", "sft"], "give --init-from"),
+])
+def test_post_training_bad_input(argv, message, sft_run, tmp_path, capsys):
+    argv = [a.format(pretrain=sft_run / "base", sft=sft_run / "sft") for a in argv]
+    with pytest.raises(SystemExit) as exit_info:
+        train.main([*argv, "--out-dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 1 and message in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("argv", [["--stage", "rlhf"], ["--stage", "sft", "--variant", "chatty"]])
+def test_unknown_stage_or_variant_is_refused(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(argv)
+    assert exit_info.value.code == 2 and "invalid choice" in capsys.readouterr().err
+
+
+def test_grpo_update_makes_rewarded_answers_more_likely():
+    torch.manual_seed(0)
+    model = Mellum2(SMALL_TASKS)
+    task = tasks.math_task(random.Random(0))
+    prompt = [U, 5, 6, E, A]
+    good, bad = [40, 41, E], [50, 51, E]
+
+    def logp_of(answer):
+        with torch.no_grad():
+            return train.token_logprobs(model, torch.tensor([prompt + answer[:-1]]),
+                                        torch.tensor([prompt[1:] + answer]))[0, -3:].sum().item()
+
+    def group():
+        rows = []
+        for answer, reward in ((good, 1.0), (bad, 0.0), (bad, 0.0), (good, 1.0)):
+            with torch.no_grad():
+                lp = train.token_logprobs(model, torch.tensor([prompt + answer[:-1]]),
+                                          torch.tensor([prompt[1:] + answer]))[0, -3:].tolist()
+            rows.append(train.Rollout(task, prompt, list(answer), [1, 1, 1], lp, True, "", reward, reward))
+        return rows
+
+    before = logp_of(good) - logp_of(bad)
+    optimizers = train.build_optimizers(model, 1e-3, weight_decay=0.0, optimizer="adamw")
+    for _ in range(5):
+        train.grpo_update(model, optimizers, [group()])
+    assert logp_of(good) - logp_of(bad) > before + 1.0
