@@ -793,8 +793,8 @@ def render_message(enc, message, reasoning=True):
     """One message -> its ids, role marker first and <|end|> last. reasoning=False drops the
     message's "reasoning" (Instruct data, and earlier turns of a Thinking conversation)."""
     if message["role"] == "tool":
-        return [SPECIAL_TOKENS["<|user|>"], *enc.encode_ordinary(f"<tool_response>{message['content']}</tool_response>"),
-                SPECIAL_TOKENS["<|end|>"]]
+        reply = enc.encode_ordinary(f"<tool_response>{message['content']}</tool_response>")
+        return [SPECIAL_TOKENS["<|user|>"], *reply, SPECIAL_TOKENS["<|end|>"]]
     ids = [SPECIAL_TOKENS[f"<|{message['role']}|>"]]
     if reasoning and message.get("reasoning"):
         ids += [SPECIAL_TOKENS["<think>"], *enc.encode_ordinary(message["reasoning"]), SPECIAL_TOKENS["</think>"]]

@@ -123,7 +123,8 @@ CODE_TEMPLATES = (
     ("s reversed, then its first {k} characters", "s[::-1][:{k}]", "str"),
     ("the length of s plus {k}", "len(s) + {k}", "str"), ("the last {k} characters of s", "s[-{k}:]", "str"),
     ("s repeated {k} times", "s * {k}", "str"), ("the first {k} characters of s", "s[:{k}]", "str"),
-    ("the sum of xs plus {k}", "sum(xs) + {k}", "list"), ("the largest element of xs times {k}", "max(xs) * {k}", "list"),
+    ("the sum of xs plus {k}", "sum(xs) + {k}", "list"),
+    ("the largest element of xs times {k}", "max(xs) * {k}", "list"),
     ("the first {k} elements of xs sorted", "sorted(xs)[:{k}]", "list"),
     ("the number of times {k} appears in xs", "xs.count({k})", "list"),
 )

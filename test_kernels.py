@@ -1,17 +1,14 @@
 """
 Tests of kernels.py on the CPU: the Triton kernels run under Triton's interpreter (TRITON_INTERPRET=1,
-which must be set before triton or kernels is imported), and each must equal both its PyTorch
+set in conftest.py before triton is imported), and each must equal both its PyTorch
 fallback in mellum2.py and a brute-force reference written here, forward and backward.
 """
 
-import os
 from types import SimpleNamespace
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before kernels (and triton) are imported
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import pytest
+import torch
+import torch.nn.functional as F
 
 pytest.importorskip("triton")
 

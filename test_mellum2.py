@@ -3,33 +3,29 @@ against something we did not write where one exists (transformers' MellumForCaus
 torch.optim.Muon, brute-force loops, hand computations) and would fail if the thing were wrong.
 Run: python -m pytest -q"""
 
+import collections
+import json
+import math
 import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
 
-# train.py and sample.py import kernels.py: run its Triton kernels through Triton's CPU interpreter,
-# which must be chosen before triton is first imported (test_kernels.py says the same, for any order).
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import numpy as np
+import pytest
+import regex
+import torch
+import torch.nn.functional as F
 
-import collections  # noqa: E402
-import json  # noqa: E402
-import math  # noqa: E402
-import random  # noqa: E402
-import signal  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from dataclasses import replace  # noqa: E402
-
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-import regex  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-import data  # noqa: E402
-import mellum2  # noqa: E402
-import sample  # noqa: E402
-import train  # noqa: E402
-from mellum2 import (IGNORE_INDEX, CheckpointError, KVCache, Mellum2, Mellum2Config,  # noqa: E402
+import data
+import evaluate
+import mellum2
+import sample
+import train
+from mellum2 import (IGNORE_INDEX, CheckpointError, KVCache, Mellum2, Mellum2Config,
                      apply_rope, attention_mask, load_balancing_loss, rope_inv_freq)
 
 transformers = pytest.importorskip("transformers")
@@ -1370,3 +1366,69 @@ def test_long_stage_bad_input(argv, message, small_corpus, tmp_path, capsys):
                     "--out-dir", str(tmp_path / "out"), *argv])
     err = capsys.readouterr().err.strip()
     assert exit_info.value.code == 1 and message in err and len(err.splitlines()) == 1
+
+
+# -----------------------------------------------------------------------------------------------
+# Evaluation (evaluate.py)
+
+class UniformModel(torch.nn.Module):
+    """Predicts every token with probability 1/V: its loss is ln V nats a token, by definition."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config, self.anchor = config, torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, idx):
+        return torch.zeros(*idx.shape, self.config.vocab_size), None
+
+
+@pytest.fixture(scope="module")
+def small_built_corpus(small_corpus, tmp_path_factory):
+    return data.build_corpus([small_corpus], cache_dir=tmp_path_factory.mktemp("cache"), progress=False,
+                             default_sources=False)
+
+
+def test_bits_per_byte_of_a_uniform_model(small_built_corpus, enc):
+    config = Mellum2Config.from_preset("tiny")
+    loss, bpb = evaluate.loss_and_bits_per_byte(UniformModel(config), enc, small_built_corpus, "code", 32, 2)
+    targets = torch.cat([y.flatten() for _, y in data.val_batches(small_built_corpus, "code", 8, 32, 2)])
+    n_bytes = len(enc.decode_bytes([t for t in targets.tolist() if t < data.N_RANKS]))
+    assert loss == pytest.approx(math.log(config.vocab_size))
+    assert bpb == pytest.approx(len(targets) * math.log2(config.vocab_size) / n_bytes)
+
+
+def test_fim_examples_cut_one_held_out_line(small_built_corpus, enc):
+    examples = evaluate.fim_examples(enc, small_built_corpus, 6, budget=64, seed=1)
+    held_out = [enc.decode(small_built_corpus.val["code"].doc(i).tolist())
+                for i in range(len(small_built_corpus.val["code"].offsets) - 1)]
+    assert len(examples) == 6
+    for prompt, line in examples:   # prefix + line + suffix is a stretch of a held-out file, cut at lines
+        assert line.strip() and prompt[-1] == data.FIM_MIDDLE
+        text = enc.decode(data.fim_reassemble(prompt + enc.encode_ordinary(line)))
+        assert f"\n{line}\n" in text and any(text in doc for doc in held_out)
+
+
+def test_fim_exact_match_scores_whole_lines(monkeypatch, enc):
+    examples = [([1], "x = 1"), ([2], "    return x"), ([3], "y = 2")]
+    answers = {1: " x = 1\n", 2: "    return y", 3: "y = 2"}
+    monkeypatch.setattr(evaluate.sample, "generate", lambda model, prompts, *a, **k: [
+        enc.encode_ordinary(answers[p[0]]) + [data.EOT] for p in prompts])
+    assert evaluate.fim_exact_match(None, enc, examples) == pytest.approx(2 / 3)
+
+
+def test_evaluate_runs_on_a_small_model_and_writes_json(small_built_corpus, tmp_path, monkeypatch, capsys):
+    model = Mellum2(replace(SMALL, vocab_size=data.VOCAB_SIZE, max_seq_len=128)).eval()
+    results = evaluate.evaluate(model, small_built_corpus, n=2, max_batches=1)
+    assert {"val_loss/code", "bits_per_byte/web", "fim_exact_match", "synthetic_math", "tasks/code",
+            "passkey"} <= set(results)
+    assert results["val_loss/code"] > 0 and math.isnan(results["synthetic_math"])   # this corpus has no math
+    assert all(0 <= v <= 1 for k, v in results.items() if k.startswith(("tasks", "fim", "passkey")))
+    evaluate.print_table(results)
+    assert "fim_exact_match" in capsys.readouterr().out
+
+
+def test_evaluate_bad_input(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main(["--init-from", str(tmp_path / "nothing")])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 1 and "no ckpt.pt" in err and len(err.splitlines()) == 1

@@ -671,8 +671,8 @@ def train(args, stop_after=None):
     if sft:
         sampler = tasks.SFTSampler(s["variant"], s["seed"], s["batch_size"], seq_len)
     else:
-        sampler = data.BatchSampler(corpus, s["seed"], s["batch_size"], seq_len, s["steps"],
-                                    s["allow_over_repetition"], phase=len(data.PHASES) - 1 if s["stage"] == "long" else None)
+        sampler = data.BatchSampler(corpus, s["seed"], s["batch_size"], seq_len, s["steps"], s["allow_over_repetition"],
+                                    phase=len(data.PHASES) - 1 if s["stage"] == "long" else None)
 
     # 4. Optimizers, fresh or restored.
     raw.to(device)
@@ -713,7 +713,8 @@ def train(args, stop_after=None):
             say(f"tokens {token_budget:,} planned ({s['steps']} steps x {s['batch_size']} x {seq_len}; "
                 f"half batch for the first {math.ceil(s['ramp_fraction'] * s['steps'])} steps)")
             for source, r in data.planned_repetition(corpus, token_budget).items():
-                say(f"       {source}: {len(corpus.train[source].tokens):,} training tokens, planned repetition {r:.2f}x")
+                say(f"       {source}: {len(corpus.train[source].tokens):,} training tokens, "
+                    f"planned repetition {r:.2f}x")
     metrics_path = os.path.join(out_dir, "metrics.jsonl")
     if master:
         truncate_metrics(metrics_path, start_step)
@@ -1027,7 +1028,8 @@ def grpo_update(model, optimizers, groups, minibatches=2, micro_batch=16, grad_c
     first, so in the second mini-batch r != 1 and the clip has work to do (in the first, r == 1 and
     only IcePop acts). Returns summed statistics."""
     device = next(model.parameters()).device
-    x, targets, mask, logp_infer, advantages = (t.to(device) for t in grpo_tensors(groups, data.SPECIAL_TOKENS["<|pad|>"]))
+    tensors = grpo_tensors(groups, data.SPECIAL_TOKENS["<|pad|>"])
+    x, targets, mask, logp_infer, advantages = (t.to(device) for t in tensors)
     with torch.no_grad():
         logp_old = torch.cat([token_logprobs(model, x[i:i + micro_batch], targets[i:i + micro_batch])
                               for i in range(0, len(x), micro_batch)])
@@ -1171,7 +1173,8 @@ def grpo(args, stop_after=None):
     torch.set_num_threads(threads)
     print(f"GRPO ({s['variant']}) on {device}: {run.prompts} prompts x {run.group_size} answers per batch "
           f"({run.oversample}x oversampled), {s['steps']} batches of {run.minibatches} optimizer steps, "
-          f"lr {s['lr']:g}, rollouts at most {s['staleness']} step(s) stale{' (--sync)' if not s['staleness'] else ''}, "
+          f"lr {s['lr']:g}, rollouts at most {s['staleness']} step(s) stale"
+          f"{' (--sync)' if not s['staleness'] else ''}, "
           f"concision penalty {'on' if s['concision'] and s['variant'] == 'instruct' else 'off'}, "
           f"{threads} thread(s) per worker")
     if not resumed:

@@ -1,0 +1,161 @@
+"""
+Scoring a checkpoint without downloads: the report's evaluations (§3.7 pre-training, §5.3
+post-training) in miniature, on held-out data this project never trains on.
+
+    python evaluate.py --init-from out/tiny                     # a table on stdout
+    python evaluate.py --init-from out/tiny-grpo-instruct --json results.json
+
+What is measured, and on what:
+  - validation loss and bits per byte, per source: the held-out 5% of each source (data.py). Bits per
+    byte divide out the tokenizer, so models with different vocabularies compare
+  - FIM exact match: one whole line cut out of held-out standard-library code, filled in greedily
+    from the code around it (the task Mellum is built for: completion inside a file)
+  - synthetic math: held-out GSM-style problems from the math source, answered in the pre-training
+    format ("#### N"); what a base model can be asked
+  - the post-training suites (tasks.py): greedy accuracy on held-out math, code (pass@1, run in the
+    sandbox) and tool tasks, in the chat template; what an SFT or RL model is asked
+  - passkey retrieval at the model's full context (the long-context check of §4)
+"""
+
+import argparse
+import json
+import math
+import random
+import re
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+import data
+import sample
+import tasks
+import train
+from mellum2 import CheckpointError
+
+
+@torch.no_grad()
+def loss_and_bits_per_byte(model, enc, corpus, source, seq_len, max_batches, batch_size=8):
+    """(mean next-token loss in nats, bits per byte) on a source's held-out split. Bits per byte:
+    the summed loss in bits over the UTF-8 bytes of the text predicted (special tokens carry none)."""
+    nats, n_tokens, n_bytes = 0.0, 0, 0
+    device = next(model.parameters()).device
+    for x, y in data.val_batches(corpus, source, batch_size, seq_len, max_batches):
+        logits, _ = model(x.to(device))
+        nats += F.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten(), reduction="sum").item()
+        n_tokens += y.numel()
+        n_bytes += len(enc.decode_bytes([t for t in y.flatten().tolist() if t < data.N_RANKS]))
+    if n_tokens == 0:
+        return math.nan, math.nan
+    return nats / n_tokens, nats / math.log(2) / n_bytes
+
+
+def fim_examples(enc, corpus, n, budget, seed=0):
+    """n FIM line-completion problems from held-out code: (prompt ids, the line). The line is a
+    non-blank one; the prompt keeps the nearest code around it within `budget` tokens, 3/4 before."""
+    split, rng, examples = corpus.val.get("code"), random.Random(seed), []
+    documents = list(range(len(split.offsets) - 1)) if split else []
+    while len(examples) < n and documents:
+        lines = enc.decode(split.doc(rng.choice(documents)).tolist()).split("\n")
+        candidates = [i for i, line in enumerate(lines) if len(line.strip()) >= 4]
+        if not candidates:
+            continue
+        i = rng.choice(candidates)
+        prefix = enc.encode_ordinary("\n".join(lines[:i]) + "\n")[-(3 * budget // 4):]
+        suffix = enc.encode_ordinary("\n" + "\n".join(lines[i + 1:]))[:budget // 4]
+        examples.append((data.fim_prompt(prefix, suffix), lines[i]))
+    return examples
+
+
+def fim_exact_match(model, enc, examples, max_new_tokens=48):
+    """Fraction of lines the model writes exactly (leading and trailing whitespace aside)."""
+    if not examples:
+        return math.nan
+    outputs = sample.generate(model, [prompt for prompt, _ in examples], max_new_tokens, stop_ids={data.EOT})
+    written = [enc.decode([t for t in out if t < data.N_RANKS]) for out in outputs]
+    return sum(text.strip() == line.strip() for text, (_, line) in zip(written, examples)) / len(examples)
+
+
+def synthetic_math_accuracy(model, enc, corpus, n, max_new_tokens=96):
+    """Held-out generated problems: the question line as the prompt, right when the worked solution
+    the model writes ends in "#### N" with the right N."""
+    split, problems = corpus.val.get("math"), []
+    for i in range(len(split.offsets) - 1 if split else 0):
+        text = enc.decode(split.doc(i).tolist())
+        answer = re.search(r"\n#### (-?\d+)$", text)
+        if answer:
+            problems.append((enc.encode_ordinary(text[:text.index("\n") + 1]), answer.group(1)))
+        if len(problems) == n:
+            break
+    if not problems:
+        return math.nan
+    outputs = sample.generate(model, [p for p, _ in problems], max_new_tokens, stop_ids={data.EOT})
+    found = [re.search(r"#### (-?\d+)", enc.decode([t for t in out if t < data.N_RANKS])) for out in outputs]
+    return sum(bool(f) and f.group(1) == answer for f, (_, answer) in zip(found, problems)) / len(problems)
+
+
+@torch.no_grad()
+def passkey_accuracy(model, enc, n, seed=0):
+    """Passkeys hidden at random depths of prompts as long as the model's context."""
+    rng, hits, device = random.Random(seed), 0, next(model.parameters()).device
+    for _ in range(n):
+        key = rng.randrange(10000, 100000)
+        prompt, answer = data.passkey_example(enc, model.config.max_seq_len - 8, rng.random(), key)
+        logits, _ = model(torch.tensor([prompt + answer[:-1]], device=device))
+        hits += train.passkey_correct(logits[0], len(prompt), answer)
+    return hits / n
+
+
+def evaluate(model, corpus, n=64, max_batches=8):
+    """Every score above -> one flat dict (what --json writes)."""
+    enc, seq_len, results = data.load_tokenizer(), model.config.max_seq_len, {}
+    for source in corpus.sources:
+        loss, bpb = loss_and_bits_per_byte(model, enc, corpus, source, seq_len, max_batches)
+        results[f"val_loss/{source}"], results[f"bits_per_byte/{source}"] = loss, bpb
+    results["fim_exact_match"] = fim_exact_match(model, enc, fim_examples(enc, corpus, n, seq_len - 64))
+    results["synthetic_math"] = synthetic_math_accuracy(model, enc, corpus, n)
+    chat = train.evaluate_tasks(model, n, train.MAX_ANSWER_TOKENS["thinking"])
+    results.update({f"tasks/{suite}": chat[suite] for suite in tasks.SUITES})
+    results["passkey"] = passkey_accuracy(model, enc, min(n, 16))
+    return results
+
+
+def print_table(results, file=None):
+    width = max(map(len, results))
+    for name, value in results.items():
+        shown = f"{value:.3f}" if name.startswith(("val_loss", "bits_per_byte")) else f"{value:.1%}"
+        shown = "-" if math.isnan(value) else shown
+        print(f"{name:<{width}}  {shown:>8}", file=file)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--init-from", default="out/tiny", help="a train.py run folder or a Hugging Face directory")
+    p.add_argument("--json", metavar="PATH", help="also write the results here as JSON")
+    p.add_argument("--n", type=int, default=64, help="problems per task (default 64)")
+    p.add_argument("--device", help="cpu, cuda, mps (default: the best available)")
+    args = p.parse_args(argv)
+    try:
+        if args.n < 1:
+            raise ValueError(f"--n must be at least 1, got {args.n}")
+        model, vocab = sample.load_model(args.init_from, args.device)
+        if isinstance(vocab.enc, sample.HFTokenizer):
+            raise ValueError("evaluate.py scores models that speak this project's tokenizer")
+        corpus = data.build_corpus(progress=False)
+        started = time.time()
+        results = evaluate(model, corpus, args.n)
+    except (ValueError, CheckpointError, data.DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    print(f"{args.init_from}: {time.time() - started:.0f} s")
+    print_table(results)
+    if args.json:
+        def write(tmp):
+            with open(tmp, "w") as f:
+                json.dump(results, f, indent=1)
+        data.write_atomically(args.json, write)
+
+
+if __name__ == "__main__":
+    main()
