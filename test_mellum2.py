@@ -1432,3 +1432,23 @@ def test_evaluate_bad_input(tmp_path, capsys):
         evaluate.main(["--init-from", str(tmp_path / "nothing")])
     err = capsys.readouterr().err.strip()
     assert exit_info.value.code == 1 and "no ckpt.pt" in err and len(err.splitlines()) == 1
+
+
+def test_plot_series_come_from_the_metrics(tmp_path, capsys, monkeypatch):
+    import plots
+    records = [{"step": 1, "ntp": 5.0, "lr": 0.1}, {"step": 2, "ntp": 4.0, "lr": 0.2, "val": {"code": 4.5}},
+               {"step": 3, "ntp": 3.0, "lr": 0.3}]
+    assert plots.series(records, "ntp") == ([1, 2, 3], [5.0, 4.0, 3.0])
+    assert plots.series(records, "val", "code") == ([2], [4.5])
+    for variant, loss in (("selective-yarn", 4.0), ("unchanged", 4.2)):
+        (tmp_path / variant).mkdir()
+        (tmp_path / variant / "metrics.jsonl").write_text(
+            json.dumps({"step": 9, "loss": 1.0}) + "\n" +
+            json.dumps({"step": 10, "long_context_eval": {"256": [loss, 0.5], "512": [loss + 1, 0.0]}}) + "\n")
+    assert plots.rope_comparison(tmp_path) == {"selective-yarn": {256: (4.0, 0.5), 512: (5.0, 0.0)},
+                                               "unchanged": {256: (4.2, 0.5), 512: (5.2, 0.0)}}
+    monkeypatch.setitem(sys.modules, "matplotlib", None)   # as on a machine without it: one clear line
+    with pytest.raises(SystemExit) as exit_info:
+        plots.main([str(tmp_path)])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 1 and "pip install matplotlib" in err and len(err.splitlines()) == 1

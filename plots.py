@@ -1,0 +1,118 @@
+"""
+Pictures of a run, written as PNG files next to its metrics (matplotlib is optional: nothing else in
+the project needs it; pip install matplotlib).
+
+    python plots.py out/tiny                  # pre-training: loss parts, learning rate, expert load
+    python plots.py out/tiny-long             # after train.py --stage long --compare: the YaRN comparison
+    python plots.py out/tiny-grpo-instruct    # GRPO: reward per suite and held-out accuracy
+
+Each command prints the files it wrote (FOLDER/plots/*.png).
+"""
+
+import argparse
+import json
+import os
+import sys
+
+import tasks
+import train
+
+
+def read_metrics(folder):
+    path = os.path.join(folder, "metrics.jsonl")
+    if not os.path.isfile(path):
+        raise ValueError(f"{folder}: no metrics.jsonl (a train.py run folder has one)")
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def series(records, key, inner=None):
+    """(steps, values) of one logged number, or of one entry of a logged dict (inner)."""
+    points = [(r["step"], r[key] if inner is None else r[key][inner]) for r in records
+              if key in r and (inner is None or inner in r[key])]
+    return [p[0] for p in points], [p[1] for p in points]
+
+
+def rope_comparison(folder):
+    """{variant: {context length: (validation loss, passkey accuracy)}} from a --compare folder."""
+    table = {}
+    for variant in train.ROPE_VARIANTS:
+        if os.path.isdir(os.path.join(folder, variant)):
+            last = [r for r in read_metrics(os.path.join(folder, variant)) if "long_context_eval" in r][-1]
+            table[variant] = {int(n): tuple(v) for n, v in last["long_context_eval"].items()}
+    return table
+
+
+def training_figures(records, plt):
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7))
+    for part in ("ntp", "mtp", "aux", "z"):
+        axes[0, 0].plot(*series(records, part), label=part)
+    for source in sorted({s for r in records for s in r.get("val", {})}):
+        axes[0, 0].plot(*series(records, "val", source), "o--", label=f"validation {source}")
+    axes[0, 0].set(title="loss parts (§2.1.5, §3.4.5)", xlabel="step", yscale="log")
+    axes[0, 1].plot(*series(records, "lr"))
+    axes[0, 1].set(title="learning rate: Warmup-Hold-Decay (§3.4.2)", xlabel="step")
+    axes[1, 0].plot(*series(records, "expert_balance"))
+    axes[1, 0].axhline(1.0, color="grey", linestyle=":")
+    axes[1, 0].set(title="expert load: busiest / mean (1 = balanced)", xlabel="step")
+    axes[1, 1].plot(*series(records, "grad_norm"))
+    axes[1, 1].set(title="gradient norm before clipping", xlabel="step", yscale="log")
+    axes[0, 0].legend(fontsize=7)
+    return {"training": fig}
+
+
+def grpo_figures(records, plt):
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for suite in tasks.SUITES:
+        left.plot(*series(records, "suite_accuracy", suite), label=suite)
+        right.plot(*series(records, "val", suite), "o-", label=suite)
+    left.set(title="reward: sampled answers right, per suite", xlabel="batch")
+    right.set(title="held-out greedy accuracy", xlabel="batch", ylim=(-0.05, 1.05))
+    left.legend(), right.legend()
+    return {"grpo": fig}
+
+
+def rope_figures(table, plt):
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for variant, results in table.items():
+        lengths = sorted(results)
+        left.plot(lengths, [results[n][0] for n in lengths], "o-", label=variant)
+        right.plot(lengths, [results[n][1] for n in lengths], "o-", label=variant)
+    for ax, title in ((left, "held-out code loss"), (right, "passkey accuracy")):
+        ax.set(title=title, xlabel="context (tokens)", xscale="log")
+    left.legend()
+    fig.suptitle("§4.1 Layer-Selective YaRN, in miniature")
+    return {"rope_variants": fig}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("folder", help="a train.py run folder, or a --stage long --compare folder")
+    args = p.parse_args(argv)
+    try:
+        import matplotlib
+        matplotlib.use("Agg")   # files only, no window
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("error: plots need matplotlib (pip install matplotlib); nothing else does", file=sys.stderr)
+        sys.exit(1)
+    try:
+        table = rope_comparison(args.folder)
+        if table:
+            figures = rope_figures(table, plt)
+        else:
+            records = read_metrics(args.folder)
+            figures = (grpo_figures if any("reward" in r for r in records) else training_figures)(records, plt)
+    except (ValueError, KeyError, IndexError) as e:
+        print(f"error: {args.folder}: cannot plot it ({type(e).__name__}: {e})", file=sys.stderr)
+        sys.exit(1)
+    os.makedirs(os.path.join(args.folder, "plots"), exist_ok=True)
+    for name, fig in figures.items():
+        path = os.path.join(args.folder, "plots", f"{name}.png")
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        print(path)
+
+
+if __name__ == "__main__":
+    main()
