@@ -232,7 +232,7 @@ def kernel_speed(args):
         report(f"MoE N={N} tokens D={D} F={F_} E={E} top-{K}", "experts_grouped (fallback)", candidates)
 
 
-def main():
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="what", required=True)
     sub.add_parser("params", help="parameter counts of every preset")
@@ -255,7 +255,11 @@ def main():
                    help="the real model's sizes (T=8192, 64 experts of 896 at D=2304); automatic on CUDA")
     for q in (p, t, d, k):
         q.add_argument("--threads", type=int, help="CPU threads (default: torch's choice)")
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def main():
+    args = parse_args()
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
     {"params": params, "model": lambda: model(args), "train": lambda: train_steps(args),

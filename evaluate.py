@@ -129,13 +129,17 @@ def print_table(results, file=None):
         print(f"{name:<{width}}  {shown:>8}", file=file)
 
 
-def main(argv=None):
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--init-from", default="out/tiny", help="a train.py run folder or a Hugging Face directory")
     p.add_argument("--json", metavar="PATH", help="also write the results here as JSON")
     p.add_argument("--n", type=int, default=64, help="problems per task (default 64)")
     p.add_argument("--device", help="cpu, cuda, mps (default: the best available)")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
     try:
         if args.n < 1:
             raise ValueError(f"--n must be at least 1, got {args.n}")

@@ -85,10 +85,14 @@ def rope_figures(table, plt):
     return {"rope_variants": fig}
 
 
-def main(argv=None):
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("folder", help="a train.py run folder, or a --stage long --compare folder")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
     try:
         import matplotlib
         matplotlib.use("Agg")   # files only, no window

@@ -8,6 +8,8 @@ import json
 import math
 import os
 import random
+import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -1452,3 +1454,36 @@ def test_plot_series_come_from_the_metrics(tmp_path, capsys, monkeypatch):
         plots.main([str(tmp_path)])
     err = capsys.readouterr().err.strip()
     assert exit_info.value.code == 1 and "pip install matplotlib" in err and len(err.splitlines()) == 1
+
+
+# -----------------------------------------------------------------------------------------------
+# The README: every command in it names real scripts and flags
+
+def readme_commands():
+    """Every `python ...` / `torchrun ...` command of the README: code-block lines and inline code."""
+    text = open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md")).read()
+    found = [line.strip() for line in text.splitlines() if line.startswith("    ")
+             and re.match(r"(\S+=\S+ )*(pip|python|torchrun|bash) ", line.strip())]
+    found += re.findall(r"`((?:\S+=\S+ )*(?:python|torchrun) [^`]+)`", text)
+    return [part.strip() for command in found for part in command.split("&&")]
+
+
+def test_every_readme_command_parses():
+    import bench
+    import plots
+    parsers = {"train.py": train.parse_args, "sample.py": sample.parse_args, "evaluate.py": evaluate.parse_args,
+               "plots.py": plots.parse_args, "bench.py": bench.parse_args}
+    checked = 0
+    for command in readme_commands():
+        words = shlex.split(command, comments=True)
+        scripts = [i for i, w in enumerate(words) if w.endswith(".py")]
+        if not scripts:   # pip install, python -m pytest, bash .ci/run
+            assert words[0] in ("pip", "python", "bash"), command
+            continue
+        script, argv = words[scripts[0]], words[scripts[0] + 1:]
+        if script == "data.py":
+            assert argv == ["--train-tokenizer"], command
+        elif argv not in (["-h"], ["--help"]):
+            parsers[script](argv)   # an unknown flag or a bad value exits here, naming the command's problem
+        checked += 1
+    assert checked >= 25
