@@ -1487,3 +1487,13 @@ def test_every_readme_command_parses():
             parsers[script](argv)   # an unknown flag or a bad value exits here, naming the command's problem
         checked += 1
     assert checked >= 25
+
+
+def test_readme_line_anchors_point_at_what_they_name():
+    here = os.path.dirname(os.path.abspath(__file__))
+    links = re.findall(r"\[`(\w+\.py): (\w+)`\]\((\w+\.py)#L(\d+)\)", open(os.path.join(here, "README.md")).read())
+    assert len(links) >= 30
+    for shown, name, path, line in links:
+        assert shown == path
+        text = open(os.path.join(here, path)).read().splitlines()[int(line) - 1]
+        assert re.match(rf"(def|class) {name}\b|{name} = ", text), (path, line, name)
