@@ -106,8 +106,7 @@ def train_steps(args):
         hf_adamw.step()
         hf_adamw.zero_grad(set_to_none=True)
 
-    # A dense model with the same active parameters: one "expert" as wide as the K active ones.
-    dense = replace(config, n_expert=1, n_expert_active=1, expert_dim=config.n_expert_active * config.expert_dim)
+    dense = mellum2.dense_config(config)
     seconds = time_interleaved(
         args.steps, transformers_adamw=reference, ours_adamw_no_mtp=ours(replace(config, n_mtp=0), "adamw"),
         ours_as_trained=ours(config), dense_as_trained=ours(dense), dense_adamw=ours(dense, "adamw"),

@@ -135,6 +135,12 @@ PRESETS = {
 }
 
 
+def dense_config(config):
+    """The dense model with the same active parameters (App. A's comparison): one "expert" as wide
+    as the K active ones, so each token meets the same number of weights, always the same ones."""
+    return replace(config, n_expert=1, n_expert_active=1, expert_dim=config.n_expert_active * config.expert_dim)
+
+
 def pick_device(requested=None):
     """The device to run on: the one asked for, else CUDA, then Apple's MPS, then the CPU."""
     if requested:

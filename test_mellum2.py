@@ -1497,3 +1497,14 @@ def test_readme_line_anchors_point_at_what_they_name():
         assert shown == path
         text = open(os.path.join(here, path)).read().splitlines()[int(line) - 1]
         assert re.match(rf"(def|class) {name}\b|{name} = ", text), (path, line, name)
+
+
+def test_dense_counterpart_has_the_same_active_parameters(small_corpus, tmp_path):
+    moe = Mellum2Config.from_preset("tiny")
+    dense = mellum2.dense_config(moe)
+    assert dense.n_expert == dense.n_expert_active == 1 and dense.expert_dim == moe.n_expert_active * moe.expert_dim
+    # the same weights per token, but for the router's (E x D instead of 1 x D)
+    difference = Mellum2(moe).num_params(active=True) - Mellum2(dense).num_params(active=True)
+    assert difference == moe.n_layer * (moe.n_expert - 1) * moe.n_embd
+    train.train(run_args(small_corpus, tmp_path, "--max-steps", "2", "--dense"))
+    assert train.load_checkpoint(tmp_path / "ckpt.pt")["config"]["n_expert"] == 1

@@ -627,6 +627,7 @@ def train(args, stop_after=None):
                         ramp_fraction=run.ramp_fraction, eval_every=run.eval_every, eval_batches=run.eval_batches,
                         ckpt_every=run.ckpt_every, optimizer=args.optimizer, mtp=not args.no_mtp, fp8=args.fp8,
                         aux_coef=given(args.aux_coef, 1e-4 if sft else 1e-3), eval_tasks=run.eval_tasks,
+                        dense=args.dense,
                         data=list(args.data), default_data=not args.no_default_data,
                         allow_over_repetition=args.allow_over_repetition,
                         init_from=args.init_from, stage=args.stage, context=args.context,
@@ -645,6 +646,8 @@ def train(args, stop_after=None):
     # 3. The model, fresh, from --init-from weights, or restored; its context sets the sequence length.
     config = Mellum2Config(**resumed["config"]) if resumed else \
         Mellum2Config.from_preset(s["size"], n_mtp=1 if s["mtp"] else 0, aux_loss_coef=s["aux_coef"])
+    if s.get("dense") and not resumed:
+        config = mellum2.dense_config(config)
     if args.data_report:  # before building the model: the report needs none (and 12B would not fit)
         data.data_report(corpus, s["steps"] * s["batch_size"] * config.max_seq_len)
         return None
@@ -1333,6 +1336,8 @@ def parse_args(argv=None):
     g.add_argument("--optimizer", default="muon", choices=["muon", "adamw"],
                    help="muon: Muon on matrices + AdamW on the rest (the report); adamw: AdamW everywhere")
     g.add_argument("--no-mtp", action="store_true", help="train without the MTP layer (the report's ablation)")
+    g.add_argument("--dense", action="store_true",
+                   help="a dense model with the same active parameters instead of the MoE (App. A's comparison)")
     g.add_argument("--fp8", action="store_true", help="FP8 tensorwise matmuls in attention, MTP and experts")
     g.add_argument("--aux-coef", type=float,
                    help="load-balancing loss coefficient (default 1e-3, the report's, and 1e-4 in SFT; it found "
