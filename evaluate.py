@@ -95,18 +95,6 @@ def synthetic_math_accuracy(model, enc, corpus, n, max_new_tokens=96):
     return sum(bool(f) and f.group(1) == answer for f, (_, answer) in zip(found, problems)) / len(problems)
 
 
-@torch.no_grad()
-def passkey_accuracy(model, enc, n, seed=0):
-    """Passkeys hidden at random depths of prompts as long as the model's context."""
-    rng, hits, device = random.Random(seed), 0, next(model.parameters()).device
-    for _ in range(n):
-        key = rng.randrange(10000, 100000)
-        prompt, answer = data.passkey_example(enc, model.config.max_seq_len - 8, rng.random(), key)
-        logits, _ = model(torch.tensor([prompt + answer[:-1]], device=device))
-        hits += train.passkey_correct(logits[0], len(prompt), answer)
-    return hits / n
-
-
 def evaluate(model, corpus, n=64, max_batches=8):
     """Every score above -> one flat dict (what --json writes)."""
     enc, seq_len, results = data.load_tokenizer(), model.config.max_seq_len, {}
@@ -117,7 +105,8 @@ def evaluate(model, corpus, n=64, max_batches=8):
     results["synthetic_math"] = synthetic_math_accuracy(model, enc, corpus, n)
     chat = train.evaluate_tasks(model, n, train.MAX_ANSWER_TOKENS["thinking"])
     results.update({f"tasks/{suite}": chat[suite] for suite in tasks.SUITES})
-    results["passkey"] = passkey_accuracy(model, enc, min(n, 16))
+    # passkeys at the model's full context (less room for the answer's few tokens)
+    results["passkey"] = train.passkey_accuracy(model, enc, seq_len - 8, min(n, 16), random.Random(0))
     return results
 
 
