@@ -32,13 +32,17 @@ def params():
         print(f"{name:<12} " + " ".join(f"{c / 1e6:>9.2f}M" for c in counts))
 
 
-def as_transformers(model):
-    """The same weights in transformers' MellumForCausalLM (the reference), through our export."""
+def as_transformers(model, folder=None):
+    """The same weights in transformers' MellumForCausalLM (the reference), through our export to
+    `folder`, or to a temporary one. Drafting with generate(use_mtp=True) needs a folder that stays:
+    transformers loads the MTP layer from the model's directory only when it starts drafting."""
     import transformers  # the reference; only the benchmarks and the tests need it
 
-    with tempfile.TemporaryDirectory() as tmp:
-        model.save_pretrained(tmp)
-        return transformers.MellumForCausalLM.from_pretrained(tmp, dtype=torch.float32)
+    if folder is None:
+        with tempfile.TemporaryDirectory() as tmp:
+            return as_transformers(model, tmp)
+    model.save_pretrained(folder)
+    return transformers.MellumForCausalLM.from_pretrained(folder, dtype=torch.float32)
 
 
 def time_interleaved(steps, **candidates):
@@ -119,6 +123,28 @@ def train_steps(args):
           f"{seconds['moe_adamw'] / seconds['dense_adamw']:.2f}x with AdamW everywhere")
 
 
+@torch.no_grad()
+def speculative_pass_costs(model, prompt, text):
+    """Median seconds of the passes speculative decoding is made of, replayed along `text` (the
+    greedy continuation of `prompt`) so that each pass meets the experts real decoding meets: a plain
+    step (the trunk over 1 new token, then the head), a verify step (over 2 tokens, the head on both)
+    and a draft (the MTP layer and the head, after each plain step as in a speculative loop)."""
+    costs = {"plain": [], "verify": [], "draft": []}
+    for width, name in ((1, "plain"), (2, "verify")):
+        cache = mellum2.KVCache(model.config, 1, model.config.max_seq_len)
+        model.trunk(torch.tensor([prompt]), cache)
+        for i in range(0, len(text) - 2, width):
+            start = time.perf_counter()
+            h, _ = model.trunk(torch.tensor([text[i:i + width]]), cache)  # (1, width, D)
+            model.lm_head(h[0])
+            costs[name].append(time.perf_counter() - start)
+            if width == 1:  # h is the state at position p = len(prompt) + i; the MTP reads it with token p + 1
+                start = time.perf_counter()
+                model.draft(h, torch.tensor([text[i + 1:i + 2]]), cache, torch.tensor([[len(prompt) + i + 1]]))
+                costs["draft"].append(time.perf_counter() - start)
+    return costs
+
+
 def decoding(args):
     """Greedy decoding on held-out code: ours vs transformers' generate on the same weights, and
     speculative (MTP drafts) vs plain decoding, with the acceptance rate."""
@@ -129,16 +155,21 @@ def decoding(args):
     corpus = data.build_corpus(progress=False)
     prompts = [x[0, :args.prompt_len].tolist()
                for x, _ in data.val_batches(corpus, "code", 1, model.config.max_seq_len, args.prompts)]
-    hf = as_transformers(model).eval()
+    export = tempfile.TemporaryDirectory()
+    hf = as_transformers(model, export.name).eval()
     n = args.new_tokens
-    times = {"transformers": [], "ours": [], "ours_speculative": []}
+    times = {"transformers": [], "transformers_mtp": [], "ours": [], "ours_speculative": []}
     drafts = accepted = 0
+    passes = {"plain": [], "verify": [], "draft": []}
     for prompt in prompts:
         ids = torch.tensor([prompt])
-        start = time.perf_counter()
-        with torch.no_grad():
-            expected = hf.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
-        times["transformers"].append(time.perf_counter() - start)
+        outputs = {}
+        for name, use_mtp in (("transformers", False), ("transformers_mtp", True)):
+            start = time.perf_counter()
+            with torch.no_grad():
+                outputs[name] = hf.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0,
+                                            use_mtp=use_mtp)[0, len(prompt):].tolist()
+            times[name].append(time.perf_counter() - start)
         start = time.perf_counter()
         plain = sample.generate(model, [prompt], n, temperature=0)[0]
         times["ours"].append(time.perf_counter() - start)
@@ -146,14 +177,26 @@ def decoding(args):
         fast, d, a = sample.generate_speculative(model, prompt, n, temperature=0)
         times["ours_speculative"].append(time.perf_counter() - start)
         drafts, accepted = drafts + d, accepted + a
-        assert plain == fast == expected[0, len(prompt):].tolist()[:len(plain)], "outputs differ"
+        assert plain == fast == outputs["transformers"][:len(plain)] == outputs["transformers_mtp"][:len(plain)], \
+            "outputs differ"
+        for name, seconds in speculative_pass_costs(model, prompt, plain).items():
+            passes[name] += seconds
+    export.cleanup()
     print(f"{len(prompts)} held-out code prompts of {args.prompt_len} tokens, {n} new tokens each, greedy, "
-          f"batch 1, {torch.get_num_threads()} threads (outputs identical across all three)")
+          f"batch 1, {torch.get_num_threads()} threads (outputs identical across all four)")
     medians = {k: statistics.median(v) for k, v in times.items()}
     for name, s in medians.items():
         print(f"  {name:<18} {n / s:>8.1f} tokens/s   {medians['transformers'] / s:5.2f}x transformers")
-    print(f"  speculative vs plain: {medians['ours'] / medians['ours_speculative']:.2f}x, "
-          f"{accepted}/{drafts} drafts accepted ({accepted / drafts:.0%})")
+    print(f"  speculative vs plain: ours {medians['ours'] / medians['ours_speculative']:.2f}x, transformers "
+          f"{medians['transformers'] / medians['transformers_mtp']:.2f}x; {accepted}/{drafts} of our drafts "
+          f"accepted ({accepted / drafts:.0%})")
+    # A speculative step costs a verify and a draft and yields 1 + (acceptance) tokens; a plain step
+    # yields 1. In a MoE the verify's second token brings K experts of its own to read from memory.
+    plain, verify, draft = (statistics.median(passes[k]) * 1e3 for k in ("plain", "verify", "draft"))
+    print(f"  median pass: plain step {plain:.2f} ms, verify over 2 tokens {verify:.2f} ms ({verify / plain:.2f}x), "
+          f"MTP draft {draft:.2f} ms ({draft / plain:.2f}x)")
+    print(f"  speculative decoding gains only above {(verify + draft) / plain - 1:.0%} acceptance "
+          f"(the loop's own bookkeeping raises that bar further)")
 
 
 def kernel_speed(args):

@@ -25,6 +25,7 @@ The released checkpoint loads with `Mellum2.from_pretrained(dir)`, and `save_pre
 the same Hugging Face layout, so `transformers.MellumForCausalLM` can load what we train.
 """
 
+import functools
 import json
 import math
 import os
@@ -165,8 +166,10 @@ def pick_dtype(device):
 # RMSNorm (Table 2: RMSNorm, eps 1e-6)
 
 class RMSNorm(nn.Module):
-    """weight * x / rms(x). The statistics are computed in fp32 even under bf16, because the mean of
-    squares of 2304 bf16 numbers loses too many bits; the gain is applied after casting back."""
+    """weight * x / sqrt(mean(x^2) + eps) over the last dim. The statistics are computed in fp32 even
+    under bf16, because the mean of squares of 2304 bf16 numbers loses too many bits; the gain is
+    applied after casting back. (PyTorch's F.rms_norm does the arithmetic in fewer ops than spelling
+    it out, and decoding runs four norms per layer on single vectors, where the op count is the cost.)"""
 
     def __init__(self, dim, eps):
         super().__init__()
@@ -174,14 +177,13 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        x32 = x.float()
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * normed.to(x.dtype)
+        return self.weight * F.rms_norm(x.float(), self.weight.shape, eps=self.eps).to(x.dtype)
 
 
 # -----------------------------------------------------------------------------------------------
 # Rotary position embeddings, and layer-selective YaRN (§2.2, §4.1 Layer-Selective YaRN)
 
+@functools.lru_cache  # a config is frozen: compute each layer type's frequencies once, not every step
 def rope_inv_freq(config, layer_type):
     """Per-pair rotation frequencies (hd/2,) and the factor that multiplies cos and sin.
 
@@ -212,10 +214,9 @@ def rope_inv_freq(config, layer_type):
     return inv_freq, attention_factor
 
 
-def rope_cos_sin(config, layer_type, positions, dtype):
+def rope_cos_sin(inv_freq, attention_factor, positions, dtype):
     """cos and sin tables of shape (..., T, hd) for absolute `positions` (..., T): (T,) when every
     row of a batch starts at 0 (training), (B, T) when rows are at different points (decoding)."""
-    inv_freq, attention_factor = rope_inv_freq(config, layer_type)
     angles = positions.float()[..., None] * inv_freq.to(positions.device)  # (..., T, hd/2)
     angles = torch.cat([angles, angles], dim=-1)  # (..., T, hd): pair j is (dim j, dim j + hd/2)
     return (angles.cos() * attention_factor).to(dtype), (angles.sin() * attention_factor).to(dtype)
@@ -368,12 +369,30 @@ class MoE(nn.Module):
         ys = ys * weights.flatten()[order, None]
         return torch.zeros_like(x).index_add_(0, token, ys)   # sum each token's K expert outputs
 
+    def experts_per_token(self, x, weights, experts):
+        """Decoding: each token runs its K experts one after another, the MoE formula as written.
+        With one or two tokens per step this costs a few small matmuls per chosen expert, where the
+        grouped matmul on a CPU walks all E groups and sorts the tokens first."""
+        rows = []
+        for x_t, w_t, chosen in zip(x.split(1), weights, experts.tolist()):  # x_t (1, D), w_t (K,)
+            y = 0
+            for slot, e in enumerate(chosen):
+                h = F.silu(F.linear(x_t, self.gate_proj[e])) * F.linear(x_t, self.up_proj[e])  # (1, F)
+                y = y + w_t[slot] * F.linear(h, self.down_proj[e])  # (1, D)
+            rows.append(y)
+        return torch.cat(rows)
+
     def forward(self, x):
         """x (B, T, D) -> (output (B, T, D), router logits (N, E), chosen experts (N, K))."""
         B, T, D = x.shape
         x = x.reshape(B * T, D)
         logits, weights, experts = self.route(x)
-        run = self.experts_grouped if self.config.moe_impl == "grouped" else self.experts_loop
+        if self.config.moe_impl == "loop":
+            run = self.experts_loop
+        elif x.device.type == "cpu" and experts.numel() < self.config.n_expert:
+            run = self.experts_per_token  # fewer (token, expert) pairs than experts: decoding
+        else:
+            run = self.experts_grouped
         return run(x, weights, experts).view(B, T, D), logits, experts
 
 
@@ -463,6 +482,7 @@ class LayerCache:
         self.k = torch.zeros(shape, device=device, dtype=dtype)  # (B, S, Hkv, hd)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.pos = torch.full((batch_size, size), -1, device=device)  # position held in each slot; -1 = none
+        self.rows = torch.arange(batch_size, device=device)[:, None]   # (B, 1), to index a slot per row
         self.window = window
 
     def update(self, k, v, positions):
@@ -473,7 +493,14 @@ class LayerCache:
         allowed = attention_mask(positions, key_positions, self.window) & (key_positions >= 0)[:, None, :]
         allowed |= (positions < 0)[:, :, None]  # a padding query may look anywhere; its output is unused
         size = self.pos.shape[1]
-        # Store the real tokens; of a chunk longer than the buffer only the last `size` positions stay.
+        if positions.shape[1] <= size and positions.min() >= 0:
+            # Decoding: a few consecutive positions, so each has a slot of its own and the slots can be
+            # written directly, without the bookkeeping below (a dozen ops, each a few microseconds).
+            slots = positions % size
+            self.k[self.rows, slots], self.v[self.rows, slots], self.pos[self.rows, slots] = k, v, positions
+            return keys, values, allowed[:, None]
+        # A padded batch or a long prompt: store the real tokens, and of a chunk longer than the
+        # buffer only the last `size` positions.
         keep = (positions >= 0) & (positions > positions.max(dim=1, keepdim=True).values - size)
         rows, cols = keep.nonzero(as_tuple=True)
         slots = positions[rows, cols] % size
@@ -502,9 +529,12 @@ class KVCache:
 
     def advance(self, n, pad=None):
         """Positions (B, n) for the next n tokens of each row (-1 where pad (B, n) is True)."""
-        real = torch.ones(len(self.length), n, dtype=torch.bool, device=self.length.device) if pad is None else ~pad
-        positions = (self.length[:, None] + real.cumsum(dim=1) - 1).masked_fill(~real, -1)
-        self.length = self.length + real.sum(dim=1)
+        if pad is None:
+            positions = self.length[:, None] + torch.arange(n, device=self.length.device)
+            self.length = self.length + n
+        else:
+            positions = (self.length[:, None] + (~pad).cumsum(dim=1) - 1).masked_fill(pad, -1)
+            self.length = self.length + (~pad).sum(dim=1)
         if self.length.max() > self.max_len:
             raise ValueError(f"the cache holds at most {self.max_len} tokens per row")
         return positions
@@ -546,8 +576,13 @@ class Mellum2(nn.Module):
                 p.normal_(0.0, self.config.init_std)
 
     def rope(self, positions, dtype):
-        """cos and sin for each layer type at `positions`, shared by all layers of that type."""
-        return {t: rope_cos_sin(self.config, t, positions, dtype) for t in ("sliding_attention", "full_attention")}
+        """cos and sin for each layer type at `positions`, shared by all layers of that type, and by
+        both types while they turn alike (before YaRN stretches the full layers)."""
+        sliding, full = (rope_inv_freq(self.config, t) for t in ("sliding_attention", "full_attention"))
+        tables = rope_cos_sin(*sliding, positions, dtype)
+        if not (torch.equal(sliding[0], full[0]) and sliding[1] == full[1]):
+            return {"sliding_attention": tables, "full_attention": rope_cos_sin(*full, positions, dtype)}
+        return {"sliding_attention": tables, "full_attention": tables}
 
     def trunk(self, idx, cache=None, pad=None):
         """The transformer without its head: idx (B, T) -> final normalised states h (B, T, D) and

@@ -222,6 +222,32 @@ def test_moe_loop_and_grouped_agree_forward_and_backward():
         assert torch.allclose(grads_a[name], grads_b[name], atol=1e-5), name
 
 
+def test_moe_decoding_path_matches_the_loop_forward_and_backward(monkeypatch):
+    """With fewer (token, expert) pairs than experts, as in decoding, the MoE runs each token's
+    experts one by one (experts_per_token): same outputs and gradients as the reference loop, the
+    router's included."""
+    cfg = replace(SMALL, n_expert=8, n_expert_active=3)
+    moe = randomize(Mellum2(cfg)).layers[0].mlp
+    used = []
+    monkeypatch.setattr(moe, "experts_per_token", lambda *a: used.append(1) or type(moe).experts_per_token(moe, *a))
+    for n in (1, 2):
+        x = torch.randn(1, n, cfg.n_embd, requires_grad=True)
+        results = []
+        for impl in ("grouped", "loop"):
+            moe.config = replace(cfg, moe_impl=impl)
+            out, _, _ = moe(x)
+            grads = torch.autograd.grad(out.square().sum(), [x, moe.gate.weight, moe.gate_proj, moe.down_proj])
+            results.append((out, grads))
+        assert len(used) == n  # the default ("grouped") took the per-token path
+        (out_a, grads_a), (out_b, grads_b) = results
+        assert torch.allclose(out_a, out_b, atol=1e-5)
+        for a, b in zip(grads_a, grads_b):
+            assert torch.allclose(a, b, atol=1e-5)
+    moe.config = cfg
+    moe(torch.randn(1, 3, cfg.n_embd))  # 9 pairs >= 8 experts: the grouped matmul again
+    assert len(used) == 2
+
+
 def test_moe_is_dropless_against_a_per_token_loop():
     """Every token's output is the weighted sum of exactly its K experts, however unbalanced the
     routing: here the router is biased so that most tokens pick the same experts."""
@@ -1218,6 +1244,20 @@ def test_speculative_sampling_keeps_the_target_distribution():
     assert ((counts - n * p).abs() <= 5 * sigma).all(), counts / n
     # ... while the draft alone follows q, far from p: the correction is doing the work.
     assert (q - p).abs().max() * n > 20 * sigma.max()
+
+
+def test_draw_follows_the_distribution_and_never_draws_a_zero():
+    """Inverse-CDF sampling against the probabilities it was given: frequencies within 5 binomial
+    standard deviations on an unnormalised row with zeros at both ends; a one-hot row is its argmax."""
+    weights = torch.tensor([0.0, 3.0, 0.0, 1.0, 4.0, 2.0, 0.0])
+    p = weights / weights.sum()
+    g = torch.Generator().manual_seed(0)
+    n = 20000
+    counts = torch.bincount(sample.draw(weights.expand(n, -1), g), minlength=7).float()
+    assert (counts[p == 0] == 0).all()
+    assert ((counts - n * p).abs() <= 5 * (n * p * (1 - p)).sqrt()).all(), counts / n
+    one_hot = F.one_hot(torch.tensor([4, 0, 6]), 7).float()
+    assert sample.draw(one_hot, g).tolist() == [4, 0, 6]
 
 
 def test_top_k_and_top_p_keep_the_right_tokens():
