@@ -123,7 +123,7 @@ def train_steps(args):
           f"{seconds['moe_adamw'] / seconds['dense_adamw']:.2f}x with AdamW everywhere")
 
 
-@torch.no_grad()
+@torch.inference_mode()  # as sample.py decodes
 def speculative_pass_costs(model, prompt, text):
     """Median seconds of the passes speculative decoding is made of, replayed along `text` (the
     greedy continuation of `prompt`) so that each pass meets the experts real decoding meets: a plain

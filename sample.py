@@ -136,8 +136,11 @@ def verify_draft(p, q, draft, generator):
 
 # -----------------------------------------------------------------------------------------------
 # Plain decoding: a batch of prompts of different lengths, left-padded
+#
+# Both decoding loops run under inference_mode rather than no_grad: it also skips the version
+# counters and autograd bookkeeping on every new tensor, which is a tenth of a CPU decoding step.
 
-@torch.no_grad()
+@torch.inference_mode()
 def generate(model, prompts, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0, stop_ids=(), seed=None,
              on_token=None, logprobs=None):
     """prompts: lists of token ids -> the new ids of each (up to max_new_tokens, ending at a stop id).
@@ -177,7 +180,7 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0
 # -----------------------------------------------------------------------------------------------
 # Speculative decoding with the MTP layer (one drafted token per step; batch of one)
 
-@torch.no_grad()
+@torch.inference_mode()
 def generate_speculative(model, prompt, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0, stop_ids=(),
                          seed=None, on_token=None):
     """Like generate() for one prompt, drafting with the MTP layer. Returns (new ids, drafts, accepted).
