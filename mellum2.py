@@ -444,8 +444,9 @@ class MTP(nn.Module):
         logits_{t+2} = lm_head(y)                          the trunk's own head and embedding
 
     Training it (weight 0.1) makes the trunk's states carry information about more than one future
-    token (Table 1: +10.4 HumanEval at +7% step time). At inference it is a free draft model: given
-    the token the trunk just chose, it guesses the one after, and the trunk checks the guess.
+    token (Table 1: +10.4 HumanEval at +7% step time). At inference it is a draft model that needs
+    no training of its own: given the token the trunk just chose, it guesses the one after, and the
+    trunk checks the guess (sample.py --speculative).
     Parameter names follow the released checkpoint's `mtp.*` tensors."""
 
     def __init__(self, config):

@@ -115,8 +115,8 @@ def seeded_generator(seed, device):
 def draw(probs, generator):
     """One id per row of probs (B, V), by inverse-CDF sampling: the first id whose running total
     reaches u ~ U(0, 1]. The rows need not sum to 1 (u is scaled by each row's total), and an id of
-    probability 0 is never drawn. A cumsum and a binary search cost a fifth of torch.multinomial on
-    a 4K vocabulary, and decoding draws once per token."""
+    probability 0 is never drawn. A cumsum and a binary search take a fifth of the time of
+    torch.multinomial on a 4K vocabulary, and decoding draws once per token."""
     cdf = probs.float().cumsum(dim=-1)  # (B, V)
     u = (1 - torch.rand(len(cdf), 1, generator=generator, device=cdf.device)) * cdf[:, -1:]  # (B, 1)
     return torch.searchsorted(cdf, u)[:, 0]  # (B,)
