@@ -5,7 +5,8 @@ machine, the two interleaved step by step so background load hits both alike), w
   python bench.py params          # total and active parameter counts of every preset
   python bench.py model           # forward+backward tokens/s of a preset: ours vs transformers
   python bench.py train           # whole training steps: ours vs transformers + AdamW, MoE vs dense
-  python bench.py decode          # decoding on a trained model: ours vs transformers, speculative vs plain
+  python bench.py decode          # decoding on a trained model: ours vs transformers, speculative vs plain,
+                                  # and what one plain, verify and draft pass costs
   python bench.py kernels         # kernels.py's Triton kernels vs their PyTorch fallbacks (GPU), fallbacks (CPU)
 
 On a shared machine set OMP_WAIT_POLICY=PASSIVE first: busy-waiting OpenMP threads distort timings.
@@ -125,7 +126,7 @@ def train_steps(args):
 
 @torch.inference_mode()  # as sample.py decodes
 def speculative_pass_costs(model, prompt, text):
-    """Median seconds of the passes speculative decoding is made of, replayed along `text` (the
+    """Seconds of each pass speculative decoding is made of, replayed along `text` (the
     greedy continuation of `prompt`) so that each pass meets the experts real decoding meets: a plain
     step (the trunk over 1 new token, then the head), a verify step (over 2 tokens, the head on both)
     and a draft (the MTP layer and the head, after each plain step as in a speculative loop)."""
@@ -146,8 +147,9 @@ def speculative_pass_costs(model, prompt, text):
 
 
 def decoding(args):
-    """Greedy decoding on held-out code: ours vs transformers' generate on the same weights, and
-    speculative (MTP drafts) vs plain decoding, with the acceptance rate."""
+    """Greedy decoding on held-out code: ours vs transformers' generate on the same weights (plain and
+    with its own MTP drafting), speculative vs plain decoding with the acceptance rate, and the cost of
+    each kind of pass, which says what acceptance speculative decoding needs to pay."""
     import data
     import sample
 

@@ -183,6 +183,12 @@ class RMSNorm(nn.Module):
 # -----------------------------------------------------------------------------------------------
 # Rotary position embeddings, and layer-selective YaRN (§2.2, §4.1 Layer-Selective YaRN)
 
+def stretched_by_yarn(config, layer_type):
+    """Whether YaRN changes this layer type's RoPE: full layers only (yarn_layers="full", the
+    report's choice) or every layer ("all", the ablation)."""
+    return config.yarn_factor != 1.0 and (layer_type == "full_attention" or config.yarn_layers == "all")
+
+
 @functools.lru_cache  # a config is frozen: compute each layer type's frequencies once, not every step
 def rope_inv_freq(config, layer_type):
     """Per-pair rotation frequencies (hd/2,) and the factor that multiplies cos and sin.
@@ -195,7 +201,7 @@ def rope_inv_freq(config, layer_type):
     """
     hd = config.head_dim
     base = config.rope_theta ** (-torch.arange(0, hd, 2, dtype=torch.float32) / hd)  # (hd/2,)
-    if config.yarn_factor == 1.0 or (layer_type != "full_attention" and config.yarn_layers == "full"):
+    if not stretched_by_yarn(config, layer_type):
         return base, 1.0
 
     s, original = config.yarn_factor, config.yarn_original_max_seq_len
@@ -380,7 +386,7 @@ class MoE(nn.Module):
                 h = F.silu(F.linear(x_t, self.gate_proj[e])) * F.linear(x_t, self.up_proj[e])  # (1, F)
                 y = y + w_t[slot] * F.linear(h, self.down_proj[e])  # (1, D)
             rows.append(y)
-        return torch.cat(rows)
+        return torch.cat(rows)  # (N, D)
 
     def forward(self, x):
         """x (B, T, D) -> (output (B, T, D), router logits (N, E), chosen experts (N, K))."""
@@ -492,21 +498,21 @@ class LayerCache:
         keys, values = torch.cat([self.k, k], dim=1), torch.cat([self.v, v], dim=1)
         key_positions = torch.cat([self.pos, positions], dim=1)  # (B, S+T)
         allowed = attention_mask(positions, key_positions, self.window) & (key_positions >= 0)[:, None, :]
-        allowed |= (positions < 0)[:, :, None]  # a padding query may look anywhere; its output is unused
         size = self.pos.shape[1]
         if positions.shape[1] <= size and positions.min() >= 0:
             # Decoding: a few consecutive positions, so each has a slot of its own and the slots can be
             # written directly, without the bookkeeping below (a dozen ops, each a few microseconds).
-            slots = positions % size
+            slots = positions % size  # (B, T)
             self.k[self.rows, slots], self.v[self.rows, slots], self.pos[self.rows, slots] = k, v, positions
-            return keys, values, allowed[:, None]
-        # A padded batch or a long prompt: store the real tokens, and of a chunk longer than the
-        # buffer only the last `size` positions.
-        keep = (positions >= 0) & (positions > positions.max(dim=1, keepdim=True).values - size)
-        rows, cols = keep.nonzero(as_tuple=True)
-        slots = positions[rows, cols] % size
-        self.k[rows, slots], self.v[rows, slots] = k[rows, cols], v[rows, cols]
-        self.pos[rows, slots] = positions[rows, cols]
+        else:
+            # A padded batch or a long prompt: store the real tokens, and of a chunk longer than the
+            # buffer only the last `size` positions.
+            allowed |= (positions < 0)[:, :, None]  # a padding query may look anywhere; its output is unused
+            keep = (positions >= 0) & (positions > positions.max(dim=1, keepdim=True).values - size)
+            rows, cols = keep.nonzero(as_tuple=True)
+            slots = positions[rows, cols] % size
+            self.k[rows, slots], self.v[rows, slots] = k[rows, cols], v[rows, cols]
+            self.pos[rows, slots] = positions[rows, cols]
         return keys, values, allowed[:, None]
 
     def rollback(self, lengths):
@@ -579,11 +585,11 @@ class Mellum2(nn.Module):
     def rope(self, positions, dtype):
         """cos and sin for each layer type at `positions`, shared by all layers of that type, and by
         both types while they turn alike (before YaRN stretches the full layers)."""
-        sliding, full = (rope_inv_freq(self.config, t) for t in ("sliding_attention", "full_attention"))
-        tables = rope_cos_sin(*sliding, positions, dtype)
-        if not (torch.equal(sliding[0], full[0]) and sliding[1] == full[1]):
-            return {"sliding_attention": tables, "full_attention": rope_cos_sin(*full, positions, dtype)}
-        return {"sliding_attention": tables, "full_attention": tables}
+        sliding = rope_cos_sin(*rope_inv_freq(self.config, "sliding_attention"), positions, dtype)
+        if stretched_by_yarn(self.config, "sliding_attention") == stretched_by_yarn(self.config, "full_attention"):
+            return {"sliding_attention": sliding, "full_attention": sliding}
+        full = rope_cos_sin(*rope_inv_freq(self.config, "full_attention"), positions, dtype)
+        return {"sliding_attention": sliding, "full_attention": full}
 
     def trunk(self, idx, cache=None, pad=None):
         """The transformer without its head: idx (B, T) -> final normalised states h (B, T, D) and
