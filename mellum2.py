@@ -163,6 +163,39 @@ def pick_dtype(device):
 
 
 # -----------------------------------------------------------------------------------------------
+# Matrix products of a single row (decoding on a CPU)
+
+def linear(x, weight):
+    """x (..., in) @ weight.T for weight (out, in), as nn.Linear stores it: F.linear, except for one
+    or two rows on a CPU. That is decoding: a step multiplies one vector (two when it verifies a
+    draft) by every matrix it meets, so reading the matrices from memory is most of its cost.
+    F.linear hands such a product to BLAS as a matrix-vector product, which MKL (the BLAS of
+    PyTorch's x86 builds) ran at half the memory speed of a batched matmul over the matrix's two
+    halves of rows on the CPU we measured: decoding was 1.2x faster this way. The result is F.linear's
+    up to fp32 rounding (test_linear_of_one_or_two_rows_equals_f_linear)."""
+    out_features, in_features = weight.shape
+    rows = x.numel() // in_features
+    if rows > 2 or out_features % 2 or not x.is_cpu:
+        return F.linear(x, weight)
+    halves = weight.view(2, out_features // 2, in_features)  # no copy
+    columns = x.reshape(rows, in_features).mT.expand(2, in_features, rows)  # the same rows for both halves
+    y = torch.bmm(halves, columns)  # (2, out/2, rows)
+    if rows == 2:
+        y = y.permute(2, 0, 1)  # (rows, 2, out/2); one row is already in order
+    return y.reshape(*x.shape[:-1], out_features)
+
+
+class Linear(nn.Linear):
+    """A bias-free nn.Linear (same weight, same name in the checkpoint) that multiplies through linear()."""
+
+    def __init__(self, in_features, out_features):
+        super().__init__(in_features, out_features, bias=False)
+
+    def forward(self, x):
+        return linear(x, self.weight)
+
+
+# -----------------------------------------------------------------------------------------------
 # RMSNorm (Table 2: RMSNorm, eps 1e-6)
 
 class RMSNorm(nn.Module):
@@ -266,10 +299,10 @@ class Attention(nn.Module):
         self.config = config
         self.layer_type = layer_type
         D, H, Hkv, hd = config.n_embd, config.n_head, config.n_kv_head, config.head_dim
-        self.q_proj = nn.Linear(D, H * hd, bias=False)
-        self.k_proj = nn.Linear(D, Hkv * hd, bias=False)
-        self.v_proj = nn.Linear(D, Hkv * hd, bias=False)
-        self.o_proj = nn.Linear(H * hd, D, bias=False)
+        self.q_proj = Linear(D, H * hd)
+        self.k_proj = Linear(D, Hkv * hd)
+        self.v_proj = Linear(D, Hkv * hd)
+        self.o_proj = Linear(H * hd, D)
         # QK-norm normalises each head's query and key to unit RMS (times a learned gain) so attention
         # logits cannot grow without bound, the usual source of loss spikes in long training runs.
         # It acts on one head's hd dims, and before RoPE: rotating first would mix in the position.
@@ -327,7 +360,7 @@ class MoE(nn.Module):
         super().__init__()
         self.config = config
         E, D, F_ = config.n_expert, config.n_embd, config.expert_dim
-        self.gate = nn.Linear(D, E, bias=False)  # the router: one logit per expert, no bias
+        self.gate = Linear(D, E)  # the router: one logit per expert, no bias
         # Expert weights stacked on a leading expert axis, [out, in] per expert like nn.Linear.
         self.gate_proj = nn.Parameter(torch.empty(E, F_, D))
         self.up_proj = nn.Parameter(torch.empty(E, F_, D))
@@ -339,7 +372,7 @@ class MoE(nn.Module):
     def route(self, x):
         """Router logits (N, E), the renormalised weights (N, K) and expert ids (N, K) of each token."""
         # The router runs in fp32 (§3.4.5, App. B): in bf16, near-tied logits flip which experts win.
-        logits = F.linear(x.float(), self.gate.weight.float())      # (N, E)
+        logits = linear(x.float(), self.gate.weight.float())      # (N, E)
         probs = logits.softmax(dim=-1)                               # softmax over all E experts
         top_probs, top_experts = probs.topk(self.config.n_expert_active, dim=-1)  # (N, K)
         # Renormalise the K chosen probabilities to sum to 1 (norm_topk_prob): the expert mix keeps
@@ -379,12 +412,13 @@ class MoE(nn.Module):
         """Decoding: each token runs its K experts one after another, the MoE formula as written.
         With one or two tokens per step this costs a few small matmuls per chosen expert, where the
         grouped matmul on a CPU walks all E groups and sorts the tokens first."""
+        gate_proj, up_proj, down_proj = self.gate_proj, self.up_proj, self.down_proj
         rows = []
         for x_t, w_t, chosen in zip(x.split(1), weights, experts.tolist()):  # x_t (1, D), w_t (K,)
             y = 0
-            for slot, e in enumerate(chosen):
-                h = F.silu(F.linear(x_t, self.gate_proj[e])) * F.linear(x_t, self.up_proj[e])  # (1, F)
-                y = y + w_t[slot] * F.linear(h, self.down_proj[e])  # (1, D)
+            for w, e in zip(w_t.unbind(), chosen):
+                h = F.silu(linear(x_t, gate_proj[e])) * linear(x_t, up_proj[e])  # (1, F)
+                y = y + w * linear(h, down_proj[e])  # (1, D)
             rows.append(y)
         return torch.cat(rows)  # (N, D)
 
@@ -460,7 +494,7 @@ class MTP(nn.Module):
         D = config.n_embd
         self.pre_fc_norm_embedding = RMSNorm(D, config.rms_norm_eps)
         self.pre_fc_norm_hidden = RMSNorm(D, config.rms_norm_eps)
-        self.fc = nn.Linear(2 * D, D, bias=False)
+        self.fc = Linear(2 * D, D)
         self.layers = nn.ModuleList([Block(config, "sliding_attention")])
         self.norm = RMSNorm(D, config.rms_norm_eps)
 
@@ -476,61 +510,91 @@ class MTP(nn.Module):
 # -----------------------------------------------------------------------------------------------
 # The KV cache: decoding one token at a time re-uses the keys and values of every token before
 
-class LayerCache:
-    """The keys and values one attention layer has seen, per row of a batch. Only the n_kv_head
-    heads are stored, so GQA makes the cache 8x smaller than caching 32 heads. A full-attention layer
-    keeps every position (slot = position). A sliding layer keeps a rolling buffer of the last
+class Slots:
+    """Which position each slot of a cache buffer holds, per row of a batch (-1 = none). A full-attention
+    layer keeps every position (slot = position). A sliding layer keeps a rolling buffer of the last
     `size` = window + spare positions (slot = position % size): its memory stays O(window) however long
     the text grows, and the spare slots let speculative decoding take back a few tokens without
-    losing keys that are still inside the window."""
+    losing keys that are still inside the window. Every trunk layer of one type stores the same
+    positions in the same slots, so they share one Slots: a step's bookkeeping (where the new tokens
+    go, what each may attend to), a dozen small ops, runs once per layer type instead of once per layer."""
 
-    def __init__(self, batch_size, size, window, config, device, dtype):
-        shape = (batch_size, size, config.n_kv_head, config.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)  # (B, S, Hkv, hd)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.pos = torch.full((batch_size, size), -1, device=device)  # position held in each slot; -1 = none
+    def __init__(self, batch_size, size, window, device):
+        self.pos = torch.full((batch_size, size), -1, device=device)  # (B, S)
         self.rows = torch.arange(batch_size, device=device)[:, None]   # (B, 1), to index a slot per row
         self.window = window
+        self.placed = self.placement = None  # the positions of the step in progress, and the answer
 
-    def update(self, k, v, positions):
-        """New keys and values (B, T, Hkv, hd) at positions (B, T) (-1 = padding) -> every key and value
-        to attend to (B, S+T, Hkv, hd) and the mask (B, 1, T, S+T); then the new ones are stored."""
-        keys, values = torch.cat([self.k, k], dim=1), torch.cat([self.v, v], dim=1)
-        key_positions = torch.cat([self.pos, positions], dim=1)  # (B, S+T)
-        allowed = attention_mask(positions, key_positions, self.window) & (key_positions >= 0)[:, None, :]
+    def place(self, positions):
+        """Record the positions (B, T) of a step's new tokens (-1 = padding) -> (target, source, mask):
+        the slots the new keys go to, which of the new keys go there (None: all of them, stored before
+        attending), and what each new token may attend to, (B, 1, T, S) or (B, 1, T, S+T). Every layer
+        of the type passes the same positions tensor in a step; the first call does the work."""
+        if positions is self.placed:
+            return self.placement
         size = self.pos.shape[1]
-        if positions.shape[1] <= size and positions.min() >= 0:
-            # Decoding: a few consecutive positions, so each has a slot of its own and the slots can be
-            # written directly, without the bookkeeping below (a dozen ops, each a few microseconds).
-            slots = positions % size  # (B, T)
-            self.k[self.rows, slots], self.v[self.rows, slots], self.pos[self.rows, slots] = k, v, positions
+        if positions.min() >= 0 and positions.shape[1] <= size - (self.window or 0) + 1:
+            # Decoding: a few consecutive positions. Each gets a slot of its own, and none of the
+            # slots they overwrite holds a key still inside the window, so the new keys are stored
+            # first and the queries attend over the buffer itself, with no copy of it.
+            target, source = (self.rows, positions % size), None
+            self.pos[target] = positions
+            allowed = attention_mask(positions, self.pos, self.window) & (self.pos >= 0)[:, None, :]
         else:
-            # A padded batch or a long prompt: store the real tokens, and of a chunk longer than the
-            # buffer only the last `size` positions.
+            # A padded batch or a long prompt, whose later tokens would overwrite keys its earlier
+            # tokens still need: they attend over the old buffer and the new keys side by side, and
+            # then the real tokens are stored, of a chunk longer than the buffer only the last `size`.
+            key_positions = torch.cat([self.pos, positions], dim=1)  # (B, S+T)
+            allowed = attention_mask(positions, key_positions, self.window) & (key_positions >= 0)[:, None, :]
             allowed |= (positions < 0)[:, :, None]  # a padding query may look anywhere; its output is unused
             keep = (positions >= 0) & (positions > positions.max(dim=1, keepdim=True).values - size)
             rows, cols = keep.nonzero(as_tuple=True)
-            slots = positions[rows, cols] % size
-            self.k[rows, slots], self.v[rows, slots] = k[rows, cols], v[rows, cols]
-            self.pos[rows, slots] = positions[rows, cols]
-        return keys, values, allowed[:, None]
+            target, source = (rows, positions[rows, cols] % size), (rows, cols)
+            self.pos[target] = positions[source]
+        self.placed, self.placement = positions, (target, source, allowed[:, None])
+        return self.placement
 
     def rollback(self, lengths):
         """Forget positions >= lengths (B,), e.g. a rejected speculative token."""
         self.pos[self.pos >= lengths[:, None]] = -1
+        self.placed = self.placement = None
+
+
+class LayerCache:
+    """The keys and values one attention layer has seen, per row of a batch, in the slots its Slots
+    assigns. Only the n_kv_head heads are stored, so GQA makes the cache 8x smaller than caching 32."""
+
+    def __init__(self, slots, config, dtype):
+        shape = (*slots.pos.shape, config.n_kv_head, config.head_dim)
+        self.k = torch.zeros(shape, device=slots.pos.device, dtype=dtype)  # (B, S, Hkv, hd)
+        self.v = torch.zeros(shape, device=slots.pos.device, dtype=dtype)
+        self.slots = slots
+
+    def update(self, k, v, positions):
+        """New keys and values (B, T, Hkv, hd) at positions (B, T) are stored -> every key and value to
+        attend to (B, S or S+T, Hkv, hd) and the mask (B, 1, T, S or S+T)."""
+        target, source, mask = self.slots.place(positions)
+        if source is None:
+            self.k[target], self.v[target] = k, v
+            return self.k, self.v, mask
+        keys, values = torch.cat([self.k, k], dim=1), torch.cat([self.v, v], dim=1)
+        self.k[target], self.v[target] = k[source], v[source]
+        return keys, values, mask
 
 
 class KVCache:
     """One LayerCache per trunk layer (and one for the MTP block), and how many tokens each row holds."""
 
     def __init__(self, config, batch_size, max_len, device=None, dtype=torch.float32, spare=8):
-        def layer(layer_type):
+        def slots(layer_type):
             sliding = layer_type == "sliding_attention"
             size = min(config.sliding_window + spare, max_len) if sliding else max_len
-            return LayerCache(batch_size, size, config.sliding_window if sliding else None, config, device, dtype)
+            return Slots(batch_size, size, config.sliding_window if sliding else None, device)
 
-        self.layers = [layer(t) for t in config.layer_types + ["sliding_attention"] * config.n_mtp]
-        self.n_trunk = config.n_layer
+        self.trunk_slots = {t: slots(t) for t in sorted(set(config.layer_types))}  # shared by the layers of a type
+        self.layers = [LayerCache(self.trunk_slots[t], config, dtype) for t in config.layer_types]
+        # The MTP block reads positions behind the trunk's, so it has slots of its own.
+        self.layers += [LayerCache(slots("sliding_attention"), config, dtype) for _ in range(config.n_mtp)]
         self.length = torch.zeros(batch_size, dtype=torch.long, device=device)  # real tokens per row
         self.max_len = max_len
 
@@ -550,8 +614,8 @@ class KVCache:
         """Shorten each row to lengths (B,) tokens in the trunk's layers. (The MTP block only ever
         reads tokens the trunk has confirmed, so its cache never needs taking back.)"""
         self.length = lengths.clone()
-        for layer in self.layers[:self.n_trunk]:
-            layer.rollback(lengths)
+        for slots in self.trunk_slots.values():
+            slots.rollback(lengths)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -567,7 +631,7 @@ class Mellum2(nn.Module):
         self.norm = RMSNorm(config.n_embd, config.rms_norm_eps)
         # Untied: with a 98K vocabulary the input and output roles of a token differ enough that
         # separate matrices pay for their 226M parameters (Table 2).
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.n_embd, config.vocab_size)
         self.mtp = MTP(config) if config.n_mtp else None
         self.loss_parts = {}  # the last forward's loss parts and expert load, detached, for logging
         self.init_weights()

@@ -162,9 +162,13 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0
     if logprobs is not None:
         logprobs[:] = [[] for _ in range(B)]
     for _ in range(max_new_tokens):
-        probs = next_token_probs(model.lm_head(h[:, -1]), temperature, top_k, top_p)
-        tokens = draw(probs, generator)
-        chosen = probs.gather(1, tokens[:, None])[:, 0].log().tolist() if logprobs is not None else None
+        logits = model.lm_head(h[:, -1])  # (B, V)
+        if temperature == 0 and logprobs is None:  # greedy: what a draw from the one-hot would give
+            tokens, chosen = logits.argmax(dim=-1), None
+        else:
+            probs = next_token_probs(logits, temperature, top_k, top_p)
+            tokens = draw(probs, generator)
+            chosen = probs.gather(1, tokens[:, None])[:, 0].log().tolist() if logprobs is not None else None
         for row, token in enumerate(tokens.tolist()):
             if not done[row]:
                 out[row].append(token)
