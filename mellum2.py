@@ -372,7 +372,7 @@ class MoE(nn.Module):
     def route(self, x):
         """Router logits (N, E), the renormalised weights (N, K) and expert ids (N, K) of each token."""
         # The router runs in fp32 (§3.4.5, App. B): in bf16, near-tied logits flip which experts win.
-        logits = linear(x.float(), self.gate.weight.float())      # (N, E)
+        logits = linear(x.float(), self.gate.weight.float())        # (N, E)
         probs = logits.softmax(dim=-1)                               # softmax over all E experts
         top_probs, top_experts = probs.topk(self.config.n_expert_active, dim=-1)  # (N, K)
         # Renormalise the K chosen probabilities to sum to 1 (norm_topk_prob): the expert mix keeps
