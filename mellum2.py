@@ -323,7 +323,7 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, self.config.n_kv_head, hd)               # (B, T, Hkv, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
-            k, v, mask = cache.update(k, v, positions)  # (B, S+T, Hkv, hd) x 2, (B, 1, T, S+T)
+            k, v, mask = cache.update(k, v, positions)  # (B, S or S+T, Hkv, hd) x 2, and the mask
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, hd), the layout SDPA wants
         y = self.attend(q, k, v, mask, self.window)  # (B, H, T, hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, D)
