@@ -165,17 +165,22 @@ def pick_dtype(device):
 # -----------------------------------------------------------------------------------------------
 # Matrix products of a single row (decoding on a CPU)
 
+# Where the batched form below was measured to pay: MKL, the BLAS of PyTorch's x86 builds. Other
+# BLAS libraries (Apple's Accelerate, OpenBLAS) keep F.linear.
+BATCHED_FEW_ROWS = torch.backends.mkl.is_available()
+
+
 def linear(x, weight):
     """x (..., in) @ weight.T for weight (out, in), as nn.Linear stores it: F.linear, except for one
     or two rows on a CPU. That is decoding: a step multiplies one vector (two when it verifies a
     draft) by every matrix it meets, so reading the matrices from memory is most of its cost.
-    F.linear hands such a product to BLAS as a matrix-vector product, which MKL (the BLAS of
-    PyTorch's x86 builds) ran at half the memory speed of a batched matmul over the matrix's two
-    halves of rows on the CPU we measured: decoding was 1.2x faster this way. The result is F.linear's
-    up to fp32 rounding (test_linear_of_one_or_two_rows_equals_f_linear)."""
+    F.linear hands such a product to BLAS as a matrix-vector product, which MKL ran at half the
+    memory speed of a batched matmul over the matrix's two halves of rows on the CPU we measured:
+    decoding was 1.2x faster this way. The result is F.linear's up to fp32 rounding
+    (test_linear_of_one_or_two_rows_equals_f_linear)."""
     out_features, in_features = weight.shape
     rows = x.numel() // in_features
-    if rows > 2 or out_features % 2 or not x.is_cpu:
+    if rows > 2 or out_features % 2 or not x.is_cpu or not BATCHED_FEW_ROWS:
         return F.linear(x, weight)
     halves = weight.view(2, out_features // 2, in_features)  # no copy
     columns = x.reshape(rows, in_features).mT.expand(2, in_features, rows)  # the same rows for both halves

@@ -225,7 +225,9 @@ def test_moe_loop_and_grouped_agree_forward_and_backward():
 def test_linear_of_one_or_two_rows_equals_f_linear(monkeypatch):
     """mellum2.linear multiplies one or two rows on a CPU through a batched matmul over the weight's
     two halves (decoding's fast path), anything else through F.linear: every shape of input, views
-    that are not contiguous and gradients included, the result is F.linear's."""
+    that are not contiguous and gradients included, the result is F.linear's. (The batched path is
+    switched on here even where the BLAS is not MKL, so that it is tested everywhere.)"""
+    monkeypatch.setattr(mellum2, "BATCHED_FEW_ROWS", True)
     g = torch.Generator().manual_seed(0)
     weight = torch.randn(96, 64, generator=g, requires_grad=True)
     batched = []
