@@ -206,8 +206,8 @@ class Linear(nn.Linear):
 class RMSNorm(nn.Module):
     """weight * x / sqrt(mean(x^2) + eps) over the last dim. The statistics are computed in fp32 even
     under bf16, because the mean of squares of 2304 bf16 numbers loses too many bits; the gain is
-    applied after casting back. (PyTorch's F.rms_norm does the arithmetic in fewer ops than spelling
-    it out, and decoding runs four norms per layer on single vectors, where the op count is the cost.)"""
+    applied after casting back. (PyTorch's F.rms_norm gives the same numbers a little faster than
+    spelling it out, and decoding runs four norms per layer on single vectors, where that adds up.)"""
 
     def __init__(self, dim, eps):
         super().__init__()

@@ -33,16 +33,6 @@ def series(records, key, inner=None):
     return [p[0] for p in points], [p[1] for p in points]
 
 
-def rope_comparison(folder):
-    """{variant: {context length: (validation loss, passkey accuracy)}} from a --compare folder."""
-    table = {}
-    for variant in train.ROPE_VARIANTS:
-        if os.path.isdir(os.path.join(folder, variant)):
-            last = [r for r in read_metrics(os.path.join(folder, variant)) if "long_context_eval" in r][-1]
-            table[variant] = {int(n): tuple(v) for n, v in last["long_context_eval"].items()}
-    return table
-
-
 def training_figures(records, plt):
     fig, axes = plt.subplots(2, 2, figsize=(11, 7))
     for part in ("ntp", "mtp", "aux", "z"):
@@ -101,7 +91,7 @@ def main(argv=None):
         print("error: plots need matplotlib (pip install matplotlib); nothing else does", file=sys.stderr)
         sys.exit(1)
     try:
-        table = rope_comparison(args.folder)
+        table = train.rope_comparison(args.folder)
         if table:
             figures = rope_figures(table, plt)
         else:

@@ -1520,7 +1520,7 @@ def test_plot_series_come_from_the_metrics(tmp_path, capsys, monkeypatch):
         (tmp_path / variant / "metrics.jsonl").write_text(
             json.dumps({"step": 9, "loss": 1.0}) + "\n" +
             json.dumps({"step": 10, "long_context_eval": {"256": [loss, 0.5], "512": [loss + 1, 0.0]}}) + "\n")
-    assert plots.rope_comparison(tmp_path) == {"selective-yarn": {256: (4.0, 0.5), 512: (5.0, 0.0)},
+    assert train.rope_comparison(tmp_path) == {"selective-yarn": {256: (4.0, 0.5), 512: (5.0, 0.0)},
                                                "unchanged": {256: (4.2, 0.5), 512: (5.2, 0.0)}}
     monkeypatch.setitem(sys.modules, "matplotlib", None)   # as on a machine without it: one clear line
     with pytest.raises(SystemExit) as exit_info:

@@ -811,17 +811,29 @@ def compare_rope_variants(args):
     """--stage long --compare: every RoPE variant trained from the same checkpoint on the same tokens,
     then one table, a miniature of the report's Fig. 7."""
     base_dir = args.out_dir or os.path.join("out", f"{args.size}-long")
-    start, table = time.time(), {}
+    start = time.time()
     for variant in ROPE_VARIANTS:
         out_dir = os.path.join(base_dir, variant)
         train(argparse.Namespace(**{**vars(args), "rope_variant": variant, "out_dir": out_dir, "compare": False}))
-        with open(os.path.join(out_dir, "metrics.jsonl")) as f:
-            table[variant] = json.loads(f.readlines()[-1])["long_context_eval"]
+    table = rope_comparison(base_dir)
     lengths = list(next(iter(table.values())))
     print(f"\nlong-context comparison, {time.time() - start:.0f} s: validation loss (code) / passkey accuracy")
-    print(f"{'variant':<16}" + "".join(f"{length + ' tokens':>22}" for length in lengths))
+    print(f"{'variant':<16}" + "".join(f"{f'{length} tokens':>22}" for length in lengths))
     for variant, results in table.items():
         print(f"{variant:<16}" + "".join(f"{results[n][0]:>15.3f} / {results[n][1]:>4.0%}" for n in lengths))
+    return table
+
+
+def rope_comparison(base_dir):
+    """{variant: {context length: (validation loss, passkey accuracy)}} of the variants trained under
+    a --compare folder, from the last long-context evaluation in each one's metrics."""
+    table = {}
+    for variant in ROPE_VARIANTS:
+        path = os.path.join(base_dir, variant, "metrics.jsonl")
+        if os.path.isfile(path):
+            with open(path) as f:
+                last = [r for r in map(json.loads, f) if "long_context_eval" in r][-1]
+            table[variant] = {int(n): tuple(v) for n, v in last["long_context_eval"].items()}
     return table
 
 
@@ -1078,7 +1090,7 @@ class RLRun:
 
 
 GRPO_RUNS = {
-    # 3 (Instruct) to 8 (Thinking) minutes on 2 CPU cores. AdamW at 1e-4, a common choice at this size,
+    # 3 (Instruct) to 6 (Thinking) minutes on 2 CPU cores. AdamW at 1e-4, a common choice at this size,
     # made held-out tool accuracy swing by 50 points between evaluations; 3e-5 by at most 17.
     "tiny": RLRun(steps=60, prompts=8, group_size=8, lr=3e-5, warmup_steps=5, eval_every=20, eval_tasks=64,
                   ckpt_every=10),
