@@ -328,7 +328,7 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, self.config.n_kv_head, hd)               # (B, T, Hkv, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
-            k, v, mask = cache.update(k, v, positions)  # (B, S or S+T, Hkv, hd) x 2, and the mask
+            k, v, mask = cache.update(k, v, positions)  # (B, S or S+T, Hkv, hd) x 2 and the mask; S: slots in use
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, hd), the layout SDPA wants
         y = self.attend(q, k, v, mask, self.window)  # (B, H, T, hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, D)
@@ -517,12 +517,14 @@ class MTP(nn.Module):
 
 class Slots:
     """Which position each slot of a cache buffer holds, per row of a batch (-1 = none). A full-attention
-    layer keeps every position (slot = position). A sliding layer keeps a rolling buffer of the last
-    `size` = window + spare positions (slot = position % size): its memory stays O(window) however long
-    the text grows, and the spare slots let speculative decoding take back a few tokens without
-    losing keys that are still inside the window. Every trunk layer of one type stores the same
-    positions in the same slots, so they share one Slots: a step's bookkeeping (where the new tokens
-    go, what each may attend to), a dozen small ops, runs once per layer type instead of once per layer."""
+    layer keeps every position (slot = position), so its keys fill the buffer from the front and
+    attention reads only the filled part, however long the buffer. A sliding layer keeps a rolling
+    buffer of the last `size` = window + spare positions (slot = position % size): its memory stays
+    O(window) however long the text grows, and the spare slots let speculative decoding take back a
+    few tokens without losing keys that are still inside the window. Every trunk layer of one type
+    stores the same positions in the same slots, so they share one Slots: a step's bookkeeping (where
+    the new tokens go, what each may attend to), a dozen small ops, runs once per layer type instead
+    of once per layer."""
 
     def __init__(self, batch_size, size, window, device):
         self.pos = torch.full((batch_size, size), -1, device=device)  # (B, S)
@@ -530,11 +532,17 @@ class Slots:
         self.window = window
         self.placed = self.placement = None  # the positions of the step in progress, and the answer
 
+    def in_use(self, held):
+        """How many slots from the front hold keys, given positions `held` that include the highest
+        one stored: a full layer's slots 0..highest, a sliding layer's whole rolling buffer."""
+        return self.pos.shape[1] if self.window else int(held.max()) + 1
+
     def place(self, positions):
-        """Record the positions (B, T) of a step's new tokens (-1 = padding) -> (target, source, mask):
-        the slots the new keys go to, which of the new keys go there (None: all of them, stored before
-        attending), and what each new token may attend to, (B, 1, T, S) or (B, 1, T, S+T). Every layer
-        of the type passes the same positions tensor in a step; the first call does the work."""
+        """Record the positions (B, T) of a step's new tokens (-1 = padding) -> (target, source, mask,
+        end): the slots the new keys go to, which of the new keys go there (None: all of them, stored
+        before attending), what each new token may attend to, (B, 1, T, end) or (B, 1, T, end+T), and
+        how many slots from the front it reads. Every layer of the type passes the same positions
+        tensor in a step; the first call does the work."""
         if positions is self.placed:
             return self.placement
         size = self.pos.shape[1]
@@ -544,19 +552,21 @@ class Slots:
             # first and the queries attend over the buffer itself, with no copy of it.
             target, source = (self.rows, positions % size), None
             self.pos[target] = positions
-            allowed = attention_mask(positions, self.pos, self.window) & (self.pos >= 0)[:, None, :]
+            end = self.in_use(positions)
+            allowed = attention_mask(positions, self.pos[:, :end], self.window) & (self.pos[:, None, :end] >= 0)
         else:
             # A padded batch or a long prompt, whose later tokens would overwrite keys its earlier
             # tokens still need: they attend over the old buffer and the new keys side by side, and
             # then the real tokens are stored, of a chunk longer than the buffer only the last `size`.
-            key_positions = torch.cat([self.pos, positions], dim=1)  # (B, S+T)
+            end = self.in_use(self.pos)
+            key_positions = torch.cat([self.pos[:, :end], positions], dim=1)  # (B, end+T)
             allowed = attention_mask(positions, key_positions, self.window) & (key_positions >= 0)[:, None, :]
             allowed |= (positions < 0)[:, :, None]  # a padding query may look anywhere; its output is unused
             keep = (positions >= 0) & (positions > positions.max(dim=1, keepdim=True).values - size)
             rows, cols = keep.nonzero(as_tuple=True)
             target, source = (rows, positions[rows, cols] % size), (rows, cols)
             self.pos[target] = positions[source]
-        self.placed, self.placement = positions, (target, source, allowed[:, None])
+        self.placed, self.placement = positions, (target, source, allowed[:, None], end)
         return self.placement
 
     def rollback(self, lengths):
@@ -576,13 +586,13 @@ class LayerCache:
         self.slots = slots
 
     def update(self, k, v, positions):
-        """New keys and values (B, T, Hkv, hd) at positions (B, T) are stored -> every key and value to
-        attend to (B, S or S+T, Hkv, hd) and the mask (B, 1, T, S or S+T)."""
-        target, source, mask = self.slots.place(positions)
+        """New keys and values (B, T, Hkv, hd) at positions (B, T) are stored -> the keys and values
+        to attend to (B, end or end+T, Hkv, hd) and the mask (B, 1, T, end or end+T)."""
+        target, source, mask, end = self.slots.place(positions)
         if source is None:
             self.k[target], self.v[target] = k, v
-            return self.k, self.v, mask
-        keys, values = torch.cat([self.k, k], dim=1), torch.cat([self.v, v], dim=1)
+            return self.k[:, :end], self.v[:, :end], mask
+        keys, values = torch.cat([self.k[:, :end], k], dim=1), torch.cat([self.v[:, :end], v], dim=1)
         self.k[target], self.v[target] = k[source], v[source]
         return keys, values, mask
 

@@ -9,7 +9,8 @@ the MTP layer as the draft model (report §2.1.5, §6).
 
 Decoding, step by step:
   1. prefill: the prompt goes through the model once; every layer's keys and values stay in a
-     KVCache (only the 4 KV heads of GQA; a rolling window-sized buffer on sliding layers)
+     KVCache (only the 4 KV heads of GQA; a rolling window-sized buffer on sliding layers; room for
+     the prompt and the new tokens on full layers, of which attention reads the filled part)
   2. decode: each new token is one forward pass of length 1 that reads the cache
   3. speculative: the MTP layer guesses the token after the next one from the trunk's last state;
      the trunk then scores both in one pass of length 2 and keeps the guess when it agrees. Greedy
@@ -156,12 +157,14 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0
     for row, prompt in enumerate(prompts):  # left padding: every row's last prompt token is at the end
         idx[row, longest - len(prompt):] = torch.tensor(prompt, device=device)
         pad[row, longest - len(prompt):] = False
-    cache = KVCache(model.config, B, model.config.max_seq_len, device, next(model.parameters()).dtype)
+    # Room for what this call can reach, not the whole context: for the released model's 131072
+    # positions the full layers' buffers would take 1.9 GB per row in bf16.
+    cache = KVCache(model.config, B, longest + max_new_tokens, device, next(model.parameters()).dtype)
     h, _ = model.trunk(idx, cache, pad)
     out, done = [[] for _ in range(B)], [False] * B
     if logprobs is not None:
         logprobs[:] = [[] for _ in range(B)]
-    for _ in range(max_new_tokens):
+    for step in range(max_new_tokens):
         logits = model.lm_head(h[:, -1])  # (B, V)
         if temperature == 0 and logprobs is None:  # greedy: what a draw from the one-hot would give
             tokens, chosen = logits.argmax(dim=-1), None
@@ -175,7 +178,7 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0
                 if chosen is not None:
                     logprobs[row].append(chosen[row])
                 done[row] = token in stop_ids or bool(on_token and on_token(row, token))
-        if all(done):
+        if all(done) or step == max_new_tokens - 1:  # the last token needs no forward of its own
             break
         h, _ = model.trunk(tokens[:, None], cache)
     return out
@@ -203,7 +206,7 @@ def generate_speculative(model, prompt, max_new_tokens, temperature=0.0, top_k=0
     generator = seeded_generator(seed, device)
     adjust = lambda logits: next_token_probs(logits, temperature, top_k, top_p)  # noqa: E731
     max_new_tokens = min(max_new_tokens, model.config.max_seq_len - len(prompt))
-    cache = KVCache(model.config, 1, model.config.max_seq_len + 2, device, next(model.parameters()).dtype)
+    cache = KVCache(model.config, 1, len(prompt) + max_new_tokens, device, next(model.parameters()).dtype)
     idx = torch.tensor([prompt], device=device)
     h, _ = model.trunk(idx, cache)                               # (1, n, D): positions 0..n-1
     n = len(prompt)

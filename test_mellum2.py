@@ -4,6 +4,7 @@ torch.optim.Muon, brute-force loops, hand computations) and would fail if the th
 Run: python -m pytest -q"""
 
 import collections
+import itertools
 import json
 import math
 import os
@@ -1188,14 +1189,23 @@ def test_cached_decoding_equals_a_full_forward():
     idx = torch.randint(0, cfg.vocab_size, (2, 45))  # over 5 windows long
     full, _ = model(idx)
     cache = KVCache(cfg, 2, 64)
-    pieces, start = [], 0
+    keys_read = {"full_attention": [], "sliding_attention": []}  # per step, over the layers of the type
+    for layer in model.layers:
+        layer.self_attn.attend = lambda q, k, v, mask, window, seen=keys_read[layer.layer_type]: (
+            seen.append(k.shape[2]) or mellum2.sdpa_attend(q, k, v, mask, window))
+    pieces, start, steps = [], 0, [13, 1, 1, 3, 9, 10, 8]
     # A prefill, then steps of several sizes. Up to spare + 1 = 9 tokens are stored before
     # they attend; the 10 must attend next to the old buffer, since they overwrite keys still needed.
-    for size in [13, 1, 1, 3, 9, 10, 8]:
+    for size in steps:
         h, _ = model.trunk(idx[:, start:start + size], cache)
         pieces.append(model.lm_head(h))
         start += size
     assert (torch.cat(pieces, dim=1) - full).abs().max().item() < 1e-5
+    # A full layer reads only the slots filled so far (of 64), a sliding layer its whole buffer,
+    # next to the new keys when they must attend before being stored.
+    n_full, buffer = cfg.layer_types.count("full_attention"), cfg.sliding_window + 8
+    assert keys_read["full_attention"] == [n for n in itertools.accumulate(steps) for _ in range(n_full)]
+    assert set(keys_read["sliding_attention"]) == {buffer, buffer + 13, buffer + 10}
     # The sliding layers' rolling buffers stay window + spare slots long; the full layer keeps all.
     sizes = {layer.k.shape[1] for layer, t in zip(cache.layers, cfg.layer_types) if t == "sliding_attention"}
     assert sizes == {cfg.sliding_window + 8}
@@ -1213,6 +1223,20 @@ def test_rollback_forgets_exactly_the_dropped_tokens():
     cache.rollback(torch.tensor([20]))                           # ... taken back
     h, _ = model.trunk(idx[:, 20:], cache)
     assert (model.lm_head(h) - full[:, 20:]).abs().max().item() < 1e-5
+
+
+def test_decoding_caches_hold_what_the_call_can_reach(monkeypatch):
+    """A full layer's buffer holds the prompt and the new tokens, not the whole context (131072
+    positions for a YaRN-extended model), in both decoding loops, up to the context's end."""
+    model = randomize(Mellum2(replace(SMALL, max_seq_len=64))).eval()
+    made = []
+    monkeypatch.setattr(sample, "KVCache", lambda *a, **kw: made.append(KVCache(*a, **kw)) or made[-1])
+    sample.generate(model, [[1, 2, 3], [4, 5, 6, 7, 8]], 6)
+    sample.generate_speculative(model, [1, 2, 3], 6)
+    assert len(sample.generate_speculative(model, list(range(60)), 10)[0]) == 4  # the context's last 4
+    assert len(sample.generate(model, [list(range(60))], 10)[0]) == 4
+    full = SMALL.layer_types.index("full_attention")
+    assert [cache.layers[full].k.shape[1] for cache in made] == [5 + 6, 3 + 6, 64, 64]
 
 
 @torch.no_grad()
