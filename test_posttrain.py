@@ -387,6 +387,8 @@ def test_grpo_sync_samples_with_the_current_policy(sft_run, tmp_path, monkeypatc
     train.grpo(grpo_args(sft_run, tmp_path, "--sync"))
     steps = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")][1:]
     assert [r["staleness"] for r in steps] == [0, 0]
+    train.grpo(grpo_args(sft_run, tmp_path, "--sync"))  # a fresh run into the same folder starts a new log
+    assert [json.loads(line)["step"] for line in open(tmp_path / "metrics.jsonl")] == [0, 1, 2]
 
 
 @pytest.mark.parametrize("argv,message", [
