@@ -130,7 +130,8 @@ def speculative_pass_costs(model, prompt, text):
     """Seconds of each pass speculative decoding is made of, replayed along `text` (the
     greedy continuation of `prompt`) so that each pass meets the experts real decoding meets: a plain
     step (the trunk over 1 new token, then the head), a verify step (over 2 tokens, the head on both)
-    and a draft (the MTP layer and the head, after each plain step as in a speculative loop)."""
+    and a draft (the MTP layer over one (state, token) pair, and the head). After an accepted draft
+    the speculative loop's MTP layer reads two pairs, which costs more: these are lower bounds."""
     costs = {"plain": [], "verify": [], "draft": []}
     for width, name in ((1, "plain"), (2, "verify")):
         cache = mellum2.KVCache(model.config, 1, model.config.max_seq_len)
@@ -199,7 +200,7 @@ def decoding(args):
     print(f"  median pass: plain step {plain:.2f} ms, verify over 2 tokens {verify:.2f} ms ({verify / plain:.2f}x), "
           f"MTP draft {draft:.2f} ms ({draft / plain:.2f}x)")
     print(f"  speculative decoding gains only above {(verify + draft) / plain - 1:.0%} acceptance "
-          f"(the loop's own bookkeeping raises that bar further)")
+          f"(two-pair drafts after accepted ones and the loop's bookkeeping raise that bar further)")
     # A context that goes unused should cost nothing: the same weights configured for the released
     # model's 131072 positions (after §4's YaRN) decode these short texts as fast, because a full
     # layer's cache holds only what the call can reach and attention reads only its filled slots.
