@@ -602,8 +602,13 @@ def write_atomically(path, write):
     one: write(tmp) fills a temporary file beside it, which then replaces `path` in a single rename.
     (The model's exports and train.py's checkpoints are written this way too.)"""
     tmp = f"{path}.tmp{os.getpid()}"
-    write(tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:  # a full disk, an interrupt: no half-written file is left behind either
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def _save_array(path, array):

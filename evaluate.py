@@ -20,6 +20,7 @@ What is measured, and on what:
 import argparse
 import json
 import math
+import os
 import random
 import re
 import sys
@@ -132,6 +133,8 @@ def main(argv=None):
     try:
         if args.n < 1:
             raise ValueError(f"--n must be at least 1, got {args.n}")
+        if args.json and (os.path.isdir(args.json) or not os.path.isdir(os.path.dirname(os.path.abspath(args.json)))):
+            raise ValueError(f"--json {args.json}: not a file in an existing folder")
         model, vocab = sample.load_model(args.init_from, args.device)
         if isinstance(vocab.enc, sample.HFTokenizer):
             raise ValueError("evaluate.py scores models that speak this project's tokenizer")
@@ -141,13 +144,19 @@ def main(argv=None):
     except (ValueError, CheckpointError, data.DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
-    print(f"{args.init_from}: {time.time() - started:.0f} s")
-    print_table(results)
-    if args.json:
-        def write(tmp):
-            with open(tmp, "w") as f:
-                json.dump(results, f, indent=1)
-        data.write_atomically(args.json, write)
+    try:
+        print(f"{args.init_from}: {time.time() - started:.0f} s")
+        print_table(results)
+        if args.json:
+            def write(tmp):
+                with open(tmp, "w") as f:
+                    json.dump(results, f, indent=1)
+            data.write_atomically(args.json, write)
+    except BrokenPipeError:
+        sample.on_closed_pipe()
+    except OSError as e:
+        print(f"error: cannot write {args.json}: {e}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -145,7 +145,15 @@ def dense_config(config):
 def pick_device(requested=None):
     """The device to run on: the one asked for, else CUDA, then Apple's MPS, then the CPU."""
     if requested:
-        return torch.device(requested)
+        try:
+            device = torch.device(requested)
+        except RuntimeError:
+            raise ValueError(f"unknown device {requested!r} (cpu, cuda, cuda:N, mps)") from None
+        available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+        missing_gpu = device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count()
+        if not available.get(device.type) or missing_gpu:
+            raise ValueError(f"device {requested!r} is not available on this machine")
+        return device
     if torch.cuda.is_available():
         return torch.device("cuda")
     if torch.backends.mps.is_available():
@@ -238,7 +246,10 @@ def rope_inv_freq(config, layer_type):
     with a linear ramp between. It also sharpens attention by `attention_factor` on cos and sin.
     """
     hd = config.head_dim
-    base = config.rope_theta ** (-torch.arange(0, hd, 2, dtype=torch.float32) / hd)  # (hd/2,)
+    # Written as transformers writes it, so the frequencies agree to the bit: one unit in the last
+    # place is 0.01 radians at position 131072.
+    wavelengths = config.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd)  # (hd/2,), over 2 pi
+    base = 1.0 / wavelengths
     if not stretched_by_yarn(config, layer_type):
         return base, 1.0
 
@@ -251,7 +262,8 @@ def rope_inv_freq(config, layer_type):
     high = min(math.ceil(pair_index_for(config.yarn_beta_slow)), hd - 1)  # 35 for the released model
     j = torch.arange(hd // 2, dtype=torch.float32)
     ramp = ((j - low) / max(high - low, 1e-3)).clamp(0, 1)  # 0: keep the frequency, 1: divide it by s
-    inv_freq = base * (1 - ramp) + (base / s) * ramp
+    keep = 1 - ramp
+    inv_freq = 1.0 / (s * wavelengths) * (1 - keep) + base * keep
     attention_factor = config.yarn_attention_factor
     if attention_factor is None:
         attention_factor = 0.1 * math.log(s) + 1.0
@@ -446,8 +458,8 @@ def load_balancing_loss(logits, experts, n_expert):
     §3.4.5): E * sum_e f_e * P_e, with f_e the fraction of the N*K routing slots that went to expert e
     and P_e the mean router probability of e. Only P_e carries a gradient; it pushes probability away
     from overloaded experts. We normalise f_e by N*K, so a perfectly balanced router scores exactly 1
-    (transformers' `load_balancing_loss_func` normalises by N and scores K instead; the gradient only
-    differs by that constant factor). The model averages it over its MoE layers, so it is 1 at balance."""
+    (transformers' `load_balancing_loss_func` normalises by N and scores K instead, and pools all
+    layers' statistics into one product; Megatron, like Mellum2.forward, adds each layer's own)."""
     f = torch.bincount(experts.flatten(), minlength=n_expert).float() / experts.numel()  # (E,)
     P = logits.softmax(dim=-1).mean(dim=0)                                               # (E,)
     return n_expert * (f * P).sum()
@@ -654,12 +666,14 @@ class Mellum2(nn.Module):
     @torch.no_grad()
     def init_weights(self):
         """All initialisation in one place, as the released config describes it (initializer_range):
-        every matrix, the stacked experts and the router ~ N(0, 0.02); every RMSNorm gain = 1."""
-        for name, p in self.named_parameters():
-            if name.endswith("norm.weight"):
-                p.fill_(1.0)
-            else:
-                p.normal_(0.0, self.config.init_std)
+        every matrix, the stacked experts and the router ~ N(0, 0.02); every RMSNorm gain = 1. The
+        gains are found by type, not by name: the MTP layer's two input norms are called
+        pre_fc_norm_embedding and pre_fc_norm_hidden."""
+        for p in self.parameters():
+            p.normal_(0.0, self.config.init_std)
+        for module in self.modules():
+            if isinstance(module, RMSNorm):
+                module.weight.fill_(1.0)
 
     def rope(self, positions, dtype):
         """cos and sin for each layer type at `positions`, shared by all layers of that type, and by
@@ -695,7 +709,7 @@ class Mellum2(nn.Module):
     def forward(self, idx, targets=None):
         """idx (B, T) token ids -> logits (B, T, V) and, with targets (B, T) (the next token at each
         position, IGNORE_INDEX where there is none), the total loss
-            L = L_ntp + 0.1 * L_mtp + 1e-3 * L_aux + 1e-3 * L_z
+            L = L_ntp + 0.1 * L_mtp + 1e-3 * sum over MoE layers (L_aux + L_z)
         whose detached parts land in `self.loss_parts` for logging."""
         B, T = idx.shape
         cfg = self.config
@@ -721,12 +735,15 @@ class Mellum2(nn.Module):
                                        ignore_index=IGNORE_INDEX)
             loss = loss + cfg.mtp_loss_weight * mtp_loss
             parts["mtp"] = mtp_loss
-        # Balance and z-losses are averaged over all MoE layers (the MTP block's included): the
-        # aux loss is then 1 at perfect balance whatever the depth, and the coefficient means the same.
-        aux_loss = torch.stack([load_balancing_loss(lg, ex, cfg.n_expert) for lg, ex in routing]).mean()
-        z_loss = torch.stack([router_z_loss(lg) for lg, _ in routing]).mean()
-        loss = loss + cfg.aux_loss_coef * aux_loss + cfg.z_loss_coef * z_loss
-        parts.update(aux=aux_loss, z=z_loss)
+        # Balance and z-losses: every MoE layer (the MTP block's included) adds its own with the full
+        # coefficient, as Megatron, where the report's 1e-3 were set (App. B), attaches coef * loss to
+        # each router. The pull on one router is then the same whatever the depth; averaging over
+        # layers would weaken it 29-fold in the released model. Logged as the mean over layers, so
+        # the logged aux loss is 1 at perfect balance.
+        aux_loss = torch.stack([load_balancing_loss(lg, ex, cfg.n_expert) for lg, ex in routing])  # (layers,)
+        z_loss = torch.stack([router_z_loss(lg) for lg, _ in routing])                             # (layers,)
+        loss = loss + cfg.aux_loss_coef * aux_loss.sum() + cfg.z_loss_coef * z_loss.sum()
+        parts.update(aux=aux_loss.mean(), z=z_loss.mean())
         self.loss_parts = {k: v.detach() for k, v in parts.items()}
         # Fraction of routing slots each expert received, per trunk layer: (n_layer, E), 1/E = balanced.
         self.loss_parts["expert_load"] = torch.stack(
@@ -918,49 +935,75 @@ def config_to_hf(config, dtype=torch.float32):
 
 
 def config_from_hf(hf):
-    """A config.json (released or ours) -> Mellum2Config. Refuses variants this model cannot express."""
+    """A config.json (released or ours) -> Mellum2Config. A key it leaves out means what it means to
+    transformers' MellumConfig: the released model's value, plain RoPE with base 10000 on sliding
+    layers, full attention everywhere. Refuses variants this model cannot express, and says which
+    key is wrong in a damaged file."""
+    try:
+        return Mellum2Config(**settings_from_hf(hf))
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError, StopIteration) as e:
+        raise CheckpointError(f"config.json: unreadable ({type(e).__name__}: {e})") from None
+
+
+def settings_from_hf(hf):
+    """config_from_hf's work: the config.json's keys -> Mellum2Config's fields."""
     def unsupported(what):
         return CheckpointError(f"config.json: unsupported {what}")
 
     if hf.get("model_type") != "mellum":
         raise unsupported(f"model_type {hf.get('model_type')!r} (expected 'mellum')")
-    n_layer = hf["num_hidden_layers"]
+    defaults = Mellum2Config()  # the released model, as are MellumConfig's defaults
+    n_layer = hf.get("num_hidden_layers", defaults.n_layer)
     for key, wanted in [("norm_topk_prob", True), ("attention_bias", False), ("hidden_act", "silu"),
                         ("tie_word_embeddings", False)]:
         if hf.get(key, wanted) != wanted:
             raise unsupported(f"{key}={hf[key]!r}")
     if hf.get("mlp_layer_types", ["sparse"] * n_layer) != ["sparse"] * n_layer:
         raise unsupported("dense MLP layers (every Mellum 2 layer is MoE)")
+    n_mtp = hf.get("num_nextn_predict_layers", hf.get("num_mtp_layers")) or 0
+    for key, wanted in [("mtp_layer_types", "sliding_attention"), ("mtp_mlp_layer_types", "sparse")]:
+        if hf.get(key) not in (None, [wanted] * n_mtp):
+            raise unsupported(f"{key}={hf[key]!r} (the MTP layer is one sliding-window MoE block)")
     layer_types = hf.get("layer_types") or ["full_attention"] * n_layer
     letters = "".join({"sliding_attention": "S", "full_attention": "F"}[t] for t in layer_types)
+    window = hf.get("sliding_window", defaults.sliding_window)
+    if window is None:
+        if "S" in letters or n_mtp:
+            raise unsupported("sliding_window null with sliding-window layers")
+        window = 1  # no layer slides: the value is never read
     ours = hf.get("mellum2", {})
     # The layer types as a repeating pattern: the one we wrote if it still fits, else the shortest.
     candidates = [ours.get("attn_pattern", "")] + [letters[:p] for p in range(1, n_layer + 1)]
     pattern = next(c for c in candidates if c and all(letters[i] == c[i % len(c)] for i in range(n_layer)))
-    rope = hf.get("rope_parameters") or {}
+    rope = hf.get("rope_parameters") or {"full_attention": {"rope_type": "default", "rope_theta": 500000.0},
+                                         "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}
     full, sliding = rope.get("full_attention", {}), rope.get("sliding_attention", {})
-    theta = full.get("rope_theta", 500000.0)
-    if sliding.get("rope_theta", theta) != theta:
+    theta = full.get("rope_theta", defaults.rope_theta)
+    if ("S" in letters or n_mtp) and sliding.get("rope_theta", theta) != theta:
         raise unsupported("different RoPE bases on sliding and full layers")
     yarn = full.get("rope_type") == "yarn"
     yarn_everywhere = yarn and sliding == full
     if full.get("rope_type", "default") not in ("default", "yarn") or \
             (sliding.get("rope_type", "default") != "default" and not yarn_everywhere):
         raise unsupported("RoPE type (plain RoPE, and YaRN on the full layers or the same YaRN on all)")
-    defaults = Mellum2Config()
-    return Mellum2Config(
-        vocab_size=hf["vocab_size"], n_layer=n_layer, n_embd=hf["hidden_size"],
-        n_head=hf["num_attention_heads"], n_kv_head=hf["num_key_value_heads"],
-        head_dim=hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"],
-        n_expert=hf.get("num_experts", hf.get("num_local_experts")), n_expert_active=hf["num_experts_per_tok"],
-        expert_dim=hf["moe_intermediate_size"], sliding_window=hf.get("sliding_window") or 1,
-        attn_pattern=pattern, max_seq_len=hf.get("max_position_embeddings", 8192), rope_theta=theta,
+    for key, plain in [("partial_rotary_factor", 1.0), ("mscale", None), ("mscale_all_dim", None),
+                       ("truncate", True)]:
+        if full.get(key, plain) != plain:
+            raise unsupported(f"RoPE parameter {key}={full[key]!r}")
+    return dict(
+        vocab_size=hf.get("vocab_size", defaults.vocab_size), n_layer=n_layer,
+        n_embd=hf.get("hidden_size", defaults.n_embd), n_head=hf.get("num_attention_heads", defaults.n_head),
+        n_kv_head=hf.get("num_key_value_heads", defaults.n_kv_head),
+        head_dim=hf.get("head_dim", defaults.head_dim),
+        n_expert=hf.get("num_experts", hf.get("num_local_experts", defaults.n_expert)),
+        n_expert_active=hf.get("num_experts_per_tok", defaults.n_expert_active),
+        expert_dim=hf.get("moe_intermediate_size", defaults.expert_dim), sliding_window=window,
+        attn_pattern=pattern, max_seq_len=hf.get("max_position_embeddings", 131072), rope_theta=theta,
         yarn_factor=full["factor"] if yarn else 1.0,
-        yarn_original_max_seq_len=full.get("original_max_position_embeddings", 8192),
+        yarn_original_max_seq_len=full.get("original_max_position_embeddings", defaults.yarn_original_max_seq_len),
         yarn_beta_fast=full.get("beta_fast") or 32.0, yarn_beta_slow=full.get("beta_slow") or 1.0,
         yarn_attention_factor=full.get("attention_factor"), yarn_layers="all" if yarn_everywhere else "full",
-        rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
-        n_mtp=hf.get("num_nextn_predict_layers", hf.get("num_mtp_layers")) or 0,
+        rms_norm_eps=hf.get("rms_norm_eps", defaults.rms_norm_eps), n_mtp=n_mtp,
         mtp_loss_weight=ours.get("mtp_loss_weight", defaults.mtp_loss_weight),
         aux_loss_coef=hf.get("router_aux_loss_coef", defaults.aux_loss_coef),
         z_loss_coef=ours.get("z_loss_coef", defaults.z_loss_coef),

@@ -3,7 +3,7 @@ Inference with Mellum 2: KV-cache decoding, fill-in-the-middle, chat, and specul
 the MTP layer as the draft model (report §2.1.5, §6).
 
     python sample.py --start "def fibonacci(n):"           # complete code (default model: out/tiny)
-    python sample.py --prefix "def add(a, b):\\n    " --suffix "\\n\\nprint(add(1, 2))"    # fill the gap
+    python sample.py --prefix $'def add(a, b):\\n    ' --suffix $'\\n\\nprint(add(1, 2))'   # fill the gap (bash)
     python sample.py --chat --start "Write a function that reverses a string."
     python sample.py --speculative --start FILE:prompt.py   # the MTP layer drafts, the trunk checks
 
@@ -47,7 +47,10 @@ class HFTokenizer:
 
     def __init__(self, path):
         from tokenizers import Tokenizer  # installed with transformers; only needed for such directories
-        self.tokenizer = Tokenizer.from_file(path)
+        try:
+            self.tokenizer = Tokenizer.from_file(path)
+        except Exception as e:  # the library raises a bare Exception for a damaged file
+            raise CheckpointError(f"{path}: unreadable tokenizer ({e})") from None
         self.tokenizer.encode_special_tokens = True  # a special token's spelling in a prompt stays text
         self.special = {t.content: i for i, t in self.tokenizer.get_added_tokens_decoder().items()}
 
@@ -63,6 +66,8 @@ def load_model(init_from, device=None):
     A Hugging Face directory with its own tokenizer.json (the released checkpoint) brings its own
     vocabulary; anything else speaks the project's tokenizer."""
     hf_tokenizer = os.path.join(init_from, "tokenizer.json")
+    if not os.path.isdir(init_from):
+        raise CheckpointError(f"{init_from}: no such folder")
     if os.path.isfile(os.path.join(init_from, "ckpt.pt")):
         model = train.model_from_checkpoint(train.load_checkpoint(os.path.join(init_from, "ckpt.pt")))
         device = pick_device(device)
@@ -95,7 +100,10 @@ def next_token_probs(logits, temperature, top_k=0, top_p=1.0):
     logits = logits.float()
     if temperature == 0:
         return torch.nn.functional.one_hot(logits.argmax(dim=-1), logits.shape[-1]).float()
-    logits = logits / temperature
+    # Shifted so the best logit is 0 before dividing: a tiny temperature then sends the others to
+    # -inf, where dividing first would send the best to +inf and make the softmax NaN. (Below fp32's
+    # smallest normal number the temperature would round to 0; all such temperatures act alike.)
+    logits = (logits - logits.max(dim=-1, keepdim=True).values) / max(temperature, torch.finfo(torch.float32).tiny)
     if top_k:
         kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -261,7 +269,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--init-from", default=os.path.join("out", "tiny"),
                    help="a train.py run folder or a Hugging Face directory (default: out/tiny)")
-    p.add_argument("--start", default="def ", help="the prompt, or FILE:path to read it from a file")
+    p.add_argument("--start", help='the prompt, or FILE:path to read it from a file (default: "def ")')
     p.add_argument("--prefix", help="fill-in-the-middle: the text before the gap (or FILE:path)")
     p.add_argument("--suffix", help="fill-in-the-middle: the text after the gap (or FILE:path)")
     p.add_argument("--chat", action="store_true", help="treat --start as a user message in the chat template")
@@ -286,6 +294,11 @@ def check_args(args):
         (args.top_k >= 0, f"--top-k must be >= 0, got {args.top_k}"),
         (0 < args.top_p <= 1, f"--top-p must be in (0, 1], got {args.top_p}"),
         ((args.prefix is None) == (args.suffix is None), "--prefix and --suffix go together"),
+        (args.prefix is None or (args.start is None and not args.chat),
+         "--prefix and --suffix fill a gap in code; they do not combine with --start or --chat"),
+        (args.chat or not args.hide_thinking, "--hide-thinking is for --chat"),
+        (all(args.stop), "--stop needs some text"),
+        (0 <= args.seed < 2**64, f"--seed must be between 0 and 2**64 - 1, got {args.seed}"),
     ]
     for ok, message in problems:
         if not ok:
@@ -299,37 +312,40 @@ def build_prompt(args, vocab):
     if args.prefix is not None:
         if "<fim_middle>" not in special:
             raise ValueError("this tokenizer has no FIM sentinels (<fim_prefix>, <fim_suffix>, <fim_middle>)")
-        prefix, suffix = read_text(args.prefix), read_text(args.suffix)
-        ids = data.fim_prompt(enc.encode_ordinary(prefix), enc.encode_ordinary(suffix), special=special)
+        typed = [read_text(args.prefix), read_text(args.suffix)]
+        ids = data.fim_prompt(*map(enc.encode_ordinary, typed), special=special)
     elif args.chat:
         if special is not data.SPECIAL_TOKENS:
             raise ValueError("--chat renders the project's chat template, which this tokenizer does not have")
-        ids = data.render_chat(enc, [{"role": "user", "content": read_text(args.start)}])
+        typed = [read_text(args.start or "")]
+        ids = data.render_chat(enc, [{"role": "user", "content": typed[0]}])
     else:
-        ids = enc.encode_ordinary(read_text(args.start))
-    if not ids or (args.prefix is None and not args.chat and not read_text(args.start)):
+        typed = [read_text("def " if args.start is None else args.start)]
+        ids = enc.encode_ordinary(typed[0])
+    if not "".join(typed):
         raise ValueError("the prompt is empty")
-    typed = "".join(read_text(t) or "" for t in (args.start, args.prefix, args.suffix))
-    for token in [t for t in special if t in typed]:
+    for token in [t for t in special if t in "".join(typed)]:
         print(f"note: {token} in the prompt is read as plain text, not as the special token", file=sys.stderr)
     return ids, vocab.stop_ids | ({special["<|end|>"]} if args.chat else set())
 
 
 class Printer:
-    """Streams decoded text to stdout as tokens arrive (whole UTF-8 characters only), hides a
-    <think> block if asked, and notices stop strings."""
+    """Streams decoded text to stdout as tokens arrive, hides a <think> block if asked, and notices
+    stop strings. What may still change waits for the next token: a character whose UTF-8 bytes
+    have not all arrived, and an ending that could be the start of a stop string."""
 
     def __init__(self, vocab, stops, hide_thinking):
         self.enc, self.stops, self.hide_thinking = vocab.enc, stops, hide_thinking
         thinking = {"<think>", "</think>"}
         self.silent = {i for t, i in vocab.special.items() if t not in thinking}  # not printed
-        self.ids, self.printed, self.stopped = [], 0, False
+        self.ids, self.text, self.printed, self.stopped = [], "", 0, False
 
     def __call__(self, row, token):
         if self.stopped or token in self.silent:
-            return
+            return self.stopped
         self.ids.append(token)
-        text = self.enc.decode_bytes(self.ids).decode("utf-8", errors="ignore")
+        # "replace" marks an unfinished character with U+FFFD, as a tokenizer.json's decoder does
+        text = self.enc.decode_bytes(self.ids).decode("utf-8", errors="replace")
         if self.hide_thinking and "</think>" in text:
             text = text.split("</think>", 1)[1]
         elif self.hide_thinking and "<think>" in text:
@@ -337,9 +353,32 @@ class Printer:
         for stop in self.stops:
             if stop in text:
                 text, self.stopped = text[:text.index(stop)], True
-        print(text[self.printed:], end="", flush=True)
-        self.printed = len(text)
+        self.text = text
+        if self.stopped:
+            self.show(text)
+        else:
+            settled = text.rstrip("\ufffd")
+            self.show(settled[:len(settled) - self.stop_start(settled)])
         return self.stopped
+
+    def stop_start(self, text):
+        """How many characters at the end of text begin a stop string."""
+        return max((n for stop in self.stops for n in range(1, len(stop)) if text.endswith(stop[:n])), default=0)
+
+    def show(self, text):
+        print(text[self.printed:], end="", flush=True)
+        self.printed = max(self.printed, len(text))
+
+    def finish(self):
+        """The text has ended: what was held back is final."""
+        self.show(self.text)
+
+
+def on_closed_pipe():
+    """The reader of our output has gone (`python sample.py | head`): stop quietly, and point stdout
+    at nothing so Python's own flush at exit does not raise again."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    sys.exit(1)
 
 
 def main(argv=None):
@@ -349,8 +388,12 @@ def main(argv=None):
         model, vocab = load_model(args.init_from, args.device)
         kernels.install(model, args.kernels)
         ids, stop_ids = build_prompt(args, vocab)
-        if len(ids) >= model.config.max_seq_len:
-            raise ValueError(f"the prompt is {len(ids)} tokens; this model's context is {model.config.max_seq_len}")
+        context = model.config.max_seq_len
+        if len(ids) >= context:
+            raise ValueError(f"the prompt is {len(ids)} tokens; this model's context is {context}")
+        if len(ids) + args.max_new_tokens > context:
+            print(f"note: {context - len(ids)} new tokens fit in this model's {context}-token context",
+                  file=sys.stderr)
         printer = Printer(vocab, args.stop, args.hide_thinking)
         options = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, stop_ids=stop_ids,
                        seed=args.seed, on_token=printer)
@@ -360,6 +403,7 @@ def main(argv=None):
         else:
             out = generate(model, [ids], args.max_new_tokens, **options)[0]
         seconds = time.time() - start
+        printer.finish()
         print()
         if args.speculative:
             print(f"speculative: {accepted}/{drafts} drafts accepted ({accepted / max(drafts, 1):.0%}), "
@@ -367,6 +411,8 @@ def main(argv=None):
     except (ValueError, CheckpointError, data.DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    except BrokenPipeError:
+        on_closed_pipe()
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ import evaluate
 import mellum2
 import sample
 import train
-from mellum2 import (IGNORE_INDEX, CheckpointError, KVCache, Mellum2, Mellum2Config,
+from mellum2 import (IGNORE_INDEX, CheckpointError, KVCache, Mellum2, Mellum2Config, RMSNorm,
                      apply_rope, attention_mask, load_balancing_loss, rope_inv_freq)
 
 transformers = pytest.importorskip("transformers")
@@ -42,9 +42,10 @@ def randomize(model, seed=0):
     """Every parameter random, norm gains included: with unit gains some mistakes cancel (RMSNorm
     commutes with a rotation, so QK-norm before or after RoPE would look the same)."""
     g = torch.Generator().manual_seed(seed)
+    gains = {id(m.weight) for m in model.modules() if isinstance(m, RMSNorm)}
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
+        for p in model.parameters():
+            if id(p) in gains:
                 p.copy_(1 + 0.5 * torch.randn(p.shape, generator=g))
             else:
                 p.copy_(0.1 * torch.randn(p.shape, generator=g))
@@ -129,14 +130,25 @@ def test_ours_exported_into_hf_match_ours(config, tmp_path):
         assert torch.equal(a, b), k
 
 
+def assert_rope_matches_transformers(config, hf, layer_type):
+    """Bit for bit: at position 131072 one unit in the last place of a frequency moves cos and sin
+    by up to 0.007."""
+    default = transformers.models.mellum.modeling_mellum.MellumRotaryEmbedding.compute_default_rope_parameters
+    rope_type = hf.rope_parameters[layer_type]["rope_type"]
+    init = transformers.modeling_rope_utils.ROPE_INIT_FUNCTIONS.get(rope_type, default)
+    expected_freq, expected_factor = init(hf, "cpu", layer_type=layer_type)
+    freq, factor = rope_inv_freq(config, layer_type)
+    assert torch.equal(freq, expected_freq) and factor == pytest.approx(expected_factor, rel=1e-15), layer_type
+
+
 def test_yarn_frequencies_match_transformers():
+    for yarn_factor in (16.0, 3.0, 1.0):
+        cfg = Mellum2Config.from_preset("mellum2-12b", yarn_factor=yarn_factor)
+        for layer_type in ("full_attention", "sliding_attention"):
+            assert_rope_matches_transformers(cfg, hf_config(cfg), layer_type)
     cfg = Mellum2Config.from_preset("mellum2-12b", yarn_factor=16.0)
-    hf = hf_config(cfg)
-    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-    expected, expected_factor = ROPE_INIT_FUNCTIONS["yarn"](hf, "cpu", layer_type="full_attention")
     got, factor = rope_inv_freq(cfg, "full_attention")
-    assert torch.allclose(got, expected, rtol=1e-6, atol=0)
-    assert factor == pytest.approx(1.2772588722239782) and factor == pytest.approx(expected_factor)
+    assert factor == pytest.approx(1.2772588722239782)
     # Layer-selective: sliding layers keep plain RoPE and no attention scaling.
     plain, one = rope_inv_freq(cfg, "sliding_attention")
     assert one == 1.0 and torch.allclose(plain, 500000.0 ** (-torch.arange(0, 128, 2) / 128))
@@ -296,6 +308,25 @@ def test_moe_is_dropless_against_a_per_token_loop():
         assert torch.allclose(out[0, t], expected, atol=1e-5)
 
 
+def test_init_sets_every_norm_gain_to_one_and_draws_every_weight():
+    """initializer_range (0.02) for every weight, 1 for every RMSNorm gain, the MTP layer's input
+    norms included (their names do not end in "norm.weight")."""
+    torch.manual_seed(0)
+    model = Mellum2(SMALL)
+    gains = {name for name, p in model.named_parameters()
+             if any(p is m.weight for m in model.modules() if isinstance(m, RMSNorm))}
+    assert {"mtp.pre_fc_norm_embedding.weight", "mtp.pre_fc_norm_hidden.weight"} <= gains
+    assert len(gains) == 4 * SMALL.n_layer + 1 + (2 + 4 + 1)  # 4 per block, the final norm, the MTP layer's
+    weights = []
+    for name, p in model.named_parameters():
+        if name in gains:
+            assert torch.all(p == 1), name
+        else:
+            assert p.std() > 0.01, name
+            weights.append(p.flatten())
+    assert torch.cat(weights).std().item() == pytest.approx(0.02, rel=0.02)
+
+
 def test_aux_loss_is_one_at_perfect_balance_and_larger_otherwise():
     E, K = 8, 2
     # Token i strongly prefers experts i, i+1 (mod E): every expert gets the same share of slots and,
@@ -363,7 +394,10 @@ def test_mtp_loss_matches_hand_computation():
     assert model.loss_parts["ntp"].item() == pytest.approx(expected_ntp.item(), abs=1e-5)
     assert model.loss_parts["mtp"].item() == pytest.approx(expected_mtp.item(), abs=1e-5)
     parts = model.loss_parts
-    total = parts["ntp"] + 0.1 * parts["mtp"] + 1e-3 * parts["aux"] + 1e-3 * parts["z"]
+    # Every MoE layer, the MTP block's included, adds its own balance and z-losses at 1e-3 (as
+    # Megatron does); the logged parts are their means over the layers.
+    n_moe = cfg.n_layer + 1
+    total = parts["ntp"] + 0.1 * parts["mtp"] + 1e-3 * n_moe * (parts["aux"] + parts["z"])
     assert loss.item() == pytest.approx(total.item(), abs=1e-6)
 
 
@@ -428,6 +462,49 @@ def test_loading_names_every_problem(tmp_path):
     for expected in ["missing layers.1.self_attn.k_norm.weight", "missing layers.2.mlp.up_proj",
                      "norm.weight has shape (3,)", "unexpected layers.0.extra.weight"]:
         assert expected in text
+
+
+def test_config_keys_left_out_mean_what_they_mean_to_transformers():
+    """A hand-written config.json gets transformers' MellumConfig defaults for the keys it leaves
+    out (the released sizes, 131072 positions, full attention everywhere), and the keys it sets
+    the meaning transformers gives them."""
+    written = [
+        {"model_type": "mellum"},
+        {"model_type": "mellum", "num_hidden_layers": 4,
+         "layer_types": ["sliding_attention"] * 3 + ["full_attention"],
+         "rope_parameters": {
+             "full_attention": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 8.0,
+                                "original_max_position_embeddings": 4096},
+             "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}},
+    ]
+    for keys in written:
+        hf = transformers.MellumConfig(**{k: v for k, v in keys.items() if k != "model_type"})
+        ours = mellum2.config_from_hf(keys)
+        assert (ours.vocab_size, ours.n_layer, ours.n_embd, ours.head_dim) == \
+            (hf.vocab_size, hf.num_hidden_layers, hf.hidden_size, hf.head_dim)
+        assert (ours.n_head, ours.n_kv_head, ours.n_expert, ours.n_expert_active, ours.expert_dim) == \
+            (hf.num_attention_heads, hf.num_key_value_heads, hf.num_experts, hf.num_experts_per_tok,
+             hf.moe_intermediate_size)
+        assert (ours.sliding_window, ours.max_seq_len) == (hf.sliding_window, hf.max_position_embeddings)
+        assert ours.layer_types == hf.layer_types
+        for layer_type in set(hf.layer_types):
+            assert_rope_matches_transformers(ours, hf, layer_type)
+
+
+@pytest.mark.parametrize("keys,message", [
+    ({"num_hidden_layers": 4, "layer_types": ["sliding_attention"] * 4}, "different RoPE bases"),  # 10000 vs 500000
+    ({"sliding_window": None, "layer_types": ["sliding_attention"] * 28}, "sliding_window null"),
+    ({"num_nextn_predict_layers": 1, "mtp_layer_types": ["full_attention"]}, "mtp_layer_types"),
+    ({"rope_parameters": {"full_attention": {"rope_type": "yarn", "factor": 4.0, "mscale": 0.7,
+                                             "mscale_all_dim": 0.7}}}, "mscale"),
+    ({"rope_parameters": {"full_attention": {"rope_type": "yarn"}}}, "unreadable.*factor"),
+    ({"num_hidden_layers": "four"}, "unreadable"),
+    ({"num_attention_heads": 6}, "unreadable.*divisible"),
+    ({"layer_types": ["local"] * 28}, "unreadable"),
+])
+def test_config_json_that_cannot_be_loaded_says_why(keys, message):
+    with pytest.raises(CheckpointError, match=message):
+        mellum2.config_from_hf({"model_type": "mellum", **keys})
 
 
 def test_bad_checkpoint_directories(tmp_path):
@@ -1058,14 +1135,33 @@ def test_training_reduces_the_loss_and_writes_metrics(small_corpus, tmp_path):
     assert state["step"] == 12 and state["tokenizer"]["sha256"]
 
 
-def test_resume_continues_exactly(small_corpus, tmp_path):
+def test_resume_continues_exactly(small_corpus, tmp_path, capsys):
     straight = train.train(run_args(small_corpus, tmp_path / "a", "--max-steps", "6"))
     train.train(run_args(small_corpus, tmp_path / "b", "--max-steps", "6"), stop_after=3)
-    resumed = train.train(run_args(small_corpus, tmp_path / "b", "--resume"))
+    with open(tmp_path / "b" / "metrics.jsonl", "a") as f:
+        f.write('{"step": 4, "tokens": 61')  # the line a crash in the middle of writing it leaves
+    capsys.readouterr()
+    resumed = train.train(run_args(small_corpus, tmp_path / "b", "--resume", "--lr", "0.5"))
+    note = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:")]
+    assert "--lr" in note[0] and note[0].endswith("ignored: a resumed run keeps its own settings")
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
     losses = lambda d: [json.loads(line)["ntp"] for line in open(d / "metrics.jsonl")]  # noqa: E731
     assert losses(tmp_path / "a") == losses(tmp_path / "b")
+
+
+def test_a_checkpoint_that_cannot_be_written_leaves_the_last_one(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt.pt"
+    train.save_checkpoint(path, Mellum2(SMALL), [], 1, {"stage": "pretrain", "steps": 2})
+
+    def disk_full(state, file):
+        open(file, "wb").write(b"half a checkpoint")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(CheckpointError, match="cannot write the checkpoint"):
+        train.save_checkpoint(path, Mellum2(SMALL), [], 2, {"stage": "pretrain", "steps": 2})
+    assert os.listdir(tmp_path) == ["ckpt.pt"] and train.load_checkpoint(path)["step"] == 1
 
 
 def test_fp8_training_runs(small_corpus, tmp_path):
@@ -1109,14 +1205,30 @@ def test_ctrl_c_writes_a_checkpoint_and_resume_continues(small_corpus, tmp_path)
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--max-steps", "0"], "--max-steps must be positive"),
+    (["--max-steps", "0", "--out-dir", "{tmp}/unfinished"], "--max-steps must be positive"),  # flags first
     (["--batch-size", "3"], "must split evenly"),
     (["--resume", "--out-dir", "{tmp}/nothing"], "no checkpoint there"),
     (["--resume", "--out-dir", "{tmp}/corrupt"], "unreadable checkpoint"),
+    (["--resume", "--out-dir", "{tmp}/foreign"], "not a train.py checkpoint"),
+    (["--resume", "--stage", "sft", "--out-dir", "{tmp}/unfinished"], "resume it with --stage pretrain"),
+    (["--out-dir", "{tmp}/unfinished"], "holds an unfinished run (step 3 of 10)"),
+    (["--out-dir", "{tmp}/a-file"], "is a file"),
+    (["--stage", "sft", "--init-from", "{tmp}/nothing", "--out-dir", "{tmp}/sft"], "no such folder"),
+    (["--compare"], "add --stage long"),
+    (["--data-report", "--stage", "sft", "--init-from", "{tmp}/unfinished"], "--data-report"),
+    (["--seed", "-1"], "--seed"),
+    (["--lr", "inf"], "--lr must be positive and finite"),
+    (["--aux-coef", "nan"], "--aux-coef"),
 ])
 def test_bad_input_gives_one_line_and_a_nonzero_exit(argv, message, tmp_path, capsys):
     (tmp_path / "corrupt").mkdir()
     (tmp_path / "corrupt" / "ckpt.pt").write_bytes(b"not a checkpoint")
+    (tmp_path / "foreign").mkdir()
+    torch.save({"a": 1}, tmp_path / "foreign" / "ckpt.pt")
+    (tmp_path / "unfinished").mkdir()
+    train.save_checkpoint(tmp_path / "unfinished" / "ckpt.pt", Mellum2(SMALL), [], 3,
+                          {"stage": "pretrain", "steps": 10})
+    (tmp_path / "a-file").write_text("")
     with pytest.raises(SystemExit) as exit_info:
         train.main(["--size", "tiny", *[a.format(tmp=tmp_path) for a in argv]])
     err = capsys.readouterr().err.strip()
@@ -1327,25 +1439,94 @@ def test_top_k_and_top_p_keep_the_right_tokens():
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--init-from", "{tmp}/nothing"], "no ckpt.pt"),
+    (["--init-from", "{tmp}/nothing"], "no such folder"),
+    (["--init-from", "{tmp}"], "no ckpt.pt"),
     (["--init-from", "{tmp}/corrupt"], "unreadable checkpoint"),
     (["--start", ""], "the prompt is empty"),
     (["--temperature", "-1"], "--temperature"),
     (["--top-p", "0"], "--top-p"),
     (["--top-k", "-3"], "--top-k"),
     (["--max-new-tokens", "0"], "--max-new-tokens"),
-    (["--prefix", "a"], "go together"),
-    (["--start", "x " * 400], "this model's context"),
+    (["--init-from", "{tmp}/foreign"], "not a train.py checkpoint"),
+    (["--init-from", "{tmp}/mismatch"], "do not fit its config"),
+    (["--init-from", "{tmp}/bad-config"], "config.json: unreadable"),
+    (["--init-from", "{tmp}/bad-tokenizer"], "unreadable tokenizer"),
+    (["--chat", "--start", ""], "the prompt is empty"),
+    (["--prefix", "", "--suffix", ""], "the prompt is empty"),
+    (["--prefix", "a", "--suffix", "b", "--start", "x"], "do not combine"),
+    (["--prefix", "a", "--suffix", "b", "--chat"], "do not combine"),
+    (["--hide-thinking"], "--hide-thinking is for --chat"),
+    (["--stop", ""], "--stop needs"),
+    (["--seed", "99999999999999999999999"], "--seed"),
+    (["--device", "nonsense"], "unknown device"),
+    (["--device", "cuda:64"], "not available"),
 ])
 def test_sample_bad_input(argv, message, tmp_path, capsys):
     (tmp_path / "corrupt").mkdir()
     (tmp_path / "corrupt" / "ckpt.pt").write_bytes(b"\x00garbage")
+    (tmp_path / "foreign").mkdir()
+    torch.save({"a": 1}, tmp_path / "foreign" / "ckpt.pt")
+    (tmp_path / "mismatch").mkdir()
+    train.save_checkpoint(tmp_path / "mismatch" / "ckpt.pt", Mellum2(SMALL), [], 0, {})
+    state = torch.load(tmp_path / "mismatch" / "ckpt.pt")
+    state["config"]["n_layer"] = 2  # weights of 4 layers under a config of 2
+    torch.save(state, tmp_path / "mismatch" / "ckpt.pt")
     Mellum2(Mellum2Config.from_preset("tiny")).save_pretrained(tmp_path / "model")
+    for damaged, name, text in [("bad-config", "config.json", '{"model_type": "mellum", "layer_types": ["x"]}'),
+                                ("bad-tokenizer", "tokenizer.json", "garbage")]:
+        Mellum2(SMALL).save_pretrained(tmp_path / damaged)
+        (tmp_path / damaged / name).write_text(text)
     args = ["--init-from", str(tmp_path / "model")] + [a.format(tmp=tmp_path) for a in argv]
     with pytest.raises(SystemExit) as exit_info:
         sample.main(args)
     err = capsys.readouterr().err.strip()
     assert exit_info.value.code == 1 and message in err and len(err.splitlines()) == 1
+
+
+def test_a_tiny_temperature_is_nearly_greedy():
+    logits = torch.tensor([[3.0, 1.0, 3.5, -2.0]])
+    for temperature in (1e-40, 1e-300):
+        assert torch.equal(sample.next_token_probs(logits, temperature), torch.tensor([[0.0, 0, 1, 0]]))
+
+
+def test_printer_holds_back_what_may_still_change(capsys):
+    """A stop string that arrives over several tokens is never partly printed, and a character whose
+    UTF-8 bytes arrive in separate tokens is printed whole."""
+    enc = data.load_tokenizer()
+    vocab = sample.Vocabulary(enc, data.SPECIAL_TOKENS, {data.EOT})
+    text = "x = '日本語 €'\nimport sys\nprint(x)\n"
+    ids = enc.encode_ordinary(text)
+    assert any(b"\xe6\x97\xa5".startswith(enc.decode_bytes([i])) for i in ids)  # a piece of a character
+    printer, shown = sample.Printer(vocab, ["import sys"], hide_thinking=False), []
+    for i in ids:
+        stopped = printer(0, i)
+        shown.append(capsys.readouterr().out)
+        if stopped:
+            break
+    printer.finish()
+    assert "".join(shown) + capsys.readouterr().out == "x = '日本語 €'\n"
+    assert not any("\ufffd" in piece or "im" in piece for piece in shown)
+    # Without a stop string in the text, what was held back comes out at the end.
+    printer = sample.Printer(vocab, ["import os"], hide_thinking=False)
+    for i in ids:
+        printer(0, i)
+    printer.finish()
+    assert capsys.readouterr().out == text
+
+
+def test_sample_notes_a_capped_length_and_stops_quietly_on_a_closed_pipe(tmp_path, capsys):
+    Mellum2(Mellum2Config.from_preset("tiny")).save_pretrained(tmp_path)
+    prompt = "x = 1\n" * 50
+    room = 256 - len(data.load_tokenizer().encode_ordinary(prompt))
+    assert 0 < room < 10
+    sample.main(["--init-from", str(tmp_path), "--start", prompt, "--max-new-tokens", "10"])
+    assert f"note: {room} new tokens fit in this model's 256-token context" in capsys.readouterr().err
+    command = [sys.executable, "sample.py", "--init-from", str(tmp_path), "--max-new-tokens", "100"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               cwd=os.path.dirname(os.path.abspath(__file__)))
+    process.stdout.close()  # the reader goes away before the first token
+    err = process.stderr.read().decode()
+    assert process.wait() == 1 and "Traceback" not in err and "Error" not in err
 
 
 def test_special_token_text_in_a_prompt_stays_text(capsys):
@@ -1381,6 +1562,13 @@ def test_a_hugging_face_directory_brings_its_own_tokenizer(tmp_path, capsys):
     assert fim[0] == 3 and fim[-1] == 2  # SPM: <fim_suffix> first, ends with <fim_middle>
     sample.main(["--init-from", str(tmp_path), "--start", "def add", "--max-new-tokens", "5", "--temperature", "0"])
     assert capsys.readouterr().out.strip() != ""
+    # Its decoder returns text, with U+FFFD for a character not yet whole: streaming still prints
+    # each character once, whole.
+    printer, text = sample.Printer(vocab, [], hide_thinking=False), "s = '日本 €'\n"
+    for i in vocab.enc.encode_ordinary(text):
+        printer(0, i)
+    printer.finish()
+    assert capsys.readouterr().out == text
 
 
 # -----------------------------------------------------------------------------------------------
@@ -1449,7 +1637,8 @@ def test_long_stage_trains_from_a_checkpoint(small_corpus, tmp_path):
     (["--stage", "long"], "give --init-from"),
     (["--stage", "long", "--init-from", "{base}", "--context", "256"], "must be longer"),
     (["--stage", "long", "--init-from", "{base}", "--yarn-factor", "0.5"], "at least 1"),
-    (["--stage", "long", "--init-from", "{tmp}/nothing"], "no config.json"),
+    (["--stage", "long", "--init-from", "{tmp}/nothing"], "no such folder"),
+    (["--stage", "long", "--init-from", "{tmp}"], "no config.json"),
     (["--stage", "long", "--init-from", "{unfinished}"], "holds no finished pretrain run"),
 ])
 def test_long_stage_bad_input(argv, message, small_corpus, tmp_path, capsys):
@@ -1526,11 +1715,16 @@ def test_evaluate_runs_on_a_small_model_and_writes_json(small_built_corpus, tmp_
     assert "fim_exact_match" in capsys.readouterr().out
 
 
-def test_evaluate_bad_input(tmp_path, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        evaluate.main(["--init-from", str(tmp_path / "nothing")])
+@pytest.mark.parametrize("argv,message", [
+    (["--init-from", "{tmp}/nothing"], "no such folder"),
+    (["--json", "{tmp}/no-such-folder/results.json"], "--json"),
+    (["--json", "{tmp}"], "--json"),
+])
+def test_evaluate_bad_input(argv, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:  # a bad --json path is caught before the model loads
+        evaluate.main(["--init-from", str(tmp_path / "nothing")] + [a.format(tmp=tmp_path) for a in argv])
     err = capsys.readouterr().err.strip()
-    assert exit_info.value.code == 1 and "no ckpt.pt" in err and len(err.splitlines()) == 1
+    assert exit_info.value.code == 1 and message in err and len(err.splitlines()) == 1
 
 
 def test_plot_series_come_from_the_metrics(tmp_path, capsys, monkeypatch):

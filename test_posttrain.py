@@ -381,13 +381,15 @@ def test_grpo_runs_end_to_end_and_resumes_exactly(sft_run, tmp_path, monkeypatch
     assert rewards(tmp_path / "a") == rewards(tmp_path / "b")
 
 
-def test_grpo_sync_samples_with_the_current_policy(sft_run, tmp_path, monkeypatch):
+def test_grpo_sync_samples_with_the_current_policy(sft_run, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(train.GRPO_RUNS, "tiny", dataclasses.replace(TINY_RL, steps=2, eval_every=100))
     monkeypatch.setattr(tasks, "reward", varied_reward)
     train.grpo(grpo_args(sft_run, tmp_path, "--sync"))
     steps = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")][1:]
     assert [r["staleness"] for r in steps] == [0, 0]
+    capsys.readouterr()
     train.grpo(grpo_args(sft_run, tmp_path, "--sync"))  # a fresh run into the same folder starts a new log
+    assert f"note: replacing the finished run in {tmp_path}" in capsys.readouterr().out
     assert [json.loads(line)["step"] for line in open(tmp_path / "metrics.jsonl")] == [0, 1, 2]
 
 

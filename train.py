@@ -36,12 +36,12 @@ import hashlib
 import json
 import math
 import os
+import pickle
 import random
 import signal
 import sys
 import time
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -326,11 +326,12 @@ LONG_RUNS = {
 
 
 # SFT (§5.1.2): a tenth of the pre-training LR (3e-5 in the report), 100 warmup iterations, cosine
-# to a tenth of the peak, no batch ramp. Tiny: about 7 minutes. RL needs a model that is sometimes
-# right: stopped at 100 or 125 steps, the tiny model's sampled tool answers were never right, so it
-# runs the 150 steps where the calculator call has been learnt.
+# to a tenth of the peak, no batch ramp. Tiny: about 13 minutes. RL needs a model that is sometimes
+# right: the tiny model makes the calculator call early but copies the numbers into it wrongly for
+# a long time (held-out tool accuracy 0% at 150 steps), so it runs the 250 steps after which the
+# call has been learnt.
 SFT_RUNS = {
-    "tiny": Run(batch_size=32, micro_batch=32, steps=150, lr=1e-3, warmup_steps=10, eval_every=50,
+    "tiny": Run(batch_size=32, micro_batch=32, steps=250, lr=1e-3, warmup_steps=10, eval_every=50,
                 eval_batches=0, ckpt_every=50, ramp_fraction=0.0, eval_tasks=64),
     "small": Run(batch_size=64, micro_batch=16, steps=1000, lr=2e-4, warmup_steps=50, eval_every=250,
                  eval_batches=0, ckpt_every=250, ramp_fraction=0.0, eval_tasks=128),
@@ -460,26 +461,92 @@ def save_checkpoint(path, model, optimizers, step, settings, tokens=0, **extra):
         "config": dataclasses.asdict(model.config),
         "settings": settings,
         "tokenizer": tokenizer_reference(),
-        "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+        "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
         **extra,
     }
-    data.write_atomically(path, lambda tmp: torch.save(state, tmp))
+    try:
+        data.write_atomically(path, lambda tmp: torch.save(state, tmp))
+    except (OSError, RuntimeError) as e:  # a full disk; torch.save reports it as a RuntimeError
+        raise CheckpointError(f"{path}: cannot write the checkpoint ({type(e).__name__}: {first_line(e)}); "
+                              f"the previous one, if any, is intact") from None
+
+
+CHECKPOINT_KEYS = {"model", "optimizers", "step", "config", "settings"}
+
+
+def first_line(error):
+    return str(error).strip().splitlines()[0] if str(error).strip() else ""
 
 
 def load_checkpoint(path):
+    """A checkpoint's contents. weights_only: a checkpoint holds tensors, numbers and strings only,
+    so loading one cannot run code that came with the file."""
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no checkpoint there")
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise CheckpointError(f"{path}: unreadable checkpoint (it holds Python objects besides tensors, numbers "
+                              f"and strings: an older train.py's, or not ours; loading those could run code)") from None
     except Exception as e:  # torch.load raises many types for truncated or foreign files
-        raise CheckpointError(f"{path}: unreadable checkpoint ({type(e).__name__}: {e})") from None
+        raise CheckpointError(f"{path}: unreadable checkpoint ({type(e).__name__}: {first_line(e)})") from None
+    if not isinstance(state, dict) or not CHECKPOINT_KEYS <= set(state):
+        raise CheckpointError(f"{path}: not a train.py checkpoint (those hold {', '.join(sorted(CHECKPOINT_KEYS))})")
+    return state
 
 
 def model_from_checkpoint(state):
-    model = Mellum2(Mellum2Config(**state["config"]))
-    model.load_state_dict(state["model"])
+    try:
+        model = Mellum2(Mellum2Config(**state["config"]))
+        model.load_state_dict(state["model"])
+    except (TypeError, ValueError, RuntimeError) as e:  # written by another version, or edited
+        raise CheckpointError(f"the checkpoint's weights do not fit its config ({type(e).__name__}: "
+                              f"{' '.join(str(e).split())})") from None
     return model
+
+
+def run_folder(args):
+    """--out-dir, else out/SIZE, out/SIZE-long, out/SIZE-sft-VARIANT or out/SIZE-grpo-VARIANT."""
+    suffix = {"pretrain": "", "long": "-long", "sft": f"-sft-{args.variant}", "grpo": f"-grpo-{args.variant}"}
+    return args.out_dir or os.path.join("out", args.size + suffix[args.stage])
+
+
+def resumed_run(args, out_dir, say):
+    """--resume: the checkpoint to continue. It must be of this stage: the stage decides the data and
+    the schedule, so another stage's run cannot be continued as this one."""
+    ckpt_path = os.path.join(out_dir, "ckpt.pt")
+    state = load_checkpoint(ckpt_path)
+    saved = state["settings"].get("stage", "pretrain")
+    if saved != args.stage:
+        raise ValueError(f"{out_dir} holds a {saved} run: resume it with --stage {saved}")
+    say(f"resuming {ckpt_path} at step {state['step']} with the settings it was started with")
+    ignored = flags_given(args) - {"--resume", "--out-dir", "--stage", "--variant", "--size", "--device",
+                                   "--kernels", "--rope-variant"}
+    if ignored:
+        say(f"note: {', '.join(sorted(ignored))} ignored: a resumed run keeps its own settings")
+    return state
+
+
+def check_out_dir(out_dir, say):
+    """Before a fresh run writes anything: it loses no work. An unfinished run in the folder is kept
+    for --resume; a finished one is replaced, with a note."""
+    ckpt_path = os.path.join(out_dir, "ckpt.pt")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ValueError(f"--out-dir {out_dir} is a file, not a folder")
+    if os.path.isfile(ckpt_path):
+        state = load_checkpoint(ckpt_path)
+        step, steps = state["step"], state["settings"]["steps"]
+        if step < steps:
+            raise ValueError(f"{out_dir} holds an unfinished run (step {step} of {steps}): continue it with "
+                             f"--resume, or choose another --out-dir")
+        say(f"note: replacing the finished run in {out_dir}")
+
+
+def flags_given(args):
+    """The flags of args that differ from their defaults, spelled as on the command line."""
+    defaults = vars(parse_args([]))
+    return {"--" + name.replace("_", "-") for name, value in vars(args).items() if value != defaults.get(name, value)}
 
 
 # The stages a run folder must have finished to start each stage from it (a Hugging Face directory
@@ -492,6 +559,8 @@ def init_model(config, init_from, after=()):
     With `after`, a run folder must hold a finished run of one of those stages."""
     if init_from is None:
         return Mellum2(config)
+    if not os.path.isdir(init_from):
+        raise CheckpointError(f"--init-from {init_from}: no such folder")
     if os.path.isfile(os.path.join(init_from, "ckpt.pt")):
         state = load_checkpoint(os.path.join(init_from, "ckpt.pt"))
         run = state["settings"]
@@ -566,9 +635,18 @@ def truncate_metrics(path, step):
     kept = []
     if step and os.path.exists(path):
         with open(path) as f:
-            kept = [line for line in f if json.loads(line)["step"] <= step]
+            records = [(line, parsed_jsonl(line)) for line in f]
+        kept = [line for line, record in records if record and record["step"] <= step]
     with open(path, "w") as f:
         f.writelines(kept)
+
+
+def parsed_jsonl(line):
+    """One metrics line, or None for a line cut short by a crash in the middle of writing it."""
+    try:
+        return json.loads(line)
+    except ValueError:
+        return None
 
 
 # -----------------------------------------------------------------------------------------------
@@ -620,15 +698,13 @@ def train(args, stop_after=None):
     master = rank == 0
     say = print if master else (lambda *a, **k: None)
     sft = args.stage == "sft"
-    out_dir = args.out_dir or os.path.join("out", args.size + {"pretrain": "", "long": "-long",
-                                                               "sft": f"-sft-{args.variant}"}[args.stage])
+    out_dir = run_folder(args)
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
 
     # 1. Settings: the size's defaults and the flags, or exactly those of the run being resumed.
-    resumed = load_checkpoint(ckpt_path) if args.resume else None
+    resumed = resumed_run(args, out_dir, say) if args.resume else None
     if resumed:
         settings = resumed["settings"]
-        say(f"resuming {ckpt_path} at step {resumed['step']} with the settings it was started with")
     else:
         run = {"long": LONG_RUNS, "sft": SFT_RUNS}.get(args.stage, RUNS)[args.size]
         batch_size = given(args.batch_size, run.batch_size)
@@ -645,6 +721,8 @@ def train(args, stop_after=None):
                         yarn_factor=args.yarn_factor, rope_variant=args.rope_variant, variant=args.variant)
     s = settings
     check_settings(s, world)
+    if not resumed:
+        check_out_dir(out_dir, say)
 
     # 2. Data. Process 0 builds the token caches; the others wait, then read them. (SFT makes its own.)
     corpus = None
@@ -669,7 +747,7 @@ def train(args, stop_after=None):
     raw = model_from_checkpoint(resumed) if resumed else init_model(config, s["init_from"], START_STAGES[s["stage"]])
     if s["stage"] == "long" and not resumed:  # same weights, longer context, new RoPE for the far positions
         pretrained = raw
-        raw = Mellum2(long_context_config(pretrained.config, s["context"] or 4 * pretrained.config.max_seq_len,
+        raw = Mellum2(long_context_config(pretrained.config, given(s["context"], 4 * pretrained.config.max_seq_len),
                                           s["yarn_factor"], s["rope_variant"]))
         raw.load_state_dict(pretrained.state_dict())
         s["original_context"] = pretrained.config.max_seq_len
@@ -702,7 +780,6 @@ def train(args, stop_after=None):
             opt.load_state_dict(state)
         rng = resumed["rng"]
         torch.set_rng_state(rng["torch"])
-        np.random.set_state(rng["numpy"])
         random.setstate(rng["python"])
         if rng["cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
@@ -791,8 +868,9 @@ def train(args, stop_after=None):
                     raise KeyboardInterrupt
                 return raw
     except NonFiniteLoss as e:
-        raise NonFiniteLoss(f"non-finite loss at step {step + 1} ({e}); stopped, the last good checkpoint "
-                            f"in {out_dir} is kept") from None
+        kept = f"the last good checkpoint in {out_dir} is kept" if os.path.isfile(ckpt_path) else \
+            "no checkpoint was written"
+        raise NonFiniteLoss(f"non-finite loss at step {step + 1} ({e}); stopped, {kept}") from None
 
     # 7. Summary.
     elapsed = time.time() - t_start
@@ -812,11 +890,13 @@ def train(args, stop_after=None):
 def compare_rope_variants(args):
     """--stage long --compare: every RoPE variant trained from the same checkpoint on the same tokens,
     then one table, a miniature of the report's Fig. 7."""
-    base_dir = args.out_dir or os.path.join("out", f"{args.size}-long")
+    base_dir = run_folder(args)
     start = time.time()
     for variant in ROPE_VARIANTS:
         out_dir = os.path.join(base_dir, variant)
-        train(argparse.Namespace(**{**vars(args), "rope_variant": variant, "out_dir": out_dir, "compare": False}))
+        resume = args.resume and os.path.isfile(os.path.join(out_dir, "ckpt.pt"))  # the later ones start fresh
+        train(argparse.Namespace(**{**vars(args), "rope_variant": variant, "out_dir": out_dir, "compare": False,
+                                    "resume": resume}))
     table = rope_comparison(base_dir)
     lengths = list(next(iter(table.values())))
     print(f"\nlong-context comparison, {time.time() - start:.0f} s: validation loss (code) / passkey accuracy")
@@ -1153,12 +1233,11 @@ def grpo(args, stop_after=None):
     if "RANK" in os.environ:
         raise ValueError("--stage grpo runs in one process; start it with python, not torchrun")
     device = pick_device(args.device)
-    out_dir = args.out_dir or os.path.join("out", f"{args.size}-grpo-{args.variant}")
+    out_dir = run_folder(args)
     ckpt_path, metrics_path = os.path.join(out_dir, "ckpt.pt"), os.path.join(out_dir, "metrics.jsonl")
-    resumed = load_checkpoint(ckpt_path) if args.resume else None
+    resumed = resumed_run(args, out_dir, print) if args.resume else None
     if resumed:
         s = resumed["settings"]
-        print(f"resuming {ckpt_path} at step {resumed['step']} with the settings it was started with")
         raw = model_from_checkpoint(resumed)
     else:
         run = GRPO_RUNS[args.size]
@@ -1169,9 +1248,9 @@ def grpo(args, stop_after=None):
         if s["group_size"] < 2:
             raise ValueError(f"--group-size must be at least 2 (the leave-one-out baseline needs another "
                              f"answer), got {s['group_size']}")
-        if s["steps"] <= 0 or s["lr"] <= 0 or s["staleness"] < 0:
-            raise ValueError(f"--max-steps and --lr must be positive and --max-staleness at least 0, got "
-                             f"{s['steps']}, {s['lr']} and {s['staleness']}")
+        if s["steps"] <= 0 or s["staleness"] < 0:
+            raise ValueError(f"--max-steps must be positive and --max-staleness at least 0, got "
+                             f"{s['steps']} and {s['staleness']}")
         if not args.init_from:
             raise ValueError("--stage grpo continues an SFT model: give --init-from DIR (a train.py --stage sft run)")
         if not os.path.isfile(os.path.join(args.init_from, "ckpt.pt")):
@@ -1181,6 +1260,7 @@ def grpo(args, stop_after=None):
         if tuned_as != args.variant:
             raise ValueError(f"{args.init_from} was fine-tuned as {tuned_as}; GRPO --variant {args.variant} needs "
                              f"a {args.variant} SFT run (the report trains each separately)")
+        check_out_dir(out_dir, print)
     run = RLRun(**{**s["run"], "group_size": s["group_size"]})
     torch.manual_seed(s["seed"])
     raw.to(device)
@@ -1307,7 +1387,6 @@ def check_settings(s, world):
          f"batch sizes must be positive, got --batch-size {s['batch_size']} --micro-batch {s['micro_batch']}"),
         (s["batch_size"] % (2 * world) == 0,
          f"--batch-size {s['batch_size']} must split evenly over {world} process(es), also at half size while ramping"),
-        (s["lr"] > 0, f"--lr must be positive, got {s['lr']}"),
     ]
     for ok, message in problems:
         if not ok:
@@ -1377,9 +1456,26 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def check_command(args):
+    """What the flags alone can tell is wrong, before any file is read or written."""
+    problems = [
+        (not args.compare or args.stage == "long", "--compare compares long-context variants: add --stage long"),
+        (not args.data_report or args.stage in ("pretrain", "long"),
+         "--data-report describes the pre-training data (--stage pretrain or long)"),
+        (0 <= args.seed < 2**64, f"--seed must be between 0 and 2**64 - 1, got {args.seed}"),
+        (args.lr is None or 0 < args.lr < math.inf, f"--lr must be positive and finite, got {args.lr}"),
+        (args.aux_coef is None or 0 <= args.aux_coef < math.inf,
+         f"--aux-coef must be at least 0 and finite, got {args.aux_coef}"),
+    ]
+    for ok, message in problems:
+        if not ok:
+            raise ValueError(message)
+
+
 def main(argv=None):
     args = parse_args(argv)
     try:
+        check_command(args)
         if args.stage == "grpo":
             grpo(args)
         else:
