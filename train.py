@@ -1172,7 +1172,7 @@ class RLRun:
 
 
 GRPO_RUNS = {
-    # 2.5 (Instruct) to 5 (Thinking) minutes on 2 CPU cores. AdamW at 1e-4, a common choice at this size,
+    # 2.5 (Instruct) to 4.5 (Thinking) minutes on 2 CPU cores. AdamW at 1e-4, a common choice at this size,
     # made held-out tool accuracy swing by 50 points between evaluations; 3e-5 by at most 17.
     "tiny": RLRun(steps=60, prompts=8, group_size=8, lr=3e-5, warmup_steps=5, eval_every=20, eval_tasks=64,
                   ckpt_every=10),
