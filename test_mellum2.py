@@ -1633,9 +1633,22 @@ def test_long_stage_trains_from_a_checkpoint(small_corpus, tmp_path):
     assert sorted(map(int, last["long_context_eval"])) == [256, 512, 1024, 2048]
 
 
+def test_an_interrupted_compare_resumes_the_variants_it_started(tmp_path, monkeypatch):
+    """--compare --resume continues the variants that have a checkpoint and starts the others."""
+    (tmp_path / "selective-yarn").mkdir()
+    (tmp_path / "selective-yarn" / "ckpt.pt").write_bytes(b"")
+    calls = []
+    monkeypatch.setattr(train, "train", lambda args: calls.append((args.rope_variant, args.resume)))
+    monkeypatch.setattr(train, "rope_comparison", lambda base_dir: {"selective-yarn": {256: (4.0, 0.0)}})
+    train.compare_rope_variants(train.parse_args(["--stage", "long", "--compare", "--resume", "--out-dir",
+                                                  str(tmp_path)]))
+    assert calls == [("selective-yarn", True), ("all-yarn", False), ("theta", False), ("unchanged", False)]
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--stage", "long"], "give --init-from"),
     (["--stage", "long", "--init-from", "{base}", "--context", "256"], "must be longer"),
+    (["--stage", "long", "--init-from", "{base}", "--context", "0"], "must be longer"),  # 0 is not "the default"
     (["--stage", "long", "--init-from", "{base}", "--yarn-factor", "0.5"], "at least 1"),
     (["--stage", "long", "--init-from", "{tmp}/nothing"], "no such folder"),
     (["--stage", "long", "--init-from", "{tmp}"], "no config.json"),
