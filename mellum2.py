@@ -262,7 +262,7 @@ def rope_inv_freq(config, layer_type):
     high = min(math.ceil(pair_index_for(config.yarn_beta_slow)), hd - 1)  # 35 for the released model
     j = torch.arange(hd // 2, dtype=torch.float32)
     ramp = ((j - low) / max(high - low, 1e-3)).clamp(0, 1)  # 0: keep the frequency, 1: divide it by s
-    keep = 1 - ramp
+    keep = 1 - ramp  # and 1 - keep below, not ramp: transformers' rounding
     inv_freq = 1.0 / (s * wavelengths) * (1 - keep) + base * keep
     attention_factor = config.yarn_attention_factor
     if attention_factor is None:
@@ -966,20 +966,22 @@ def settings_from_hf(hf):
             raise unsupported(f"{key}={hf[key]!r} (the MTP layer is one sliding-window MoE block)")
     layer_types = hf.get("layer_types") or ["full_attention"] * n_layer
     letters = "".join({"sliding_attention": "S", "full_attention": "F"}[t] for t in layer_types)
+    slides = "S" in letters or n_mtp > 0  # a trunk layer or the MTP block has a sliding window
     window = hf.get("sliding_window", defaults.sliding_window)
     if window is None:
-        if "S" in letters or n_mtp:
+        if slides:
             raise unsupported("sliding_window null with sliding-window layers")
         window = 1  # no layer slides: the value is never read
     ours = hf.get("mellum2", {})
     # The layer types as a repeating pattern: the one we wrote if it still fits, else the shortest.
     candidates = [ours.get("attn_pattern", "")] + [letters[:p] for p in range(1, n_layer + 1)]
     pattern = next(c for c in candidates if c and all(letters[i] == c[i % len(c)] for i in range(n_layer)))
-    rope = hf.get("rope_parameters") or {"full_attention": {"rope_type": "default", "rope_theta": 500000.0},
-                                         "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}
+    rope = hf.get("rope_parameters") or {  # MellumConfig's default: base 10000 on sliding layers
+        "full_attention": {"rope_type": "default", "rope_theta": defaults.rope_theta},
+        "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}
     full, sliding = rope.get("full_attention", {}), rope.get("sliding_attention", {})
     theta = full.get("rope_theta", defaults.rope_theta)
-    if ("S" in letters or n_mtp) and sliding.get("rope_theta", theta) != theta:
+    if slides and sliding.get("rope_theta", theta) != theta:
         raise unsupported("different RoPE bases on sliding and full layers")
     yarn = full.get("rope_type") == "yarn"
     yarn_everywhere = yarn and sliding == full

@@ -312,19 +312,20 @@ def build_prompt(args, vocab):
     if args.prefix is not None:
         if "<fim_middle>" not in special:
             raise ValueError("this tokenizer has no FIM sentinels (<fim_prefix>, <fim_suffix>, <fim_middle>)")
-        typed = [read_text(args.prefix), read_text(args.suffix)]
-        ids = data.fim_prompt(*map(enc.encode_ordinary, typed), special=special)
+        texts = [read_text(args.prefix), read_text(args.suffix)]
+        ids = data.fim_prompt(*map(enc.encode_ordinary, texts), special=special)
     elif args.chat:
         if special is not data.SPECIAL_TOKENS:
             raise ValueError("--chat renders the project's chat template, which this tokenizer does not have")
-        typed = [read_text(args.start or "")]
-        ids = data.render_chat(enc, [{"role": "user", "content": typed[0]}])
+        texts = [read_text(args.start or "")]
+        ids = data.render_chat(enc, [{"role": "user", "content": texts[0]}])
     else:
-        typed = [read_text("def " if args.start is None else args.start)]
-        ids = enc.encode_ordinary(typed[0])
-    if not "".join(typed):
+        texts = [read_text("def " if args.start is None else args.start)]
+        ids = enc.encode_ordinary(texts[0])
+    typed = "".join(texts)
+    if not typed:
         raise ValueError("the prompt is empty")
-    for token in [t for t in special if t in "".join(typed)]:
+    for token in [t for t in special if t in typed]:
         print(f"note: {token} in the prompt is read as plain text, not as the special token", file=sys.stderr)
     return ids, vocab.stop_ids | ({special["<|end|>"]} if args.chat else set())
 

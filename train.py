@@ -468,15 +468,16 @@ def save_checkpoint(path, model, optimizers, step, settings, tokens=0, **extra):
     try:
         data.write_atomically(path, lambda tmp: torch.save(state, tmp))
     except (OSError, RuntimeError) as e:  # a full disk; torch.save reports it as a RuntimeError
-        raise CheckpointError(f"{path}: cannot write the checkpoint ({type(e).__name__}: {first_line(e)}); "
-                              f"the previous one, if any, is intact") from None
+        raise CheckpointError(f"{path}: cannot write the checkpoint ({one_line(e)}); the previous one, if "
+                              f"any, is intact") from None
 
 
 CHECKPOINT_KEYS = {"model", "optimizers", "step", "config", "settings"}
 
 
-def first_line(error):
-    return str(error).strip().splitlines()[0] if str(error).strip() else ""
+def one_line(error):
+    """An exception as one line of an error message: library messages can span several."""
+    return f"{type(error).__name__}: {' '.join(str(error).split())}"
 
 
 def load_checkpoint(path):
@@ -490,7 +491,7 @@ def load_checkpoint(path):
         raise CheckpointError(f"{path}: unreadable checkpoint (it holds Python objects besides tensors, numbers "
                               f"and strings: an older train.py's, or not ours; loading those could run code)") from None
     except Exception as e:  # torch.load raises many types for truncated or foreign files
-        raise CheckpointError(f"{path}: unreadable checkpoint ({type(e).__name__}: {first_line(e)})") from None
+        raise CheckpointError(f"{path}: unreadable checkpoint ({one_line(e)})") from None
     if not isinstance(state, dict) or not CHECKPOINT_KEYS <= set(state):
         raise CheckpointError(f"{path}: not a train.py checkpoint (those hold {', '.join(sorted(CHECKPOINT_KEYS))})")
     return state
@@ -501,8 +502,7 @@ def model_from_checkpoint(state):
         model = Mellum2(Mellum2Config(**state["config"]))
         model.load_state_dict(state["model"])
     except (TypeError, ValueError, RuntimeError) as e:  # written by another version, or edited
-        raise CheckpointError(f"the checkpoint's weights do not fit its config ({type(e).__name__}: "
-                              f"{' '.join(str(e).split())})") from None
+        raise CheckpointError(f"the checkpoint's weights do not fit its config ({one_line(e)})") from None
     return model
 
 
