@@ -310,7 +310,8 @@ def _package_dir(name):
     return Path(spec.submodule_search_locations[0]) if spec and spec.submodule_search_locations else None
 
 
-def _default_inputs(skipped):
+def _default_inputs():
+    skipped = collections.Counter()  # empty __init__.py files and the like: not the user's concern
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     code = [InputFile("code", "text", f"stdlib/{path.relative_to(stdlib).as_posix()}", text)
             for path in _walk(stdlib, skipped, SKIP_DIRS, {".py"})
@@ -587,7 +588,7 @@ class Corpus:
     folder: Path
     train: dict            # source -> TokenSplit
     val: dict              # source -> TokenSplit (may hold 0 documents in a tiny corpus)
-    skipped: dict          # reason -> number of input files skipped for it
+    skipped: dict          # reason -> number of --data input files skipped for it
     from_cache: bool       # True if loaded from an earlier build
     build_seconds: float   # time the build took (when it was built)
 
@@ -654,24 +655,43 @@ def build_corpus(extra_dirs=(), cache_dir=None, progress=True, default_sources=T
     """
     start = time.perf_counter()
     skipped = collections.Counter()
-    inputs = (_default_inputs(skipped) if default_sources else []) + _user_inputs(extra_dirs, skipped)
+    inputs = (_default_inputs() if default_sources else []) + _user_inputs(extra_dirs, skipped)
     if not inputs:
-        raise DataError(f"no usable input files ({_describe_skipped(skipped) or 'no files at all'})")
+        raise DataError(f"no usable input files ({describe_skipped(skipped) or 'no files at all'})")
     tokenizer_bytes = Path(tokenizer_path).read_bytes()
     fingerprint = _fingerprint(inputs, tokenizer_bytes)
     folder = Path(cache_dir or DEFAULT_CACHE_DIR) / f"corpus-{fingerprint[:16]}"
-    manifest_path = folder / "manifest.json"
-    from_cache = manifest_path.exists() and json.loads(manifest_path.read_text())["fingerprint"] == fingerprint
-    if not from_cache:
+    cached = _read_cache(folder, fingerprint)
+    from_cache = cached is not None
+    if not from_cache:  # never built, or damaged since
         _write_cache(folder, fingerprint, _documents(inputs, progress), _encoding(parse_ranks(tokenizer_bytes)),
                      progress, start)
-    manifest = json.loads(manifest_path.read_text())
-    splits = {split: {source: TokenSplit(np.load(folder / f"{source}.{split}.tokens.npy", mmap_mode="r"),
-                                         np.load(folder / f"{source}.{split}.offsets.npy"),
-                                         info[split]["keys"], info[split]["bytes"])
-                      for source, info in manifest["sources"].items()}
-              for split in ("train", "val")}
+        cached = _read_cache(folder, fingerprint)
+        if cached is None:
+            raise DataError(f"{folder}: the token cache just written cannot be read back")
+    splits, manifest = cached
     return Corpus(folder, splits["train"], splits["val"], dict(skipped), from_cache, manifest["build_seconds"])
+
+
+def _read_cache(folder, fingerprint):
+    """The cached (splits, manifest) of this fingerprint, or None when the folder holds no complete,
+    readable build of it. The manifest is written last, so an interrupted build has none; a file
+    truncated or edited since is caught here too, and the caller builds the cache again."""
+    try:
+        manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
+        if manifest["fingerprint"] != fingerprint:
+            return None
+        splits = {split: {} for split in ("train", "val")}
+        for source, info in manifest["sources"].items():
+            for split in splits:
+                tokens = np.load(folder / f"{source}.{split}.tokens.npy", mmap_mode="r")
+                offsets = np.load(folder / f"{source}.{split}.offsets.npy")
+                if len(offsets) != len(info[split]["keys"]) + 1 or offsets[-1] != len(tokens):
+                    return None
+                splits[split][source] = TokenSplit(tokens, offsets, info[split]["keys"], info[split]["bytes"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # missing, truncated or foreign files
+        return None
+    return splits, manifest
 
 
 def _write_cache(folder, fingerprint, docs, enc, progress, start):
@@ -694,7 +714,7 @@ def _write_cache(folder, fingerprint, docs, enc, progress, start):
     write_atomically(folder / "manifest.json", lambda tmp: Path(tmp).write_text(json.dumps(manifest), encoding="utf-8"))
 
 
-def _describe_skipped(skipped):
+def describe_skipped(skipped):
     return ", ".join(f"{n} {reason}" for reason, n in sorted(skipped.items()) if n)
 
 
@@ -1042,7 +1062,7 @@ def data_report(corpus, token_budget, file=None):
     if missing:
         print(f"no training text for: {', '.join(missing)} (the phase mixtures are renormalised without it)", file=out)
     if corpus.skipped:
-        print(f"skipped input files: {_describe_skipped(corpus.skipped)}", file=out)
+        print(f"skipped input files: {describe_skipped(corpus.skipped)}", file=out)
     print(f"\nplan for {token_budget:,} training tokens (Table 3; shares and mixtures normalised to 100%)", file=out)
     print(f"{'phase':<24} {'share':>6} {'FIM':>12}" + "".join(f" {s:>11}" for s in corpus.sources), file=out)
     total_share = sum(p.share for p in PHASES)

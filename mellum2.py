@@ -779,7 +779,7 @@ class Mellum2(nn.Module):
     @classmethod
     def from_pretrained(cls, path, device=None, dtype=None):
         """Load a local Hugging Face directory: the released checkpoint, or one we exported. Raises
-        CheckpointError naming every missing, unexpected or mis-shaped tensor at once."""
+        CheckpointError naming the missing, unexpected or mis-shaped tensors (state_mismatch)."""
         config = config_from_hf(read_hf_config(path))
         tensors = read_safetensors(path)
         if not any(k.startswith("mtp.") for k in tensors):
@@ -787,13 +787,9 @@ class Mellum2(nn.Module):
         state = hf_to_state_dict(tensors, config)
         with torch.device("meta"):
             model = cls(config)
-        expected = {k: v.shape for k, v in model.state_dict().items()}
-        problems = [f"missing {k} {tuple(s)}" for k, s in expected.items() if k not in state]
-        problems += [f"unexpected {k}" for k in state if k not in expected]
-        problems += [f"{k} has shape {tuple(state[k].shape)}, expected {tuple(s)}"
-                     for k, s in expected.items() if k in state and state[k].shape != s]
+        problems = state_mismatch(model, state)
         if problems:
-            raise CheckpointError(f"{path}: checkpoint does not match its config.json: " + "; ".join(problems))
+            raise CheckpointError(f"{path}: checkpoint does not match its config.json: {problems}")
         model.load_state_dict(state, assign=True)
         device = pick_device(device)
         return model.to(device=device, dtype=dtype or pick_dtype(device))
@@ -825,6 +821,19 @@ class Mellum2(nn.Module):
         dtype = next(iter(tensors.values())).dtype
         text = json.dumps(config_to_hf(self.config, dtype), indent=2)
         write_atomically(os.path.join(path, "config.json"), lambda tmp: Path(tmp).write_text(text))
+
+
+def state_mismatch(model, state, shown=4):
+    """Why the tensors `state` (name -> tensor) do not load into `model`, in one short line; "" when
+    they do. The first few problems and how many more: a config.json with one layer too many
+    misses dozens of tensors, and an error line naming them all would hide the cause."""
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    problems = [f"missing {k} {tuple(s)}" for k, s in expected.items() if k not in state]
+    problems += [f"unexpected {k}" for k in state if k not in expected]
+    problems += [f"{k} has shape {tuple(state[k].shape)}, expected {tuple(s)}"
+                 for k, s in expected.items() if k in state and state[k].shape != s]
+    more = f"; and {len(problems) - shown} more" if len(problems) > shown else ""
+    return "; ".join(problems[:shown]) + more
 
 
 class CheckpointError(Exception):

@@ -447,7 +447,7 @@ def test_presets_keep_the_structure():
         assert cfg.n_embd % 64 == 0 and cfg.head_dim % 64 == 0
 
 
-def test_loading_names_every_problem(tmp_path):
+def test_loading_names_the_problems(tmp_path):
     Mellum2(SMALL).save_pretrained(tmp_path)
     from safetensors.torch import load_file, save_file
     tensors = load_file(tmp_path / "model.safetensors")
@@ -462,6 +462,15 @@ def test_loading_names_every_problem(tmp_path):
     for expected in ["missing layers.1.self_attn.k_norm.weight", "missing layers.2.mlp.up_proj",
                      "norm.weight has shape (3,)", "unexpected layers.0.extra.weight"]:
         assert expected in text
+    config = json.loads((tmp_path / "config.json").read_text())
+    for key, value in config.items():  # two more layers: dozens of tensors missing
+        if isinstance(value, list) and len(value) == config["num_hidden_layers"]:
+            config[key] = value + value[:2]
+    config["num_hidden_layers"] += 2
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"missing layers\.4\..*; and \d+ more$") as err:
+        Mellum2.from_pretrained(tmp_path)
+    assert len(str(err.value)) < 600
 
 
 def test_config_keys_left_out_mean_what_they_mean_to_transformers():
@@ -743,8 +752,7 @@ def test_synthetic_math_is_checked_and_stable():
 
 def test_default_inputs_listing():
     """The one check on the real install: what the default corpus would read (no tokenizing)."""
-    skipped = collections.Counter()
-    inputs = data._default_inputs(skipped)
+    inputs = data._default_inputs()
     keys = {(f.source, f.key) for f in inputs}
     assert ("code", "stdlib/json/decoder.py") in keys and ("web", "stdlib/json/decoder.py") in keys
     assert not any("/test/" in k or "/tests/" in k or k.startswith("stdlib/encodings/") for _, k in keys)
@@ -811,6 +819,28 @@ def test_cache_reused_and_rebuilt_on_change(tmp_path, enc):
     doc = split.doc(split.keys.index("src/code/mod0.py"))
     assert enc.decode(doc.tolist()) == "def changed():\n    return 'new text'\n"
 
+
+
+@pytest.mark.parametrize("damage", ["truncated tokens", "garbled offsets", "torn manifest", "shortened tokens"])
+def test_damaged_cache_is_rebuilt(tmp_path, damage):
+    root = write_tiny_corpus(tmp_path / "src", seed=5, n=4)
+    first = data.build_corpus([root], cache_dir=tmp_path / "cache", progress=False, default_sources=False)
+    # Copies: the damage below rewrites files that first's arrays are memory maps of.
+    expected = {s: (np.array(first.train[s].tokens), first.val[s].offsets.copy()) for s in data.SOURCES}
+    tokens = first.folder / "code.train.tokens.npy"
+    if damage == "truncated tokens":
+        tokens.write_bytes(tokens.read_bytes()[:150])
+    elif damage == "garbled offsets":
+        (first.folder / "web.val.offsets.npy").write_bytes(b"not an array")
+    elif damage == "torn manifest":
+        (first.folder / "manifest.json").write_text('{"fingerprint": "')
+    else:  # a valid array, but shorter than the offsets say
+        np.save(tokens, np.load(tokens)[:-3])
+    rebuilt = data.build_corpus([root], cache_dir=tmp_path / "cache", progress=False, default_sources=False)
+    assert not rebuilt.from_cache and rebuilt.folder == first.folder
+    for source, (train_tokens, val_offsets) in expected.items():
+        assert np.array_equal(rebuilt.train[source].tokens, train_tokens)
+        assert np.array_equal(rebuilt.val[source].offsets, val_offsets)
 
 # --- §3.2 curriculum and §3.2.1 repetition -------------------------------------------------------
 
@@ -1135,6 +1165,12 @@ def test_training_reduces_the_loss_and_writes_metrics(small_corpus, tmp_path):
     assert state["step"] == 12 and state["tokenizer"]["sha256"]
 
 
+def test_a_data_folder_with_nothing_usable_is_reported(small_corpus, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    train.train(run_args(small_corpus, tmp_path / "out", "--max-steps", "1", "--data", str(tmp_path / "empty")))
+    assert "skipped in --data: 1 empty folder" in capsys.readouterr().out
+
+
 def test_resume_continues_exactly(small_corpus, tmp_path, capsys):
     straight = train.train(run_args(small_corpus, tmp_path / "a", "--max-steps", "6"))
     train.train(run_args(small_corpus, tmp_path / "b", "--max-steps", "6"), stop_after=3)
@@ -1202,6 +1238,14 @@ def test_ctrl_c_writes_a_checkpoint_and_resume_continues(small_corpus, tmp_path)
     step = train.load_checkpoint(tmp_path / "ckpt.pt")["step"]
     assert step >= 2 and len(metrics.read_text().splitlines()) == step
     assert f"stopped at step {step}" in err and "Traceback" not in err
+
+
+def test_a_stop_request_in_the_last_step_lets_the_run_finish(small_corpus, tmp_path, monkeypatch, capsys):
+    handler = signal.getsignal(signal.SIGINT)
+    monkeypatch.setattr(train.StopRequest, "all_agree", lambda self: True)  # as if Ctrl-C came in every step
+    train.train(run_args(small_corpus, tmp_path, "--max-steps", "1"))
+    assert "done: 1 steps" in capsys.readouterr().out and train.load_checkpoint(tmp_path / "ckpt.pt")["step"] == 1
+    assert signal.getsignal(signal.SIGINT) is handler  # after the loop Ctrl-C interrupts again
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -1481,6 +1525,7 @@ def test_sample_bad_input(argv, message, tmp_path, capsys):
         sample.main(args)
     err = capsys.readouterr().err.strip()
     assert exit_info.value.code == 1 and message in err and len(err.splitlines()) == 1
+    assert len(err) < 500  # the mismatched weights: a few names and a count, not all 79
 
 
 def test_a_tiny_temperature_is_nearly_greedy():

@@ -424,14 +424,21 @@ def setup_distributed(requested_device):
 
 
 class StopRequest:
-    """Ctrl-C (SIGINT) or SIGTERM only raises a flag; the loop stops at the next step boundary,
-    where model and optimizer are consistent, and writes a checkpoint first."""
+    """From its creation until release(), Ctrl-C (SIGINT) or SIGTERM only raises a flag; the loop
+    stops at the next step boundary, where model and optimizer are consistent, and writes a
+    checkpoint first. Released, the handlers before are back: an interrupt during the final
+    evaluation ends it at once (the checkpoint is written by then)."""
 
     def __init__(self):
         self.requested = False
+        self.before = {sig: signal.signal(sig, self) for sig in (signal.SIGINT, signal.SIGTERM)}
 
     def __call__(self, signum, frame):
         self.requested = True
+
+    def release(self):
+        for sig, handler in self.before.items():
+            signal.signal(sig, handler)
 
     def all_agree(self):  # every process must stop at the same step, or collectives hang
         flag = torch.tensor([float(self.requested)])
@@ -480,13 +487,14 @@ def one_line(error):
     return f"{type(error).__name__}: {' '.join(str(error).split())}"
 
 
-def load_checkpoint(path):
+def load_checkpoint(path, mmap=False):
     """A checkpoint's contents. weights_only: a checkpoint holds tensors, numbers and strings only,
-    so loading one cannot run code that came with the file."""
+    so loading one cannot run code that came with the file. mmap: map the tensors instead of
+    reading them, for a look at the step and settings (a 12B run's checkpoint is 190 GB)."""
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no checkpoint there")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError:
         raise CheckpointError(f"{path}: unreadable checkpoint (it holds Python objects besides tensors, numbers "
                               f"and strings: an older train.py's, or not ours; loading those could run code)") from None
@@ -500,9 +508,12 @@ def load_checkpoint(path):
 def model_from_checkpoint(state):
     try:
         model = Mellum2(Mellum2Config(**state["config"]))
-        model.load_state_dict(state["model"])
-    except (TypeError, ValueError, RuntimeError) as e:  # written by another version, or edited
-        raise CheckpointError(f"the checkpoint's weights do not fit its config ({one_line(e)})") from None
+    except (TypeError, ValueError) as e:  # written by another version, or edited
+        raise CheckpointError(f"the checkpoint's config is not one this version reads ({one_line(e)})") from None
+    problems = mellum2.state_mismatch(model, state["model"])
+    if problems:
+        raise CheckpointError(f"the checkpoint's weights do not fit its config ({problems})")
+    model.load_state_dict(state["model"])
     return model
 
 
@@ -535,7 +546,7 @@ def check_out_dir(out_dir, say):
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise ValueError(f"--out-dir {out_dir} is a file, not a folder")
     if os.path.isfile(ckpt_path):
-        state = load_checkpoint(ckpt_path)
+        state = load_checkpoint(ckpt_path, mmap=True)
         step, steps = state["step"], state["settings"]["steps"]
         if step < steps:
             raise ValueError(f"{out_dir} holds an unfinished run (step {step} of {steps}): continue it with "
@@ -806,14 +817,13 @@ def train(args, stop_after=None):
             for source, r in data.planned_repetition(corpus, token_budget).items():
                 say(f"       {source}: {len(corpus.train[source].tokens):,} training tokens, "
                     f"planned repetition {r:.2f}x")
+            if corpus.skipped:  # an empty --data folder would otherwise go unnoticed
+                say(f"       skipped in --data: {data.describe_skipped(corpus.skipped)}")
     metrics_path = os.path.join(out_dir, "metrics.jsonl")
     if master:
         truncate_metrics(metrics_path, start_step)
 
     # 6. The loop.
-    stop = StopRequest()
-    signal.signal(signal.SIGINT, stop)
-    signal.signal(signal.SIGTERM, stop)
     progress = Progress(s["steps"], master)
     tokens_seen = resumed.get("tokens", 0) if resumed else 0
     t_start, tokens_at_start, val = time.time(), tokens_seen, {}
@@ -823,6 +833,7 @@ def train(args, stop_after=None):
         progress.message("before SFT: " + describe_eval(val, "sft"))
         if master:
             append_jsonl(metrics_path, {"step": 0, "val": val})
+    stop = StopRequest()
     try:
         while step < s["steps"]:
             if sft:
@@ -859,7 +870,7 @@ def train(args, stop_after=None):
             progress.update(step - 1, f"loss {parts['ntp']:.3f} mtp {parts.get('mtp', 0):.3f} aux {parts['aux']:.3f} "
                             f"z {parts['z']:.2f} | lr {lr:.2e} | {phase} | load max/mean {balance:.2f} | "
                             f"{speed:,.0f} tok/s", elapsed / (step - start_step) * (s["steps"] - step))
-            interrupted = stop.all_agree()
+            interrupted = stop.all_agree() and step < s["steps"]  # in the last step: the run is done anyway
             if master and (step % s["ckpt_every"] == 0 or step == s["steps"] or interrupted or step == stop_after):
                 save_checkpoint(ckpt_path, raw, optimizers, step, s, tokens=tokens_seen)
             if interrupted or step == stop_after:
@@ -871,6 +882,8 @@ def train(args, stop_after=None):
         kept = f"the last good checkpoint in {out_dir} is kept" if os.path.isfile(ckpt_path) else \
             "no checkpoint was written"
         raise NonFiniteLoss(f"non-finite loss at step {step + 1} ({e}); stopped, {kept}") from None
+    finally:
+        stop.release()
 
     # 7. Summary.
     elapsed = time.time() - t_start
@@ -1256,7 +1269,7 @@ def grpo(args, stop_after=None):
         if not os.path.isfile(os.path.join(args.init_from, "ckpt.pt")):
             raise ValueError(f"{args.init_from}: --stage grpo starts from a train.py --stage sft run folder")
         raw = init_model(None, args.init_from, START_STAGES["grpo"])
-        tuned_as = load_checkpoint(os.path.join(args.init_from, "ckpt.pt"))["settings"]["variant"]
+        tuned_as = load_checkpoint(os.path.join(args.init_from, "ckpt.pt"), mmap=True)["settings"]["variant"]
         if tuned_as != args.variant:
             raise ValueError(f"{args.init_from} was fine-tuned as {tuned_as}; GRPO --variant {args.variant} needs "
                              f"a {args.variant} SFT run (the report trains each separately)")
@@ -1297,8 +1310,6 @@ def grpo(args, stop_after=None):
         if index not in worker.pending:
             worker.submit(index, step, copy_weights(raw))
     stop = StopRequest()
-    signal.signal(signal.SIGINT, stop)
-    signal.signal(signal.SIGTERM, stop)
     progress = Progress(s["steps"], True)
     t_start, n_rollouts, step_at_start = time.time(), 0, step
     try:
@@ -1342,15 +1353,17 @@ def grpo(args, stop_after=None):
                             f"{len(groups)}/{n_groups} | icepop {record['icepop_masked']:.1%} | "
                             f"{record['rollouts_per_s']:.1f} rollouts/s", elapsed / (step - step_at_start) *
                             (s["steps"] - step))
-            if step % run.ckpt_every == 0 or step == s["steps"] or stop.requested or step == stop_after:
+            interrupted = stop.requested and step < s["steps"]
+            if step % run.ckpt_every == 0 or step == s["steps"] or interrupted or step == stop_after:
                 policies = {i: (v, w) for i, (v, w, _) in worker.pending.items()}
                 save_checkpoint(ckpt_path, raw, optimizers, step, s, rollout_policies=policies)
-            if stop.requested or step == stop_after:
+            if interrupted or step == stop_after:
                 progress.message(f"stopped at step {step}; checkpoint {ckpt_path}; continue with --resume")
-                if stop.requested:
+                if interrupted:
                     raise KeyboardInterrupt
                 return raw
     finally:
+        stop.release()
         worker.close()
         torch.set_num_threads(threads_before)
     elapsed = time.time() - t_start
