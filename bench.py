@@ -15,6 +15,7 @@ On a shared machine set OMP_WAIT_POLICY=PASSIVE first: busy-waiting OpenMP threa
 
 import argparse
 import statistics
+import sys
 import tempfile
 import time
 from dataclasses import replace
@@ -156,6 +157,11 @@ def decoding(args):
     import sample
 
     model, _ = sample.load_model(args.init_from, "cpu")
+    if model.mtp is None:
+        raise ValueError(f"{args.init_from} has no MTP layer to draft with: decode measures speculative decoding")
+    if args.prompt_len + args.new_tokens > model.config.max_seq_len:
+        raise ValueError(f"--prompt-len {args.prompt_len} + --new-tokens {args.new_tokens} exceed the model's "
+                         f"{model.config.max_seq_len}-token context")
     corpus = data.build_corpus(progress=False)
     prompts = [x[0, :args.prompt_len].tolist()
                for x, _ in data.val_batches(corpus, "code", 1, model.config.max_seq_len, args.prompts)]
@@ -294,29 +300,37 @@ def kernel_speed(args):
         report(f"MoE N={N} tokens D={D} F={F_} E={E} top-{K}", "experts_grouped (fallback)", candidates)
 
 
+def positive(text):
+    """argparse type: an integer of at least 1 (every count here: a batch, steps, tokens, threads)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="what", required=True)
     sub.add_parser("params", help="parameter counts of every preset")
     p = sub.add_parser("model", help="forward+backward speed against transformers' MellumForCausalLM")
-    p.add_argument("--experts", type=int, nargs=2, metavar=("E", "K"),
+    p.add_argument("--experts", type=positive, nargs=2, metavar=("E", "K"),
                    help="override the expert count and top-k, e.g. 64 8 for the release's routing")
     t = sub.add_parser("train", help="training-step speed: ours vs transformers + AdamW, and MoE vs dense")
     for q in (p, t):
         q.add_argument("--size", default="tiny", choices=["tiny", "small"], help="preset to measure")
-        q.add_argument("--batch", type=int, default=16, help="sequences per step (each of the preset's length)")
-        q.add_argument("--steps", type=int, default=7, help="timed steps per candidate")
+        q.add_argument("--batch", type=positive, default=16, help="sequences per step (each of the preset's length)")
+        q.add_argument("--steps", type=positive, default=7, help="timed steps per candidate")
     d = sub.add_parser("decode", help="decoding speed: ours vs transformers' generate, speculative vs plain")
     d.add_argument("--init-from", default="out/tiny", help="a trained run folder (default: out/tiny)")
-    d.add_argument("--prompts", type=int, default=10, help="held-out code prompts (default: 10)")
-    d.add_argument("--prompt-len", type=int, default=64, help="prompt tokens (default: 64)")
-    d.add_argument("--new-tokens", type=int, default=128, help="tokens to generate per prompt (default: 128)")
+    d.add_argument("--prompts", type=positive, default=10, help="held-out code prompts (default: 10)")
+    d.add_argument("--prompt-len", type=positive, default=64, help="prompt tokens (default: 64)")
+    d.add_argument("--new-tokens", type=positive, default=128, help="tokens to generate per prompt (default: 128)")
     k = sub.add_parser("kernels", help="Triton kernels vs their PyTorch fallbacks, forward and forward+backward")
-    k.add_argument("--steps", type=int, default=5, help="timed rounds per candidate")
+    k.add_argument("--steps", type=positive, default=5, help="timed rounds per candidate")
     k.add_argument("--gpu-sizes", action="store_true",
                    help="the real model's sizes (T=8192, 64 experts of 896 at D=2304); automatic on CUDA")
     for q in (p, t, d, k):
-        q.add_argument("--threads", type=int, help="CPU threads (default: torch's choice)")
+        q.add_argument("--threads", type=positive, help="CPU threads (default: torch's choice)")
     return parser.parse_args(argv)
 
 
@@ -324,8 +338,12 @@ def main():
     args = parse_args()
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
-    {"params": params, "model": lambda: model(args), "train": lambda: train_steps(args),
-     "decode": lambda: decoding(args), "kernels": lambda: kernel_speed(args)}[args.what]()
+    try:
+        {"params": params, "model": lambda: model(args), "train": lambda: train_steps(args),
+         "decode": lambda: decoding(args), "kernels": lambda: kernel_speed(args)}[args.what]()
+    except (ValueError, mellum2.CheckpointError) as e:  # an impossible --experts pair, a missing checkpoint
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -301,7 +301,11 @@ def _walk(root, skipped, skip_dirs=frozenset(), suffixes=None):
                 continue
             if skip_dirs and name.startswith("test_"):   # default sources: test modules outside test/
                 continue
-            yield Path(folder, name)
+            path = Path(folder, name)
+            if path.exists() and not path.is_file():  # a pipe or a device would block or never end
+                skipped["not a regular file"] += 1
+                continue
+            yield path
 
 
 def _package_dir(name):

@@ -128,34 +128,46 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+MAX_N = 1000  # each task's problems are decoded as one batch: 1000 take a few GB
+
+
 def main(argv=None):
     args = parse_args(argv)
     try:
-        if args.n < 1:
-            raise ValueError(f"--n must be at least 1, got {args.n}")
-        if args.json and (os.path.isdir(args.json) or not os.path.isdir(os.path.dirname(os.path.abspath(args.json)))):
-            raise ValueError(f"--json {args.json}: not a file in an existing folder")
+        if not 1 <= args.n <= MAX_N:
+            raise ValueError(f"--n must be between 1 and {MAX_N}, got {args.n}")
+        if args.json is not None:
+            folder, name = os.path.split(os.path.abspath(args.json))
+            if not name.endswith(".json") or name == "config.json" or not os.path.isdir(folder) \
+                    or os.path.isdir(args.json):
+                raise ValueError(f"--json {args.json}: give a .json file (not config.json) in an existing folder")
         model, vocab = sample.load_model(args.init_from, args.device)
         if isinstance(vocab.enc, sample.HFTokenizer):
             raise ValueError("evaluate.py scores models that speak this project's tokenizer")
         corpus = data.build_corpus(progress=False)
         started = time.time()
         results = evaluate(model, corpus, args.n)
-    except (ValueError, CheckpointError, data.DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-    try:
-        print(f"{args.init_from}: {time.time() - started:.0f} s")
-        print_table(results)
-        if args.json:
+        if args.json is not None:  # first: a failing terminal must not lose the results
             def write(tmp):
                 with open(tmp, "w") as f:
                     json.dump(results, f, indent=1)
-            data.write_atomically(args.json, write)
+            try:
+                data.write_atomically(args.json, write)
+            except OSError as e:
+                raise ValueError(f"cannot write {args.json}: {e.strerror or e}") from None
+    except (ValueError, CheckpointError, data.DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    try:
+        print(f"{args.init_from}: {time.time() - started:.0f} s")
+        print_table(results)
+        sys.stdout.flush()
     except BrokenPipeError:
         sample.on_closed_pipe()
     except OSError as e:
-        print(f"error: cannot write {args.json}: {e}", file=sys.stderr)
+        print(f"error: cannot write the results to the standard output: {e.strerror or e}", file=sys.stderr)
         sys.exit(1)
 
 

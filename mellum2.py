@@ -91,7 +91,10 @@ class Mellum2Config:
              f"attn_pattern must be a non-empty string of 'S' and 'F', got {self.attn_pattern!r}"),
             (self.head_dim % 2 == 0, f"head_dim must be even for rotary embeddings, got {self.head_dim}"),
             (self.n_mtp in (0, 1), f"n_mtp must be 0 or 1 (the report uses one MTP layer), got {self.n_mtp}"),
-            (self.yarn_factor >= 1.0, f"yarn_factor must be >= 1.0 (1.0 = off), got {self.yarn_factor}"),
+            (1.0 <= self.yarn_factor < math.inf, f"yarn_factor must be >= 1.0 (1.0 = off) and finite, got "
+                                                  f"{self.yarn_factor}"),
+            (0 < self.rms_norm_eps < 1, f"rms_norm_eps must be in (0, 1), got {self.rms_norm_eps}"),
+            (0 < self.rope_theta < math.inf, f"rope_theta must be positive and finite, got {self.rope_theta}"),
             (self.yarn_layers in ("full", "all"), f"yarn_layers must be 'full' or 'all', got {self.yarn_layers!r}"),
             (self.moe_impl in ("grouped", "loop"), f"moe_impl must be 'grouped' or 'loop', got {self.moe_impl!r}"),
             (min(self.vocab_size, self.n_layer, self.n_embd, self.n_head, self.n_kv_head, self.head_dim,

@@ -4,7 +4,7 @@ the MTP layer as the draft model (report §2.1.5, §6).
 
     python sample.py --start "def fibonacci(n):"           # complete code (default model: out/tiny)
     python sample.py --prefix $'def add(a, b):\\n    ' --suffix $'\\n\\nprint(add(1, 2))'   # fill the gap (bash)
-    python sample.py --chat --start "Write a function that reverses a string."
+    python sample.py --chat --init-from out/tiny-sft-instruct --start "Write a function that reverses a string."
     python sample.py --speculative --start FILE:prompt.py   # the MTP layer drafts, the trunk checks
 
 Decoding, step by step:
@@ -290,7 +290,7 @@ def parse_args(argv=None):
 def check_args(args):
     problems = [
         (args.max_new_tokens > 0, f"--max-new-tokens must be positive, got {args.max_new_tokens}"),
-        (args.temperature >= 0, f"--temperature must be >= 0, got {args.temperature}"),
+        (0 <= args.temperature < train.FP32_MAX, f"--temperature must be >= 0 and finite, got {args.temperature}"),
         (args.top_k >= 0, f"--top-k must be >= 0, got {args.top_k}"),
         (0 < args.top_p <= 1, f"--top-p must be in (0, 1], got {args.top_p}"),
         ((args.prefix is None) == (args.suffix is None), "--prefix and --suffix go together"),
@@ -414,6 +414,12 @@ def main(argv=None):
         sys.exit(1)
     except BrokenPipeError:
         on_closed_pipe()
+    except OSError as e:  # writing the answer failed: a full disk behind the redirection
+        print(f"error: {train.describe_os_error(e)}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:  # Ctrl-C while it writes: stop there, like any command-line tool
+        print(file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

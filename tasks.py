@@ -16,7 +16,7 @@ verification stack that scores answers.
   - run_sandboxed(source, timeout): untrusted code in a separate, limited process
 
 The tasks are small on purpose: a 15M-parameter model pre-trained for a few minutes must solve some of
-them after a few minutes of SFT, or reinforcement learning has nothing to reinforce (rl.md, §4).
+them after a few minutes of SFT, or reinforcement learning has nothing to reinforce.
 Everything is a pure function of a seed, so a run and its held-out scores repeat exactly.
 """
 

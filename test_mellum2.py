@@ -427,6 +427,10 @@ def test_parameter_counts_of_the_release():
     (dict(n_expert=4, n_expert_active=5), "n_expert_active"),
     (dict(sliding_window=0), "sliding_window"),
     (dict(attn_pattern="SXF"), "attn_pattern"),
+    (dict(rms_norm_eps=float("nan")), "rms_norm_eps"),  # every norm would output NaN
+    (dict(rms_norm_eps=-1.0), "rms_norm_eps"),
+    (dict(yarn_factor=float("inf")), "yarn_factor"),
+    (dict(rope_theta=0.0), "rope_theta"),
 ])
 def test_invalid_configs_raise_one_clear_error(overrides, message):
     with pytest.raises(ValueError, match=message):
@@ -1263,6 +1267,14 @@ def test_a_stop_request_in_the_last_step_lets_the_run_finish(small_corpus, tmp_p
     (["--seed", "-1"], "--seed"),
     (["--lr", "inf"], "--lr must be positive and finite"),
     (["--aux-coef", "nan"], "--aux-coef"),
+    (["--yarn-factor", "inf", "--stage", "long", "--init-from", "{tmp}/finished"], "--yarn-factor"),
+    (["--out-dir", ""], "--out-dir needs a folder name"),
+    (["--data", ""], "--data needs a folder name"),
+    (["--batch-size", "8", "--micro-batch", "16"], "--micro-batch at most --batch-size"),
+    (["--out-dir", "{tmp}/blocked"], "is in the way"),
+    (["--out-dir", "{tmp}/a-file/run"], "a-file/run: Not a directory"),
+    (["--stage", "long", "--init-from", "{tmp}/finished", "--out-dir", "{tmp}/finished"],
+     "holds a finished --stage pretrain run"),  # it would replace the model it starts from
 ])
 def test_bad_input_gives_one_line_and_a_nonzero_exit(argv, message, tmp_path, capsys):
     (tmp_path / "corrupt").mkdir()
@@ -1272,11 +1284,26 @@ def test_bad_input_gives_one_line_and_a_nonzero_exit(argv, message, tmp_path, ca
     (tmp_path / "unfinished").mkdir()
     train.save_checkpoint(tmp_path / "unfinished" / "ckpt.pt", Mellum2(SMALL), [], 3,
                           {"stage": "pretrain", "steps": 10})
+    (tmp_path / "finished").mkdir()
+    train.save_checkpoint(tmp_path / "finished" / "ckpt.pt", Mellum2(SMALL), [], 10,
+                          {"stage": "pretrain", "steps": 10})
+    (tmp_path / "blocked" / "ckpt.pt").mkdir(parents=True)
     (tmp_path / "a-file").write_text("")
     with pytest.raises(SystemExit) as exit_info:
         train.main(["--size", "tiny", *[a.format(tmp=tmp_path) for a in argv]])
     err = capsys.readouterr().err.strip()
     assert exit_info.value.code != 0 and message in err and len(err.splitlines()) == 1
+
+
+def test_a_non_finite_gradient_stops_before_the_step(tmp_path):
+    model = Mellum2(SMALL)
+    opts = train.build_optimizers(model, 0.01)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.lm_head.weight.register_hook(lambda grad: grad * float("inf"))  # a finite loss, an overflowing gradient
+    x = torch.randint(0, SMALL.vocab_size, (2, 16))
+    with pytest.raises(train.NonFiniteLoss, match="gradient norm"):
+        train.train_step(model, x, x, 2, opts, torch.autocast("cpu", enabled=False))
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
 def test_unknown_size_is_refused(capsys):
@@ -1697,7 +1724,7 @@ def test_an_interrupted_compare_resumes_the_variants_it_started(tmp_path, monkey
     (["--stage", "long", "--init-from", "{base}", "--yarn-factor", "0.5"], "at least 1"),
     (["--stage", "long", "--init-from", "{tmp}/nothing"], "no such folder"),
     (["--stage", "long", "--init-from", "{tmp}"], "no config.json"),
-    (["--stage", "long", "--init-from", "{unfinished}"], "holds no finished pretrain run"),
+    (["--stage", "long", "--init-from", "{unfinished}"], "holds an unfinished pretrain run (step 1 of 3)"),
 ])
 def test_long_stage_bad_input(argv, message, small_corpus, tmp_path, capsys):
     base = tmp_path / "base"
@@ -1777,12 +1804,30 @@ def test_evaluate_runs_on_a_small_model_and_writes_json(small_built_corpus, tmp_
     (["--init-from", "{tmp}/nothing"], "no such folder"),
     (["--json", "{tmp}/no-such-folder/results.json"], "--json"),
     (["--json", "{tmp}"], "--json"),
+    (["--json", "{tmp}/ckpt.pt"], "give a .json file"),
+    (["--json", "{tmp}/config.json"], "not config.json"),
+    (["--n", "100000"], "--n must be between 1 and 1000"),
 ])
 def test_evaluate_bad_input(argv, message, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:  # a bad --json path is caught before the model loads
         evaluate.main(["--init-from", str(tmp_path / "nothing")] + [a.format(tmp=tmp_path) for a in argv])
     err = capsys.readouterr().err.strip()
     assert exit_info.value.code == 1 and message in err and len(err.splitlines()) == 1
+
+
+def test_evaluate_writes_the_json_even_when_the_terminal_fails(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(evaluate.sample, "load_model", lambda *a: (None, sample.Vocabulary(None, {}, set())))
+    monkeypatch.setattr(evaluate.data, "build_corpus", lambda **k: None)
+    monkeypatch.setattr(evaluate, "evaluate", lambda *a: {"passkey": 0.5})
+
+    def full_disk(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(evaluate, "print_table", full_disk)
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main(["--json", str(tmp_path / "results.json")])
+    assert exit_info.value.code == 1 and "standard output" in capsys.readouterr().err
+    assert json.loads((tmp_path / "results.json").read_text()) == {"passkey": 0.5}
 
 
 def test_plot_series_come_from_the_metrics(tmp_path, capsys, monkeypatch):

@@ -394,7 +394,7 @@ def test_grpo_sync_samples_with_the_current_policy(sft_run, tmp_path, monkeypatc
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--stage", "grpo", "--init-from", "{pretrain}"], "holds no finished sft run"),
+    (["--stage", "grpo", "--init-from", "{pretrain}"], "holds a --stage pretrain run: start from a --stage sft run"),
     (["--stage", "grpo", "--init-from", "{sft}", "--group-size", "1"], "--group-size must be at least 2"),
     (["--stage", "grpo", "--init-from", "{sft}", "--variant", "thinking"], "needs a thinking SFT run"),
     (["--stage", "grpo"], "give --init-from"),

@@ -382,8 +382,8 @@ def long_context_eval(model, corpus, original, device, n_passkeys=8, seed=0):
     model.eval()
     enc, rng, results = data.load_tokenizer(), random.Random(seed), {}
     for length in (original, 2 * original, 4 * original, 8 * original):
-        results[length] = (validation_loss(model, corpus, "code", 1, length, 2, device),
-                           passkey_accuracy(model, enc, length, n_passkeys, rng))
+        loss = validation_loss(model, corpus, "code", 1, length, 2, device)
+        results[length] = (math.nan if loss is None else loss, passkey_accuracy(model, enc, length, n_passkeys, rng))
     model.train()
     return results
 
@@ -487,6 +487,11 @@ def one_line(error):
     return f"{type(error).__name__}: {' '.join(str(error).split())}"
 
 
+def describe_os_error(error):
+    """An OSError as the end of a one-line message: the file it concerns and why, without errno."""
+    return f"{error.filename}: {error.strerror}" if error.filename else error.strerror or one_line(error)
+
+
 def load_checkpoint(path, mmap=False):
     """A checkpoint's contents. weights_only: a checkpoint holds tensors, numbers and strings only,
     so loading one cannot run code that came with the file. mmap: map the tensors instead of
@@ -539,19 +544,28 @@ def resumed_run(args, out_dir, say):
     return state
 
 
-def check_out_dir(out_dir, say):
-    """Before a fresh run writes anything: it loses no work. An unfinished run in the folder is kept
-    for --resume; a finished one is replaced, with a note."""
+def check_out_dir(out_dir, stage, say):
+    """Before a fresh run writes anything: it loses no work, and it can write. An unfinished run in
+    the folder is kept for --resume, and so is a finished run of another stage (it may be the model
+    this one starts from); a finished run of this stage is replaced, with a note."""
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise ValueError(f"--out-dir {out_dir} is a file, not a folder")
+    if os.path.exists(ckpt_path) and not os.path.isfile(ckpt_path):
+        raise ValueError(f"{ckpt_path} is in the way: the run's checkpoint goes there")
     if os.path.isfile(ckpt_path):
         state = load_checkpoint(ckpt_path, mmap=True)
         step, steps = state["step"], state["settings"]["steps"]
         if step < steps:
             raise ValueError(f"{out_dir} holds an unfinished run (step {step} of {steps}): continue it with "
                              f"--resume, or choose another --out-dir")
+        finished = state["settings"].get("stage", "pretrain")
+        if finished != stage:
+            raise ValueError(f"{out_dir} holds a finished --stage {finished} run: choose another --out-dir")
         say(f"note: replacing the finished run in {out_dir}")
+    os.makedirs(out_dir, exist_ok=True)  # now rather than at the first checkpoint: a bad path fails at once
+    if not os.access(out_dir, os.W_OK):
+        raise ValueError(f"--out-dir {out_dir} is not writable")
 
 
 def flags_given(args):
@@ -576,10 +590,12 @@ def init_model(config, init_from, after=()):
         state = load_checkpoint(os.path.join(init_from, "ckpt.pt"))
         run = state["settings"]
         stage = run.get("stage", "pretrain")
-        if after and (stage not in after or state["step"] < run["steps"]):
-            raise ValueError(f"{init_from} holds no finished {' or '.join(after)} run (a {stage} run at step "
-                             f"{state['step']} of {run['steps']}): finish it with --resume, or start from "
-                             f"a {after[0]} run")
+        if after and stage not in after:
+            raise ValueError(f"{init_from} holds a --stage {stage} run: start from a --stage "
+                             f"{' or '.join(after)} run")
+        if after and state["step"] < run["steps"]:
+            raise ValueError(f"{init_from} holds an unfinished {stage} run (step {state['step']} of "
+                             f"{run['steps']}): finish it with --resume")
         return model_from_checkpoint(state)
     return Mellum2.from_pretrained(init_from, device="cpu", dtype=torch.float32)
 
@@ -594,17 +610,17 @@ def validation_losses(model, corpus, micro_batch, seq_len, max_batches, device):
     losses = {source: validation_loss(model, corpus, source, micro_batch, seq_len, max_batches, device)
               for source in corpus.sources}
     model.train()
-    return {source: loss for source, loss in losses.items() if not math.isnan(loss)}
+    return {source: loss for source, loss in losses.items() if loss is not None}
 
 
 @torch.no_grad()
 def validation_loss(model, corpus, source, batch_size, seq_len, max_batches, device):
-    """Mean next-token loss over validation batches of one source; NaN if its split is too short."""
+    """Mean next-token loss over validation batches of one source; None if its split is too short."""
     losses = []
     for x, y in data.val_batches(corpus, source, batch_size, seq_len, max_batches):
         logits, _ = model(x.to(device))  # (B, T, V)
         losses.append(F.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten()).item())
-    return sum(losses) / len(losses) if losses else float("nan")
+    return sum(losses) / len(losses) if losses else None
 
 
 def expert_balance(expert_load):
@@ -667,6 +683,15 @@ class NonFiniteLoss(Exception):
     pass
 
 
+def clip_finite_grad_norm(model, grad_clip):
+    """Clip the gradient to norm grad_clip and return the norm before; a non-finite norm (a finite
+    loss can still overflow its gradient, under a huge --lr) stops the run before the step is taken."""
+    norm = nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    if not torch.isfinite(norm):
+        raise NonFiniteLoss(f"gradient norm {norm.item():.4g}")
+    return norm
+
+
 def train_step(model, x, y, micro_batch, optimizers, autocast, grad_clip=1.0):
     """One optimizer step on the rows (x, y) this process holds. Micro-batches accumulate gradients,
     each weighted by its share of the rows, so the step equals one on all rows at once; under DDP the
@@ -690,7 +715,7 @@ def train_step(model, x, y, micro_batch, optimizers, autocast, grad_clip=1.0):
         dist.all_reduce(stacked, op=dist.ReduceOp.AVG)
     if not torch.isfinite(stacked).all():
         raise NonFiniteLoss(", ".join(f"{k} {v:.4g}" for k, v in zip(parts, stacked.tolist())))
-    grad_norm = nn.utils.clip_grad_norm_(raw.parameters(), grad_clip)
+    grad_norm = clip_finite_grad_norm(raw, grad_clip)
     for opt in optimizers:
         opt.step()
     for opt in optimizers:
@@ -732,8 +757,8 @@ def train(args, stop_after=None):
                         yarn_factor=args.yarn_factor, rope_variant=args.rope_variant, variant=args.variant)
     s = settings
     check_settings(s, world)
-    if not resumed:
-        check_out_dir(out_dir, say)
+    if not resumed and not args.data_report:  # the report writes nothing
+        check_out_dir(out_dir, s["stage"], say)
 
     # 2. Data. Process 0 builds the token caches; the others wait, then read them. (SFT makes its own.)
     corpus = None
@@ -801,7 +826,6 @@ def train(args, stop_after=None):
 
     # 5. Say what will happen: every number this run uses.
     if master:
-        os.makedirs(out_dir, exist_ok=True)
         say(f"device {device} x {world} process(es), {'bf16 autocast' if use_bf16 else 'fp32'}"
             f"{', FP8 matmuls' if s['fp8'] else ''}, {kernel_mode} kernels")
         say("model  " + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(config).items()))
@@ -886,6 +910,9 @@ def train(args, stop_after=None):
         stop.release()
 
     # 7. Summary.
+    if step == start_step:  # --resume of a finished run: it gave its summary when it finished
+        say(f"the run in {out_dir} had finished all {step} steps: nothing to do")
+        return raw
     elapsed = time.time() - t_start
     say(f"\ndone: {step} steps, {tokens_seen:,} tokens, {elapsed:.0f} s, "
         f"{(tokens_seen - tokens_at_start) / elapsed:,.0f} tokens/s")
@@ -1161,7 +1188,7 @@ def grpo_update(model, optimizers, groups, minibatches=2, micro_batch=16, grad_c
             loss, stats = grpo_loss(logp, logp_old[chunk], logp_infer[chunk], advantages[chunk], mask[chunk], n_tokens)
             loss.backward()
             totals.update(stats, loss=loss.item())
-        nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        clip_finite_grad_norm(model, grad_clip)
         for opt in optimizers:
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -1273,7 +1300,7 @@ def grpo(args, stop_after=None):
         if tuned_as != args.variant:
             raise ValueError(f"{args.init_from} was fine-tuned as {tuned_as}; GRPO --variant {args.variant} needs "
                              f"a {args.variant} SFT run (the report trains each separately)")
-        check_out_dir(out_dir, print)
+        check_out_dir(out_dir, "grpo", print)
     run = RLRun(**{**s["run"], "group_size": s["group_size"]})
     torch.manual_seed(s["seed"])
     raw.to(device)
@@ -1284,7 +1311,6 @@ def grpo(args, stop_after=None):
         for opt, state in zip(optimizers, resumed["optimizers"]):
             opt.load_state_dict(state)
         step = resumed["step"]
-    os.makedirs(out_dir, exist_ok=True)
     truncate_metrics(metrics_path, step)
     # Two threads on a few cores: each gets half, or they fight over the same ones.
     threads_before = torch.get_num_threads()
@@ -1362,6 +1388,9 @@ def grpo(args, stop_after=None):
                 if interrupted:
                     raise KeyboardInterrupt
                 return raw
+    except NonFiniteLoss as e:
+        raise NonFiniteLoss(f"non-finite GRPO step {step + 1} ({e}); stopped before taking it, "
+                              f"checkpoints written so far are kept") from None
     finally:
         stop.release()
         worker.close()
@@ -1396,8 +1425,9 @@ def check_settings(s, world):
          f"--stage {s['stage']} continues a pre-trained model: give --init-from DIR (a train.py run or a Hugging "
          f"Face directory)"),
         (s["steps"] > 0, f"--max-steps must be positive, got {s['steps']}"),
-        (s["batch_size"] > 0 and s["micro_batch"] > 0,
-         f"batch sizes must be positive, got --batch-size {s['batch_size']} --micro-batch {s['micro_batch']}"),
+        (0 < s["micro_batch"] <= s["batch_size"],
+         f"batch sizes must be positive, --micro-batch at most --batch-size, got --batch-size {s['batch_size']} "
+         f"--micro-batch {s['micro_batch']}"),
         (s["batch_size"] % (2 * world) == 0,
          f"--batch-size {s['batch_size']} must split evenly over {world} process(es), also at half size while ramping"),
     ]
@@ -1469,14 +1499,21 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+FP32_MAX = torch.finfo(torch.float32).max  # larger settings overflow the fp32 tensors they scale
+
+
 def check_command(args):
     """What the flags alone can tell is wrong, before any file is read or written."""
     problems = [
         (not args.compare or args.stage == "long", "--compare compares long-context variants: add --stage long"),
         (not args.data_report or args.stage in ("pretrain", "long"),
          "--data-report describes the pre-training data (--stage pretrain or long)"),
-        (0 <= args.seed < 2**64, f"--seed must be between 0 and 2**64 - 1, got {args.seed}"),
-        (args.lr is None or 0 < args.lr < math.inf, f"--lr must be positive and finite, got {args.lr}"),
+        (0 <= args.seed < 2**63, f"--seed must be between 0 and 2**63 - 1, got {args.seed}"),
+        (args.lr is None or 0 < args.lr < FP32_MAX, f"--lr must be positive and finite, got {args.lr}"),
+        (args.yarn_factor is None or 1 <= args.yarn_factor < FP32_MAX,
+         f"--yarn-factor must be at least 1 and finite, got {args.yarn_factor}"),
+        (args.out_dir != "", "--out-dir needs a folder name"),
+        ("" not in args.data, "--data needs a folder name"),
         (args.aux_coef is None or 0 <= args.aux_coef < math.inf,
          f"--aux-coef must be at least 0 and finite, got {args.aux_coef}"),
     ]
@@ -1495,6 +1532,9 @@ def main(argv=None):
             compare_rope_variants(args) if args.compare else train(args)
     except (ValueError, CheckpointError, data.DataError, NonFiniteLoss) as e:
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except OSError as e:  # the file system refused: a folder where a file should be, no permission, a full disk
+        print(f"error: {describe_os_error(e)}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:  # the checkpoint is already written (or no step had run yet)
         sys.exit(130)
