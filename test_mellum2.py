@@ -1269,6 +1269,7 @@ def test_a_stop_request_in_the_last_step_lets_the_run_finish(small_corpus, tmp_p
     (["--aux-coef", "nan"], "--aux-coef"),
     (["--yarn-factor", "inf", "--stage", "long", "--init-from", "{tmp}/finished"], "--yarn-factor"),
     (["--out-dir", ""], "--out-dir needs a folder name"),
+    (["--stage", "long", "--init-from", "{tmp}/finished", "--dense"], "--dense and --no-mtp shape a fresh model"),
     (["--data", ""], "--data needs a folder name"),
     (["--batch-size", "8", "--micro-batch", "16"], "--micro-batch at most --batch-size"),
     (["--out-dir", "{tmp}/blocked"], "is in the way"),

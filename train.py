@@ -1512,6 +1512,8 @@ def check_command(args):
         (args.lr is None or 0 < args.lr < FP32_MAX, f"--lr must be positive and finite, got {args.lr}"),
         (args.yarn_factor is None or 1 <= args.yarn_factor < FP32_MAX,
          f"--yarn-factor must be at least 1 and finite, got {args.yarn_factor}"),
+        (not (args.init_from and (args.dense or args.no_mtp)),
+         "--dense and --no-mtp shape a fresh model; with --init-from the model comes as it was trained"),
         (args.out_dir != "", "--out-dir needs a folder name"),
         ("" not in args.data, "--data needs a folder name"),
         (args.aux_coef is None or 0 <= args.aux_coef < math.inf,
