@@ -1296,6 +1296,15 @@ def test_bad_input_gives_one_line_and_a_nonzero_exit(argv, message, tmp_path, ca
     assert exit_info.value.code != 0 and message in err and len(err.splitlines()) == 1
 
 
+def test_a_run_folder_in_use_is_refused(tmp_path, capsys):
+    with train.run_folder_lock(str(tmp_path)):  # as another train.py would hold it
+        with pytest.raises(SystemExit) as exit_info:
+            train.main(["--size", "tiny", "--out-dir", str(tmp_path)])
+    assert exit_info.value.code == 1 and "in use by another train.py run" in capsys.readouterr().err
+    with train.run_folder_lock(str(tmp_path)):  # released when the holder is done
+        pass
+
+
 def test_a_non_finite_gradient_stops_before_the_step(tmp_path):
     model = Mellum2(SMALL)
     opts = train.build_optimizers(model, 0.01)

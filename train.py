@@ -1524,14 +1524,38 @@ def check_command(args):
             raise ValueError(message)
 
 
+@contextlib.contextmanager
+def run_folder_lock(out_dir):
+    """Hold out_dir/.lock while this command runs, so that a second train.py given the same folder
+    stops with an error instead of interleaving its checkpoints and metrics with ours. The operating
+    system drops the lock when the process ends, however it ends: a crash leaves no stale lock."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ValueError(f"--out-dir {out_dir} is a file, not a folder")
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, ".lock"), "w") as f:
+        try:
+            if os.name == "nt":
+                import msvcrt
+                msvcrt.locking(f.fileno(), msvcrt.LK_NBLCK, 1)
+            else:
+                import fcntl
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise ValueError(f"{out_dir} is in use by another train.py run") from None
+        yield
+
+
 def main(argv=None):
     args = parse_args(argv)
     try:
         check_command(args)
-        if args.stage == "grpo":
-            grpo(args)
-        else:
-            compare_rope_variants(args) if args.compare else train(args)
+        # One process of a run holds the lock (torchrun starts several); --data-report writes nothing.
+        holds_lock = int(os.environ.get("RANK", "0")) == 0 and not args.data_report
+        with run_folder_lock(run_folder(args)) if holds_lock else contextlib.nullcontext():
+            if args.stage == "grpo":
+                grpo(args)
+            else:
+                compare_rope_variants(args) if args.compare else train(args)
     except (ValueError, CheckpointError, data.DataError, NonFiniteLoss) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
