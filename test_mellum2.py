@@ -11,6 +11,7 @@ import os
 import random
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -1294,6 +1295,25 @@ def test_bad_input_gives_one_line_and_a_nonzero_exit(argv, message, tmp_path, ca
         train.main(["--size", "tiny", *[a.format(tmp=tmp_path) for a in argv]])
     err = capsys.readouterr().err.strip()
     assert exit_info.value.code != 0 and message in err and len(err.splitlines()) == 1
+
+
+def test_a_checkpoint_of_another_tokenizer_is_refused(tmp_path):
+    train.save_checkpoint(tmp_path / "ckpt.pt", Mellum2(SMALL), [], 1, {})
+    state = torch.load(tmp_path / "ckpt.pt")
+    state["tokenizer"]["sha256"] = "0" * 64
+    torch.save(state, tmp_path / "ckpt.pt")
+    with pytest.raises(CheckpointError, match="trained with another"):
+        train.load_checkpoint(tmp_path / "ckpt.pt")
+
+
+def test_resume_notes_changed_data(small_corpus, tmp_path, capsys):
+    corpus = shutil.copytree(small_corpus, tmp_path / "corpus")
+    train.train(run_args(str(corpus), tmp_path / "run", "--max-steps", "3"), stop_after=1)
+    train.train(run_args(str(corpus), tmp_path / "run", "--resume"), stop_after=2)
+    assert "the data changed" not in capsys.readouterr().out
+    (corpus / "extra.py").write_text("def extra():\n    return 'new text'\n")
+    train.train(run_args(str(corpus), tmp_path / "run", "--resume"))
+    assert "note: the data changed since this run started" in capsys.readouterr().out
 
 
 def test_a_run_folder_in_use_is_refused(tmp_path, capsys):

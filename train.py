@@ -507,6 +507,8 @@ def load_checkpoint(path, mmap=False):
         raise CheckpointError(f"{path}: unreadable checkpoint ({one_line(e)})") from None
     if not isinstance(state, dict) or not CHECKPOINT_KEYS <= set(state):
         raise CheckpointError(f"{path}: not a train.py checkpoint (those hold {', '.join(sorted(CHECKPOINT_KEYS))})")
+    if state.get("tokenizer", tokenizer_reference()) != tokenizer_reference():  # its ids would mean other text
+        raise CheckpointError(f"{path}: trained with another {data.TOKENIZER_FILE.name} than the one here")
     return state
 
 
@@ -768,6 +770,9 @@ def train(args, stop_after=None):
         corpus = data.build_corpus(s["data"], progress=master, default_sources=s["default_data"])
         if master and world > 1:
             dist.barrier()
+        if resumed and resumed.get("corpus", corpus.folder.name) != corpus.folder.name:
+            say("note: the data changed since this run started (--data folders, or the installed packages the "
+                "built-in corpus reads): it continues on the new data, not as it would have")
     # 3. The model, fresh, from --init-from weights, or restored; its context sets the sequence length.
     config = Mellum2Config(**resumed["config"]) if resumed else \
         Mellum2Config.from_preset(s["size"], n_mtp=1 if s["mtp"] else 0, aux_loss_coef=s["aux_coef"])
@@ -896,7 +901,8 @@ def train(args, stop_after=None):
                             f"{speed:,.0f} tok/s", elapsed / (step - start_step) * (s["steps"] - step))
             interrupted = stop.all_agree() and step < s["steps"]  # in the last step: the run is done anyway
             if master and (step % s["ckpt_every"] == 0 or step == s["steps"] or interrupted or step == stop_after):
-                save_checkpoint(ckpt_path, raw, optimizers, step, s, tokens=tokens_seen)
+                save_checkpoint(ckpt_path, raw, optimizers, step, s, tokens=tokens_seen,
+                                corpus=corpus.folder.name if corpus else None)
             if interrupted or step == stop_after:
                 progress.message(f"stopped at step {step}; checkpoint {ckpt_path}; continue with --resume")
                 if interrupted:
