@@ -212,7 +212,7 @@ def parse_ranks(data):
             token, rank = line.split()
             ranks[base64.b64decode(token)] = int(rank)
     if sorted(ranks.values()) != list(range(len(ranks))):
-        raise DataError("tokenizer rank file is corrupt: ranks are not 0..n-1, each once")
+        raise DataError("ranks are not 0..n-1, each once")
     return ranks
 
 
@@ -229,7 +229,10 @@ def load_tokenizer(path=TOKENIZER_FILE):
     Use enc.encode_ordinary(text) for text (special-token strings stay ordinary text) and
     enc.decode(ids) / enc.decode_bytes(ids) to go back.
     """
-    return _encoding(parse_ranks(Path(path).read_bytes()))
+    try:
+        return _encoding(parse_ranks(Path(path).read_bytes()))
+    except (OSError, ValueError, DataError) as e:  # missing, truncated or edited (base64 errors are ValueErrors)
+        raise DataError(f"{path}: unreadable tokenizer rank file ({e}); git checkout restores it") from None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -662,14 +665,14 @@ def build_corpus(extra_dirs=(), cache_dir=None, progress=True, default_sources=T
     inputs = (_default_inputs() if default_sources else []) + _user_inputs(extra_dirs, skipped)
     if not inputs:
         raise DataError(f"no usable input files ({describe_skipped(skipped) or 'no files at all'})")
+    enc = load_tokenizer(tokenizer_path)  # first: a damaged rank file is named before any work
     tokenizer_bytes = Path(tokenizer_path).read_bytes()
     fingerprint = _fingerprint(inputs, tokenizer_bytes)
     folder = Path(cache_dir or DEFAULT_CACHE_DIR) / f"corpus-{fingerprint[:16]}"
     cached = _read_cache(folder, fingerprint)
     from_cache = cached is not None
     if not from_cache:  # never built, or damaged since
-        _write_cache(folder, fingerprint, _documents(inputs, progress), _encoding(parse_ranks(tokenizer_bytes)),
-                     progress, start)
+        _write_cache(folder, fingerprint, _documents(inputs, progress), enc, progress, start)
         cached = _read_cache(folder, fingerprint)
         if cached is None:
             raise DataError(f"{folder}: the token cache just written cannot be read back")

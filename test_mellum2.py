@@ -726,7 +726,7 @@ def test_bpe_is_deterministic_and_round_trips(tmp_path):
     assert data.parse_ranks(path.read_bytes()) == first
 
 
-def test_loader_rereads_a_replaced_file(tmp_path):
+def test_loader_rereads_a_replaced_file_and_names_a_damaged_one(tmp_path):
     """tiktoken's own loader caches by path; ours must see a file replaced at the same path."""
     ranks = data.parse_ranks(data.TOKENIZER_FILE.read_bytes())
     path = tmp_path / "tok.tiktoken"
@@ -739,6 +739,11 @@ def test_loader_rereads_a_replaced_file(tmp_path):
     data.save_ranks(swapped, path)
     assert data.parse_ranks(path.read_bytes()) == swapped
     assert data.load_tokenizer(path).encode_single_token(a) == ranks[b]
+    path.write_bytes(data.TOKENIZER_FILE.read_bytes()[:5000] + b"\nnot-base64 x\n")  # truncated, then garbage
+    with pytest.raises(data.DataError, match=f"{path}: unreadable tokenizer rank file"):
+        data.load_tokenizer(path)
+    with pytest.raises(data.DataError, match=f"{path}: unreadable tokenizer rank file"):
+        data.build_corpus([tmp_path], cache_dir=tmp_path / "cache", default_sources=False, tokenizer_path=path)
 
 
 # --- §3.1 sources, split, cache -------------------------------------------------------------------
