@@ -696,7 +696,7 @@ def _read_cache(folder, fingerprint):
                 if len(offsets) != len(info[split]["keys"]) + 1 or offsets[-1] != len(tokens):
                     return None
                 splits[split][source] = TokenSplit(tokens, offsets, info[split]["keys"], info[split]["bytes"])
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # missing, truncated or foreign files
+    except (OSError, EOFError, ValueError, KeyError, TypeError, AttributeError):  # missing, truncated, foreign
         return None
     return splits, manifest
 

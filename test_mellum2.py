@@ -831,7 +831,8 @@ def test_cache_reused_and_rebuilt_on_change(tmp_path, enc):
 
 
 
-@pytest.mark.parametrize("damage", ["truncated tokens", "garbled offsets", "torn manifest", "shortened tokens"])
+@pytest.mark.parametrize("damage", ["truncated tokens", "empty offsets", "garbled offsets", "torn manifest",
+                                    "shortened tokens"])
 def test_damaged_cache_is_rebuilt(tmp_path, damage):
     root = write_tiny_corpus(tmp_path / "src", seed=5, n=4)
     first = data.build_corpus([root], cache_dir=tmp_path / "cache", progress=False, default_sources=False)
@@ -840,6 +841,8 @@ def test_damaged_cache_is_rebuilt(tmp_path, damage):
     tokens = first.folder / "code.train.tokens.npy"
     if damage == "truncated tokens":
         tokens.write_bytes(tokens.read_bytes()[:150])
+    elif damage == "empty offsets":
+        (first.folder / "code.val.offsets.npy").write_bytes(b"")
     elif damage == "garbled offsets":
         (first.folder / "web.val.offsets.npy").write_bytes(b"not an array")
     elif damage == "torn manifest":

@@ -916,7 +916,9 @@ def train(args, stop_after=None):
         stop.release()
 
     # 7. Summary.
-    if step == start_step:  # --resume of a finished run: it gave its summary when it finished
+    # --resume of a finished run: it gave its summary when it finished. A long-context run stopped
+    # during its final evaluation has none yet, so that stage always evaluates.
+    if step == start_step and s["stage"] != "long":
         say(f"the run in {out_dir} had finished all {step} steps: nothing to do")
         return raw
     elapsed = time.time() - t_start
