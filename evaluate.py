@@ -128,7 +128,7 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-MAX_N = 1000  # each task's problems are decoded as one batch: 1000 take a few GB
+MAX_N = 1000  # each task's problems are decoded as one batch, so memory grows with --n
 
 
 def main(argv=None):
