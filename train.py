@@ -507,7 +507,8 @@ def load_checkpoint(path, mmap=False):
         raise CheckpointError(f"{path}: unreadable checkpoint ({one_line(e)})") from None
     if not isinstance(state, dict) or not CHECKPOINT_KEYS <= set(state):
         raise CheckpointError(f"{path}: not a train.py checkpoint (those hold {', '.join(sorted(CHECKPOINT_KEYS))})")
-    if state.get("tokenizer", tokenizer_reference()) != tokenizer_reference():  # its ids would mean other text
+    here = tokenizer_reference()
+    if state.get("tokenizer", here) != here:  # its ids would mean other text
         raise CheckpointError(f"{path}: trained with another {data.TOKENIZER_FILE.name} than the one here")
     return state
 
