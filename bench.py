@@ -22,6 +22,7 @@ from dataclasses import replace
 
 import torch
 
+import data
 import mellum2
 from mellum2 import PRESETS, Mellum2, Mellum2Config
 
@@ -153,7 +154,6 @@ def decoding(args):
     """Greedy decoding on held-out code: ours vs transformers' generate on the same weights (plain and
     with its own MTP drafting), speculative vs plain decoding with the acceptance rate, and the cost of
     each kind of pass, which says what acceptance speculative decoding needs to pay."""
-    import data
     import sample
 
     model, _ = sample.load_model(args.init_from, "cpu")
@@ -341,7 +341,7 @@ def main():
     try:
         {"params": params, "model": lambda: model(args), "train": lambda: train_steps(args),
          "decode": lambda: decoding(args), "kernels": lambda: kernel_speed(args)}[args.what]()
-    except (ValueError, mellum2.CheckpointError) as e:  # an impossible --experts pair, a missing checkpoint
+    except (ValueError, mellum2.CheckpointError, data.DataError) as e:  # an impossible --experts pair, a missing checkpoint or tokenizer
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
 

@@ -1299,10 +1299,15 @@ def test_bad_input_gives_one_line_and_a_nonzero_exit(argv, message, tmp_path, ca
                           {"stage": "pretrain", "steps": 10})
     (tmp_path / "blocked" / "ckpt.pt").mkdir(parents=True)
     (tmp_path / "a-file").write_text("")
+
+    def left():  # a run folder's .lock may stay: it is how train.py tells a folder is in use
+        return sorted(p for p in tmp_path.rglob("*") if p.name != ".lock")
+    before = left()
     with pytest.raises(SystemExit) as exit_info:
         train.main(["--size", "tiny", *[a.format(tmp=tmp_path) for a in argv]])
     err = capsys.readouterr().err.strip()
     assert exit_info.value.code != 0 and message in err and len(err.splitlines()) == 1
+    assert left() == before  # not even an empty run folder is left behind
 
 
 def test_a_checkpoint_of_another_tokenizer_is_refused(tmp_path):
@@ -1312,6 +1317,20 @@ def test_a_checkpoint_of_another_tokenizer_is_refused(tmp_path):
     torch.save(state, tmp_path / "ckpt.pt")
     with pytest.raises(CheckpointError, match="trained with another"):
         train.load_checkpoint(tmp_path / "ckpt.pt")
+
+
+@pytest.mark.parametrize("damage", ["missing", "garbled"])
+def test_a_damaged_tokenizer_file_is_named_not_blamed_on_the_checkpoint(damage, tmp_path, monkeypatch, capsys):
+    (tmp_path / "run").mkdir()
+    train.save_checkpoint(tmp_path / "run" / "ckpt.pt", Mellum2(SMALL), [], 1, {})
+    if damage == "garbled":
+        (tmp_path / "ranks").write_text("garbage")
+    monkeypatch.setattr(data, "TOKENIZER_FILE", tmp_path / "ranks")
+    with pytest.raises(SystemExit) as exit_info:
+        sample.main(["--init-from", str(tmp_path / "run"), "--start", "x"])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 1 and len(err.splitlines()) == 1
+    assert "ranks: unreadable tokenizer rank file" in err and "another" not in err
 
 
 def test_resume_notes_changed_data(small_corpus, tmp_path, capsys):
@@ -1557,7 +1576,7 @@ def test_top_k_and_top_p_keep_the_right_tokens():
     (["--top-k", "-3"], "--top-k"),
     (["--max-new-tokens", "0"], "--max-new-tokens"),
     (["--init-from", "{tmp}/foreign"], "not a train.py checkpoint"),
-    (["--init-from", "{tmp}/mismatch"], "do not fit its config"),
+    (["--init-from", "{tmp}/mismatch"], "ckpt.pt: its weights do not fit its config"),
     (["--init-from", "{tmp}/bad-config"], "config.json: unreadable"),
     (["--init-from", "{tmp}/bad-tokenizer"], "unreadable tokenizer"),
     (["--chat", "--start", ""], "the prompt is empty"),

@@ -391,6 +391,9 @@ def test_grpo_sync_samples_with_the_current_policy(sft_run, tmp_path, monkeypatc
     train.grpo(grpo_args(sft_run, tmp_path, "--sync"))  # a fresh run into the same folder starts a new log
     assert f"note: replacing the finished run in {tmp_path}" in capsys.readouterr().out
     assert [json.loads(line)["step"] for line in open(tmp_path / "metrics.jsonl")] == [0, 1, 2]
+    train.grpo(grpo_args(sft_run, tmp_path, "--resume"))  # finished: nothing is sampled or logged
+    assert "had finished all 2 GRPO batches: nothing to do" in capsys.readouterr().out
+    assert [json.loads(line)["step"] for line in open(tmp_path / "metrics.jsonl")] == [0, 1, 2]
 
 
 @pytest.mark.parametrize("argv,message", [

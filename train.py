@@ -454,7 +454,9 @@ class StopRequest:
 # Checkpoints: one file, written to a temporary name and renamed, so a crash never leaves half a file
 
 def tokenizer_reference():
-    """The tokenizer a checkpoint was trained with: its file name and content hash."""
+    """The tokenizer a checkpoint was trained with: its file name and content hash. The file is
+    parsed first, so a missing or damaged one is reported as that, not as another tokenizer."""
+    data.load_tokenizer(data.TOKENIZER_FILE)
     with open(data.TOKENIZER_FILE, "rb") as f:
         return {"file": data.TOKENIZER_FILE.name, "sha256": hashlib.sha256(f.read()).hexdigest()}
 
@@ -510,17 +512,20 @@ def load_checkpoint(path, mmap=False):
     here = tokenizer_reference()
     if state.get("tokenizer", here) != here:  # its ids would mean other text
         raise CheckpointError(f"{path}: trained with another {data.TOKENIZER_FILE.name} than the one here")
+    try:
+        config = Mellum2Config(**state["config"])
+    except (TypeError, ValueError) as e:  # written by another version, or edited
+        raise CheckpointError(f"{path}: its config is not one this version reads ({one_line(e)})") from None
+    with torch.device("meta"):  # shapes only: checking a 12B checkpoint allocates nothing
+        problems = mellum2.state_mismatch(Mellum2(config), state["model"])
+    if problems:
+        raise CheckpointError(f"{path}: its weights do not fit its config ({problems})")
     return state
 
 
 def model_from_checkpoint(state):
-    try:
-        model = Mellum2(Mellum2Config(**state["config"]))
-    except (TypeError, ValueError) as e:  # written by another version, or edited
-        raise CheckpointError(f"the checkpoint's config is not one this version reads ({one_line(e)})") from None
-    problems = mellum2.state_mismatch(model, state["model"])
-    if problems:
-        raise CheckpointError(f"the checkpoint's weights do not fit its config ({problems})")
+    """The model of a checkpoint from load_checkpoint, which made sure its weights fit its config."""
+    model = Mellum2(Mellum2Config(**state["config"]))
     model.load_state_dict(state["model"])
     return model
 
@@ -1320,6 +1325,9 @@ def grpo(args, stop_after=None):
         for opt, state in zip(optimizers, resumed["optimizers"]):
             opt.load_state_dict(state)
         step = resumed["step"]
+    if step >= s["steps"]:  # --resume of a finished run: it gave its summary when it finished
+        print(f"the run in {out_dir} had finished all {step} GRPO batches: nothing to do")
+        return raw
     truncate_metrics(metrics_path, step)
     # Two threads on a few cores: each gets half, or they fight over the same ones.
     threads_before = torch.get_num_threads()
@@ -1540,18 +1548,26 @@ def run_folder_lock(out_dir):
     system drops the lock when the process ends, however it ends: a crash leaves no stale lock."""
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise ValueError(f"--out-dir {out_dir} is a file, not a folder")
+    created = not os.path.isdir(out_dir)
     os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, ".lock"), "w") as f:
-        try:
-            if os.name == "nt":
-                import msvcrt
-                msvcrt.locking(f.fileno(), msvcrt.LK_NBLCK, 1)
-            else:
-                import fcntl
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            raise ValueError(f"{out_dir} is in use by another train.py run") from None
-        yield
+    lock_path = os.path.join(out_dir, ".lock")
+    try:
+        with open(lock_path, "w") as f:
+            try:
+                if os.name == "nt":
+                    import msvcrt
+                    msvcrt.locking(f.fileno(), msvcrt.LK_NBLCK, 1)
+                else:
+                    import fcntl
+                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                raise ValueError(f"{out_dir} is in use by another train.py run") from None
+            yield
+    finally:
+        if created and os.listdir(out_dir) == [".lock"]:  # refused before writing anything: leave no trace
+            with contextlib.suppress(OSError):
+                os.remove(lock_path)
+                os.rmdir(out_dir)
 
 
 def main(argv=None):
