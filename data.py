@@ -109,7 +109,7 @@ SPECIAL_TOKEN_TABLE = (
     ("</think>",      "Thinking model: reasoning ends"),                                     # 4092
     ("<tool_call>",   "a JSON tool call starts"),                                            # 4093
     ("</tool_call>",  "a JSON tool call ends"),                                              # 4094
-    ("<|pad|>",       "padding for batched inference (never a training target)"),            # 4095
+    ("<|pad|>",       "padding of batches: prompts, SFT, GRPO (never a training target)"),   # 4095
 )
 SPECIAL_TOKENS = {token: N_RANKS + i for i, (token, _) in enumerate(SPECIAL_TOKEN_TABLE)}
 VOCAB_SIZE = N_RANKS + len(SPECIAL_TOKENS)   # 4096, the tiny and small presets' vocab_size
@@ -117,6 +117,7 @@ EOT = SPECIAL_TOKENS["<|endoftext|>"]
 FIM_PREFIX = SPECIAL_TOKENS["<fim_prefix>"]
 FIM_MIDDLE = SPECIAL_TOKENS["<fim_middle>"]
 FIM_SUFFIX = SPECIAL_TOKENS["<fim_suffix>"]
+PAD = SPECIAL_TOKENS["<|pad|>"]
 
 
 def _merge(ids, pair, new_id):
@@ -823,7 +824,7 @@ def fim_format(prefix, suffix, middle=(), spm=True, special=SPECIAL_TOKENS):
 
 def render_message(enc, message, reasoning=True):
     """One message -> its ids, role marker first and <|end|> last. reasoning=False drops the
-    message's "reasoning" (Instruct data, and earlier turns of a Thinking conversation)."""
+    message's "reasoning" (Instruct data, and turns before the last user message of a Thinking one)."""
     if message["role"] == "tool":
         reply = enc.encode_ordinary(f"<tool_response>{message['content']}</tool_response>")
         return [SPECIAL_TOKENS["<|user|>"], *reply, SPECIAL_TOKENS["<|end|>"]]

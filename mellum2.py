@@ -709,11 +709,13 @@ class Mellum2(nn.Module):
             routing.append((router_logits, experts))
         return self.norm(x), routing
 
-    def forward(self, idx, targets=None):
+    def forward(self, idx, targets=None, pad=None):
         """idx (B, T) token ids -> logits (B, T, V) and, with targets (B, T) (the next token at each
         position, IGNORE_INDEX where there is none), the total loss
             L = L_ntp + 0.1 * L_mtp + 1e-3 * sum over MoE layers (L_aux + L_z)
-        whose detached parts land in `self.loss_parts` for logging."""
+        whose detached parts land in `self.loss_parts` for logging. pad (B, T) marks right padding
+        (SFT batches): causal attention keeps it from the real tokens, and it is left out of the
+        routing statistics, as transformers leaves out the positions its attention mask hides."""
         B, T = idx.shape
         cfg = self.config
         h, routing = self.trunk(idx)  # (B, T, D)
@@ -738,6 +740,9 @@ class Mellum2(nn.Module):
                                        ignore_index=IGNORE_INDEX)
             loss = loss + cfg.mtp_loss_weight * mtp_loss
             parts["mtp"] = mtp_loss
+        if pad is not None:  # padding is no token the experts serve: route statistics over real ones only
+            real = [~pad.flatten()] * cfg.n_layer + [~pad[:, 1:].flatten()] * (len(routing) - cfg.n_layer)
+            routing = [(lg[keep], ex[keep]) for (lg, ex), keep in zip(routing, real)]
         # Balance and z-losses: every MoE layer (the MTP block's included) adds its own with the full
         # coefficient, as Megatron, where the report's 1e-3 were set (App. B), attaches coef * loss to
         # each router. The pull on one router is then the same whatever the depth; averaging over

@@ -4,13 +4,13 @@ verification stack that scores answers.
 
   - three task suites, generated offline from a seed, each with a held-out split    -> §5.2.2 Data
       math  arithmetic and GSM-style word problems (numeric answer)
-      code  a small Python function described in words (checked by asserts)
+      code  a small Python function described in words (checked on test cases)
       tool  a calculation that needs the calculator tool (<tool_call> JSON, its result, the answer)
   - demonstrations of each task, with a worked reasoning trace for Thinking models    -> §5.1.1
   - SFT samples: Instruct trains on every assistant turn without reasoning; Thinking
     only on the final turn with its reasoning, a conversation unfolding into up to
     five samples; anything longer than the context is dropped, never truncated       -> §5.1
-  - the verifiers (exact numeric match; fraction of asserts passed in a sandbox),
+  - the verifiers (exact numeric match; fraction of test cases passed in a sandbox),
     reached through a small pool that retries its own failures but scores an
     unusable answer 0                                                                -> §5.2.1
   - run_sandboxed(source, timeout): untrusted code in a separate, limited process
@@ -54,7 +54,7 @@ class Task:
     key: str            # what makes two tasks the same problem (the held-out split hashes it)
     reasoning: tuple    # worked reasoning per assistant turn, for Thinking demonstrations
     tool_call: dict = None  # tool: the call the demonstration makes
-    cases: tuple = ()   # code: ((args, expected), ...), the asserts
+    cases: tuple = ()   # code: ((args, expected), ...), its test cases
 
 
 def held_out(key):
@@ -129,17 +129,34 @@ CODE_TEMPLATES = (
     ("the number of times {k} appears in xs", "xs.count({k})", "list"),
 )
 CODE_ARGUMENTS = {"int": "x", "str": "s", "list": "xs"}
-WORDS = ("cat", "river", "python", "moon", "table", "green", "code", "apple")
+WORDS = ("cat", "river", "python", "moon", "table", "green", "code", "apple",   # shorter than k, or not:
+         "watermelon", "lighthouse", "blackboard", "strawberry")                # "the first 9 characters"
+# Answers that ignore the task. A set of test cases one of them passes is drawn again: with three
+# random inputs, `return x` passed "the larger of x and 7" and `return s` "the first 8 characters
+# of s" on one held-out code task in six.
+SHORTCUTS = {"int": ("x", "0", "1", "{k}"), "str": ("s", "''", "s[::-1]", "len(s)"),
+             "list": ("xs", "sorted(xs)", "[]", "0", "sum(xs)", "max(xs)", "len(xs)")}
+N_CASES = 4
+
+
+def same(got, want):
+    """A right result: equal, and of the expected type (True is not 1, 2.0 is not 2, and an object
+    whose == always says yes is not a number)."""
+    return type(got) is type(want) and got == want
 
 
 def code_task(rng):
     words, expression, kind = rng.choice(CODE_TEMPLATES)
     k = rng.randint(2, 9)
     words, expression, arg = words.format(k=k), expression.format(k=k), CODE_ARGUMENTS[kind]
-    reference = eval(f"lambda {arg}: {expression}")  # noqa: S307 (our own template, not model output)
+    reference, *shortcuts = (eval(f"lambda {arg}: {body.format(k=k)}")  # noqa: S307 (our own text, not model output)
+                             for body in (expression, *SHORTCUTS[kind]))
     inputs = {"int": lambda: rng.randint(0, 50), "str": lambda: rng.choice(WORDS),
-              "list": lambda: [rng.randint(-9, 20) for _ in range(rng.randint(2, 5))]}[kind]
-    cases = tuple(((x,), reference(x)) for x in (inputs() for _ in range(3)))
+              "list": lambda: [rng.randint(-9, 20) for _ in range(rng.randint(2, 12))]}[kind]
+    while True:
+        cases = tuple(((x,), reference(x)) for x in (inputs() for _ in range(N_CASES)))
+        if not any(all(same(shortcut(*args), want) for args, want in cases) for shortcut in shortcuts):
+            break
     solution = f"def f({arg}):\n    return {expression}"
     trace = f"The function returns {words}, which in Python is {expression}."
     return Task("code", f"Write a Python function f({arg}) that returns {words}.", solution, key=f"{words}",
@@ -213,24 +230,29 @@ def sft_samples(enc, messages, variant, max_tokens):
     """One conversation -> SFT samples [(ids, mask)], mask[t] = 1 where ids[t] is trained.
     Instruct: one sample, every assistant turn trained, reasoning removed. Thinking: one sample per
     assistant turn (the last MAX_UNFOLD) as the final turn, trained on it with its reasoning, the
-    earlier turns as context without theirs; a turn without reasoning gives no Thinking sample.
+    earlier turns as context; a turn without reasoning gives no Thinking sample. Context turns keep
+    their reasoning only since the user last spoke (the call before a tool's reply): that is what
+    a rollout has in front of it, since it keeps its own reasoning while the tool answers.
     Samples over max_tokens are dropped."""
     assistant = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     if variant == "instruct":
         samples = [data.render_training_chat(enc, messages, set(assistant), set())]
     else:
-        samples = [data.render_training_chat(enc, messages[:i + 1], {i}, {i})
+        asked = [i for i, m in enumerate(messages) if m["role"] == "user"]
+        samples = [data.render_training_chat(enc, messages[:i + 1], {i},
+                                             {j for j in assistant if max(u for u in asked if u < i) < j <= i})
                    for i in assistant[-MAX_UNFOLD:] if messages[i].get("reasoning")]
     return [(ids, mask) for ids, mask in samples if len(ids) <= max_tokens]
 
 
-def conversation(rng):
+def conversation(rng, variant):
     """Usually one task, sometimes two or three asked one after another in a single chat: multi-turn
-    data, which the Thinking variant unfolds (tool tasks are two assistant turns already)."""
+    data, which the Thinking variant unfolds (tool tasks are two assistant turns already). Only
+    Instruct data has reflective answers: only Instruct RL has the concision penalty."""
     messages = []
     for _ in range(rng.choice((1, 1, 1, 1, 2, 3))):
         task = make_task(rng.choice(SUITES), rng)
-        messages += demonstration(task, reflective=rng.random() < REFLECTIVE_SHARE)
+        messages += demonstration(task, reflective=rng.random() < REFLECTIVE_SHARE and variant == "instruct")
     return messages
 
 
@@ -246,10 +268,10 @@ class SFTSampler:
         rng = random.Random(f"sft-{self.seed}-{step}")
         samples = []
         while len(samples) < self.batch_size:
-            samples += sft_samples(self.enc, conversation(rng), self.variant, self.seq_len + 1)
+            samples += sft_samples(self.enc, conversation(rng, self.variant), self.variant, self.seq_len + 1)
         samples = samples[:self.batch_size]
         T = max(len(ids) for ids, _ in samples) - 1
-        x = torch.full((self.batch_size, T), data.SPECIAL_TOKENS["<|pad|>"], dtype=torch.long)
+        x = torch.full((self.batch_size, T), data.PAD, dtype=torch.long)
         y = torch.full((self.batch_size, T), IGNORE_INDEX, dtype=torch.long)
         for row, (ids, mask) in enumerate(samples):
             ids, mask = torch.tensor(ids), torch.tensor(mask, dtype=torch.bool)
@@ -324,10 +346,10 @@ def call_tool(call_text):
 # at the file-size limit instead of filling our memory.
 #
 # Started by root (as CI is), the interpreter first loads, then drops to the unprivileged `nobody`:
-# the process limit binds only below root, and `nobody` cannot write outside its directory. (Starting
-# directly as `nobody` fails where the interpreter lives under root's home.) An audit hook then
-# refuses new processes, sockets, foreign code and writes outside the directory, which also guards a
-# non-root user's files. This contains accidents and a misbehaving model; it is not a jail for an
+# the process limit binds only below root, and `nobody` owns no files outside its directory (it may
+# still write where anyone may, like /tmp). (Starting directly as `nobody` fails where the
+# interpreter lives under root's home.) An audit hook then refuses new processes, sockets, foreign
+# code and writes outside the directory, which also guards a non-root user's files. This contains accidents and a misbehaving model; it is not a jail for an
 # attacker (for that: containers, gVisor, or a VM).
 
 SANDBOX_PRELUDE = r"""
@@ -359,8 +381,8 @@ def guard(event, args):
         writes = any(c in args[1] for c in "wax+") if args[1] else args[2] & WRITE_FLAGS
         if writes and not inside(args[0]):
             raise PermissionError(f"sandbox: writing outside the working directory")
-    if event.startswith(PATH_EVENTS) and not inside(args[0]):
-        raise PermissionError(f"sandbox: {event} outside the working directory")
+    if event.startswith(PATH_EVENTS) and not all(inside(a) for a in args if isinstance(a, (str, bytes))):
+        raise PermissionError(f"sandbox: {event} outside the working directory")  # either end of a rename
 sys.addaudithook(guard)
 del json, resource, settings
 exec(compile(source, "<candidate>", "exec"), {"__name__": "__main__"})
@@ -418,7 +440,12 @@ def run_sandboxed(source, timeout=2.0, memory_mb=256, max_output=65536, max_proc
             except (ProcessLookupError, PermissionError):
                 pass
             process.wait()
-        read = lambda name: open(paths[name], "rb").read(max_output).decode("utf-8", "replace")  # noqa: E731
+        def read(name):  # the program may have removed its own output files
+            try:
+                with open(paths[name], "rb") as f:
+                    return f.read(max_output).decode("utf-8", "replace")
+            except OSError:
+                return ""
         return SandboxResult(ok=process.returncode == 0 and not timed_out, stdout=read("stdout"),
                              stderr=read("stderr"), timed_out=timed_out, returncode=process.returncode)
 
@@ -441,25 +468,36 @@ def extract_code(text):
 
 
 def code_reward(task, text, timeout=2.0):
-    """Fraction of the task's asserts the answer passes (the report's reward for its own code tasks).
-    The harness prints a fresh random tag with the count, so an answer cannot print a score."""
+    """Fraction of the task's test cases the answer passes (the report's reward for its own code
+    tasks). The answer runs in a namespace of its own and the harness keeps the print and type it
+    had before, so redefining names cannot change the count; the count comes back after a fresh
+    random tag and must be a whole number of cases. This stops a model's easy tricks, not a program
+    set on reaching the harness through the interpreter (see the sandbox above)."""
     tag = secrets.token_hex(8)
-    harness = (f"{extract_code(text)}\n\n__passed = 0\nfor __args, __want in {[list(c) for c in task.cases]!r}:\n"
-               f"    try:\n        __passed += bool(f(*__args) == __want)\n    except Exception:\n        pass\n"
-               f"print({tag!r}, __passed)\n")
+    harness = (f"__print, __type = print, type\n"
+               f"__answer = {{'__name__': '__main__'}}\n"
+               f"exec({extract_code(text)!r}, __answer)\n"
+               f"__passed = 0\n"
+               f"for __args, __want in {[list(c) for c in task.cases]!r}:\n"
+               f"    try:\n"
+               f"        __got = __answer['f'](*__args)\n"
+               f"        __passed += __type(__got) is __type(__want) and __got == __want\n"  # tasks.same
+               f"    except Exception:\n"
+               f"        pass\n"
+               f"__print({tag!r}, __passed)\n")
     try:
         result = run_sandboxed(harness, timeout=timeout)
     except OSError as e:  # could not start a process at all: the verifier's failure, not the answer's
         raise VerifierError(f"sandbox did not start: {e}") from e
-    for line in reversed(result.stdout.splitlines()):
-        if line.startswith(tag + " ") and result.ok:
-            return int(line.split()[1]) / len(task.cases)
-    return 0.0   # syntax error, crash, timeout, limit: unscoreable, reward 0
+    passed = [line.split()[1:] for line in result.stdout.splitlines() if line.startswith(tag + " ")]
+    if result.ok and passed and passed[-1] in [[str(n)] for n in range(len(task.cases) + 1)]:
+        return int(passed[-1][0]) / len(task.cases)
+    return 0.0   # syntax error, crash, timeout, limit, no count or a made-up one: reward 0
 
 
 def reward(task, text):
     """The verifier of `task` on the final answer text: 1 for a right number (math, tool), the
-    fraction of asserts passed (code); an unparseable answer scores 0."""
+    fraction of test cases passed (code); an unparseable answer scores 0."""
     if task.suite == "code":
         return code_reward(task, text)
     return float(last_integer(text) == int(task.answer))

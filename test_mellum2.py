@@ -342,6 +342,26 @@ def test_aux_loss_is_one_at_perfect_balance_and_larger_otherwise():
     assert load_balancing_loss(collapsed, collapsed.topk(K, dim=-1).indices, E).item() > 3.0
 
 
+def test_padding_is_left_out_of_the_routing_losses():
+    model = randomize(Mellum2(SMALL))
+    torch.manual_seed(1)
+    a, b = torch.randint(0, 200, (24,)), torch.randint(0, 200, (14,))
+    pad = torch.zeros(2, 24, dtype=torch.bool)
+    pad[1, len(b):] = True                                    # row 1: 14 tokens, then 10 of padding
+    losses = []
+    for fill in (torch.full((10,), SMALL.vocab_size - 1), torch.randint(0, 200, (10,))):
+        x = torch.stack([a, torch.cat([b, fill])])
+        y = torch.cat([x[:, 1:], torch.full((2, 1), IGNORE_INDEX)], dim=1).masked_fill(pad, IGNORE_INDEX)
+        model(x, y, pad=pad)
+        masked = [model.loss_parts[k].item() for k in ("aux", "z")]
+        model(x, y)
+        losses.append((masked, [model.loss_parts[k].item() for k in ("aux", "z")]))
+    # Whatever fills the padding, the routing losses over the real tokens are the same ...
+    assert losses[0][0] == pytest.approx(losses[1][0], rel=1e-6)
+    # ... while without the mask the padding's own routing counts.
+    assert losses[0][1] != pytest.approx(losses[1][1], rel=1e-3)
+
+
 def naive_block(block, x, window):
     """One decoder block written out the long way: explicit attention scores with the K/V heads
     repeated, and the MoE token by token."""
@@ -1225,8 +1245,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(small_corpus, 
     before = (tmp_path / "ckpt.pt").read_bytes()
     real_forward = Mellum2.forward
 
-    def poisoned(self, idx, targets=None):
-        logits, loss = real_forward(self, idx, targets)
+    def poisoned(self, idx, targets=None, pad=None):
+        logits, loss = real_forward(self, idx, targets, pad)
         self.loss_parts["ntp"] = torch.tensor(float("nan"))
         return logits, loss
 
@@ -1350,6 +1370,24 @@ def test_a_run_folder_in_use_is_refused(tmp_path, capsys):
     assert exit_info.value.code == 1 and "in use by another train.py run" in capsys.readouterr().err
     with train.run_folder_lock(str(tmp_path)):  # released when the holder is done
         pass
+
+
+def test_micro_batches_add_up_to_one_step_when_rows_hold_different_numbers_of_targets():
+    config = replace(SMALL, n_mtp=0, aux_loss_coef=0.0, z_loss_coef=0.0)  # the next-token loss alone
+    torch.manual_seed(0)
+    x = torch.randint(0, 200, (4, 16))
+    y = x.roll(-1, dims=1)
+    for row, targets in enumerate((15, 3, 9, 1)):  # SFT-like: a few answer tokens, the rest masked
+        y[row, :16 - targets] = IGNORE_INDEX
+    results = []
+    for micro_batch in (4, 1):
+        model = randomize(Mellum2(config))
+        sgd = torch.optim.SGD(model.parameters(), lr=1.0)
+        parts, _ = train.train_step(model, x, y, micro_batch, [sgd], torch.autocast("cpu", enabled=False),
+                                    grad_clip=math.inf)
+        results.append((parts["ntp"], torch.cat([p.flatten() for p in model.parameters()])))
+    assert results[0][0] == pytest.approx(results[1][0], rel=1e-6)
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=0, atol=1e-6)
 
 
 def test_a_non_finite_gradient_stops_before_the_step(tmp_path):

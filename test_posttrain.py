@@ -8,7 +8,10 @@ import dataclasses
 import json
 import os
 import random
+import shutil
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -97,6 +100,12 @@ def test_tool_turns_are_context_and_the_call_is_trained(enc):
     assert pieces[0][0] == S["<tool_call>"] and pieces[0][-2:] == [S["</tool_call>"], E]
     assert json.loads(enc.decode(pieces[0][1:-2])) == task.tool_call
     assert enc.decode(pieces[1][:-1]).endswith(task.answer)
+    # Thinking, the answer after the tool's reply: its context is what a rollout holds at that point,
+    # the call with the reasoning the model wrote before it.
+    call, answer = tasks.sft_samples(enc, messages, "thinking", 1000)
+    written = data.render_message(enc, messages[1])[1:]  # the first turn, as the model would write it
+    reply = data.render_message(enc, messages[2]) + [A]
+    assert answer[0][:len(call[0]) + len(reply)] == call[0] + reply and written == call[0][-len(written):]
     response = enc.encode_ordinary(f"<tool_response>{task.answer}</tool_response>")
     start = next(i for i in range(len(ids)) if ids[i:i + len(response)] == response)
     assert not any(mask[start - 1:start + len(response) + 2])   # <|user|> reply <|end|> <|assistant|>
@@ -113,6 +122,16 @@ def test_sft_batches_mask_targets_and_repeat(enc):
     inside = trained[:, :-1] & (x[:, 1:] != S["<|pad|>"])
     assert torch.equal(x[:, 1:][inside], y[:, :-1][inside])                        # y is x shifted by one
     assert (x[~trained] != S["<|pad|>"]).any()                                     # prompts are input only
+
+
+def test_only_instruct_sft_data_has_reflective_answers(enc):
+    reflections = {}
+    for variant in ("instruct", "thinking"):
+        sampler = tasks.SFTSampler(variant, seed=0, batch_size=32, seq_len=256)
+        answers = [enc.decode([t for t in row.tolist() if 0 <= t < data.N_RANKS])  # the trained text
+                   for step in range(5) for row in sampler.get_batch(step)[1]]
+        reflections[variant] = sum(tasks.count_reflection_words(a) for a in answers)
+    assert reflections["instruct"] > 0 and reflections["thinking"] == 0
 
 
 def test_held_out_problems_never_appear_in_training():
@@ -215,13 +234,41 @@ def test_calculator_tool_answers_or_explains():
         assert tasks.call_tool(bad).startswith("error:")
 
 
-def test_code_verifier_counts_passed_asserts():
+def test_code_verifier_counts_passed_cases():
     task = tasks.Task("code", "", "", key="", reasoning=("",), cases=(((1,), 3), ((2,), 5), ((0,), 1)))
     assert tasks.reward(task, "def f(x):\n    return 2 * x + 1") == 1.0
     assert tasks.reward(task, "```python\ndef f(x):\n    return 2 * x + 1\n```") == 1.0
     assert tasks.reward(task, "def f(x):\n    return 3") == pytest.approx(1 / 3)
     assert tasks.reward(task, "def f(x) return") == 0.0                       # syntax error
     assert tasks.reward(task, "def f(x):\n    return x\nprint('0' * 16, 3)") == 0.0  # cannot print a score
+
+
+CHEATS = {
+    "an object equal to anything": "class Yes:\n    __eq__ = lambda self, other: True\ndef f(x):\n    return Yes()",
+    "a redefined bool": "bool = lambda v: True\ndef f(x):\n    return 0",
+    "a redefined print": "import builtins\nreal = print\ndef f(x):\n    return 0\n"
+                         "builtins.print = lambda tag, n: real(tag, 300)",
+    "a count that is no number": "import builtins\nreal = print\ndef f(x):\n    return 0\n"
+                                 "builtins.print = lambda tag, n: real(tag, 'x')",
+    "a float for an int": "def f(x):\n    return 2.0 * x + 1",
+    "its own output removed": "import os\ndef f(x):\n    return 2 * x + 1\nos.remove('.stdout')",
+}
+
+
+@pytest.mark.parametrize("name", CHEATS)
+def test_code_verifier_is_not_fooled(name):
+    task = tasks.Task("code", "", "", key="", reasoning=("",), cases=(((1,), 3), ((2,), 5), ((0,), 1)))
+    assert tasks.code_reward(task, CHEATS[name]) == 0.0
+
+
+def test_code_tasks_are_not_passed_by_answers_that_ignore_them():
+    rng = random.Random(0)
+    for _ in range(300):
+        task = tasks.make_task("code", rng)
+        arg = task.prompt.split("f(")[1].split(")")[0]
+        for body in ("0", "1", arg, "''", "[]", f"sorted({arg})" if arg == "xs" else arg):
+            shortcut = eval(f"lambda {arg}: {body}")
+            assert not all(tasks.same(shortcut(*args), want) for args, want in task.cases), (task.prompt, body)
 
 
 def test_every_generated_task_is_solved_by_its_own_reference():
@@ -285,14 +332,23 @@ def test_sandbox_reports_each_way_of_ending():
     assert not memory.ok and "MemoryError" in memory.stderr
 
 
-def test_sandbox_cannot_write_outside_its_directory(tmp_path):
-    target = tmp_path / "outside.txt"
-    for program in (f"open({str(target)!r}, 'w').write('x')",
-                    f"import os\nos.close(os.open({str(target)!r}, os.O_WRONLY | os.O_CREAT))",
-                    f"import os\nos.remove({str(tmp_path / 'keep.txt')!r})"):
-        (tmp_path / "keep.txt").write_text("precious")
-        result = train.run_sandboxed(program)
-        assert not result.ok and not target.exists() and (tmp_path / "keep.txt").read_text() == "precious"
+def test_sandbox_cannot_write_outside_its_directory():
+    # A folder anyone may write to, like /tmp, where file permissions would not stop the program.
+    folder = Path(tempfile.mkdtemp())
+    try:
+        folder.chmod(0o777)
+        target, keep = folder / "outside.txt", folder / "keep.txt"
+        for program in (f"open({str(target)!r}, 'w').write('x')",
+                        f"import os\nos.close(os.open({str(target)!r}, os.O_WRONLY | os.O_CREAT))",
+                        f"import os\nos.remove({str(keep)!r})",
+                        f"import os\nopen('x', 'w').write('x')\nos.rename('x', {str(target)!r})",
+                        f"import os\nos.symlink('x', {str(target)!r})"):
+            keep.write_text("precious")
+            keep.chmod(0o666)
+            result = train.run_sandboxed(program)
+            assert not result.ok and not os.path.lexists(target) and keep.read_text() == "precious", program
+    finally:
+        shutil.rmtree(folder)
     inside = train.run_sandboxed("open('scratch.txt', 'w').write('fine')\nprint(open('scratch.txt').read())")
     assert inside.ok and inside.stdout == "fine\n"
 
@@ -323,11 +379,12 @@ def save_run(folder, model, stage, steps=1, **settings):
 
 @pytest.fixture(scope="module")
 def sft_run(tmp_path_factory):
-    """A small model after a short SFT (Instruct) from random weights."""
+    """A small model after a short SFT (Instruct) from random weights, long enough that its answers
+    end: GRPO learns only from groups of finished answers with different rewards."""
     folder = tmp_path_factory.mktemp("runs")
     torch.manual_seed(0)
     base = save_run(folder / "base", Mellum2(SMALL_TASKS), "pretrain")
-    sft_settings = dataclasses.replace(train.SFT_RUNS["tiny"], steps=12, eval_every=12, eval_tasks=2, batch_size=8,
+    sft_settings = dataclasses.replace(train.SFT_RUNS["tiny"], steps=40, eval_every=40, eval_tasks=2, batch_size=8,
                                        micro_batch=8, lr=3e-3, warmup_steps=2)
     original = train.SFT_RUNS["tiny"]
     train.SFT_RUNS["tiny"] = sft_settings
@@ -341,7 +398,7 @@ def sft_run(tmp_path_factory):
 def test_sft_stage_runs_and_scores_the_held_out_tasks(sft_run):
     records = [json.loads(line) for line in open(sft_run / "sft" / "metrics.jsonl")]
     assert records[0]["step"] == 0 and set(tasks.SUITES) <= set(records[0]["val"])   # before SFT
-    assert records[-1]["step"] == 12 and "val" in records[-1]
+    assert records[-1]["step"] == 40 and "val" in records[-1]
     assert records[-1]["ntp"] < records[1]["ntp"] - 1.0
     state = train.load_checkpoint(sft_run / "sft" / "ckpt.pt")
     assert state["settings"]["stage"] == "sft" and state["settings"]["variant"] == "instruct"

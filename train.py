@@ -702,22 +702,26 @@ def clip_finite_grad_norm(model, grad_clip):
 
 def train_step(model, x, y, micro_batch, optimizers, autocast, grad_clip=1.0):
     """One optimizer step on the rows (x, y) this process holds. Micro-batches accumulate gradients,
-    each weighted by its share of the rows, so the step equals one on all rows at once; under DDP the
-    gradients are averaged across processes during the last micro-batch's backward. Returns the
-    loss parts (averaged over rows and processes) and the gradient norm before clipping."""
+    each weighted by its share of the targets, so the next-token loss is the mean over all targets
+    at once even when SFT rows hold different numbers of them (pre-training rows are all targets);
+    under DDP the gradients are averaged across processes during the last micro-batch's backward.
+    Returns the loss parts (weighted alike, averaged over processes) and the gradient norm before
+    clipping. SFT's right padding is passed to the model, which leaves it out of the routing losses."""
     raw = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
     starts = range(0, len(x), micro_batch)
+    n_targets = (y != mellum2.IGNORE_INDEX).sum().item()
     parts = {}
     for i, start in enumerate(starts):
         last = i == len(starts) - 1
         sync = contextlib.nullcontext() if last or raw is model else model.no_sync()
         xm, ym = x[start:start + micro_batch], y[start:start + micro_batch]
+        share = (ym != mellum2.IGNORE_INDEX).sum().item() / n_targets
         with sync, autocast:
-            _, loss = model(xm, ym)
-            (loss * len(xm) / len(x)).backward()
+            _, loss = model(xm, ym, pad=xm == data.PAD)
+            (loss * share).backward()
         for k, v in raw.loss_parts.items():
             if k != "expert_load":
-                parts[k] = parts.get(k, 0.0) + v.float() * len(xm) / len(x)
+                parts[k] = parts.get(k, 0.0) + v.float() * share
     stacked = torch.stack(list(parts.values()))
     if dist.is_initialized():
         dist.all_reduce(stacked, op=dist.ReduceOp.AVG)
@@ -1188,7 +1192,7 @@ def grpo_update(model, optimizers, groups, minibatches=2, micro_batch=16, grad_c
     first, so in the second mini-batch r != 1 and the clip has work to do (in the first, r == 1 and
     only IcePop acts). Returns summed statistics."""
     device = next(model.parameters()).device
-    tensors = grpo_tensors(groups, data.SPECIAL_TOKENS["<|pad|>"])
+    tensors = grpo_tensors(groups, data.PAD)
     x, targets, mask, logp_infer, advantages = (t.to(device) for t in tensors)
     with torch.no_grad():
         logp_old = torch.cat([token_logprobs(model, x[i:i + micro_batch], targets[i:i + micro_batch])
