@@ -269,7 +269,7 @@ CODE_SUFFIXES = {".py", ".pyi", ".c", ".h", ".cc", ".cpp", ".hpp", ".cu", ".java
 @dataclasses.dataclass(frozen=True)
 class InputFile:
     source: str   # "web" | "code" | "math"
-    kind: str     # "text": the whole text is one document; "docstrings": its docstrings are
+    kind: str     # "text": the whole text is one document; "docstrings": its docstrings are one
     key: str      # stable name, e.g. "stdlib/json/decoder.py"; decides the split (see _val_keys)
     text: str
 
@@ -483,7 +483,7 @@ def check_math(text):
     answer = regex.search(r"\n#### (-?[0-9]+)$", text)
     if not results or answer is None or text.count("<<") != len(results):   # malformed markup
         return False
-    # expressions are digits and + - * / ( ) only (enforced by the pattern), so eval is safe here
+    # Only our own generated text comes here: the pattern keeps letters out, not ** (2**9**9 hangs)
     if any(abs(eval(expr, {"__builtins__": {}}) - float(value)) > 1e-9 for expr, value in results):
         return False
     return float(answer.group(1)) == float(results[-1][1])
@@ -532,14 +532,14 @@ def passkey_example(enc, length, depth, key):
 VAL_FRACTION = 0.05
 
 
-def _key_hash(key, salt=""):
+def key_hash(key, salt=""):
     """A stable number in [0, 1) for a string key."""
     return int.from_bytes(hashlib.sha256((salt + key).encode("utf-8")).digest()[:8], "big") / 2 ** 64
 
 
 def _val_keys(keys):
-    keys = sorted(keys, key=_key_hash)
-    n_val = sum(_key_hash(k) < VAL_FRACTION for k in keys)
+    keys = sorted(keys, key=key_hash)
+    n_val = sum(key_hash(k) < VAL_FRACTION for k in keys)
     if len(keys) >= 2:
         n_val = min(max(n_val, 1), len(keys) - 1)
     return set(keys[:n_val])
@@ -767,22 +767,23 @@ def phase_mixture(phase, sources=SOURCES):
     return {s: w / total for s, w in weights.items()}
 
 
-def plan_tokens(corpus, token_budget):
-    """[{source: tokens}] per phase: how a budget of `token_budget` training tokens is spent."""
-    total_share = sum(p.share for p in PHASES)
-    return [{s: token_budget * p.share / total_share * w for s, w in phase_mixture(p, corpus.sources).items()}
-            for p in PHASES]
+def plan_tokens(corpus, token_budget, phase=None):
+    """[{source: tokens}] per phase: how a budget of `token_budget` training tokens is spent over the
+    curriculum, or, with `phase` (an index into PHASES), all in that phase's mix."""
+    shares = [p.share if phase in (None, i) else 0.0 for i, p in enumerate(PHASES)]
+    return [{s: token_budget * share / sum(shares) * w for s, w in phase_mixture(p, corpus.sources).items()}
+            for p, share in zip(PHASES, shares)]
 
 
-def planned_repetition(corpus, token_budget):
+def planned_repetition(corpus, token_budget, phase=None):
     """{source: epochs}: how many times the plan reads each source's training split."""
-    plan = plan_tokens(corpus, token_budget)
+    plan = plan_tokens(corpus, token_budget, phase)
     return {s: sum(phase[s] for phase in plan) / len(corpus.train[s].tokens) for s in corpus.sources}
 
 
-def check_repetition(corpus, token_budget, allow_over_repetition=False):
+def check_repetition(corpus, token_budget, allow_over_repetition=False, phase=None):
     """Raise RepetitionError if the plan repeats a source more than MAX_REPETITION times."""
-    over = {s: r for s, r in planned_repetition(corpus, token_budget).items() if r > MAX_REPETITION}
+    over = {s: r for s, r in planned_repetition(corpus, token_budget, phase).items() if r > MAX_REPETITION}
     if over and not allow_over_repetition:
         worst = ", ".join(f"{s} {r:.1f}x" for s, r in over.items())
         raise RepetitionError(f"{token_budget:,} tokens would repeat {worst}, over the report's cap of "
@@ -801,7 +802,9 @@ def check_repetition(corpus, token_budget, allow_over_repetition=False):
 # The cuts are at token positions of the cached tokens, not at characters: nothing is decoded and
 # re-encoded per sample, and the three parts always reassemble into exactly the original tokens.
 # The price: a gap always starts and ends on a token boundary of the whole-document tokenization,
-# while a user's cursor may sit inside a token. With 4096 ids most tokens are short, so this is small.
+# while a user's cursor may sit inside a token, and often does: "):\n" and ")\n" are single tokens,
+# so most code lines end inside one. A prompt cut there (sample.py's FIM, evaluate.py's line
+# completion) is a tokenization training never showed; cutting text, not tokens, would avoid it.
 
 def fim_format(prefix, suffix, middle=(), spm=True, special=SPECIAL_TOKENS):
     """Token ids in PSM or SPM order; with no `middle` this is the prompt the model completes.
@@ -876,7 +879,8 @@ def fim_transform(tokens, rng, spm):
 
 def fim_reassemble(ids):
     """Inverse of the FIM transform: a PSM/SPM example (optionally ending in <|endoftext|>) -> the
-    original tokens prefix + middle + suffix. Anything else is returned unchanged."""
+    original tokens prefix + middle + suffix; a plain sequence comes back without its final
+    <|endoftext|>. A FIM example cut short before <fim_middle> raises ValueError."""
     ids = list(ids)
     if ids and ids[-1] == EOT:
         ids = ids[:-1]
@@ -926,7 +930,8 @@ class BatchSampler:
     is cut into pieces of at most seq_len - 3 tokens (room for 3 FIM sentinels and <|endoftext|>).
     The report's 8192-token sequences hold most files whole; at seq_len 256 a stdlib file is ~18
     pieces. FIM is applied per piece, so a FIM example is never split across rows. Pieces are drawn
-    uniformly, so every training token is equally likely to be read.
+    uniformly; a row's last piece is cut to fit, so a piece's first tokens are read a little more
+    often than its last ones.
     """
 
     def __init__(self, corpus, seed, batch_size, seq_len, total_steps, allow_over_repetition=False, phase=None):
@@ -934,7 +939,7 @@ class BatchSampler:
         long-context stage trains on the phase-3 mix, §4.2)."""
         if seq_len < 8:
             raise ValueError(f"seq_len must be at least 8, got {seq_len}")
-        check_repetition(corpus, total_steps * batch_size * seq_len, allow_over_repetition)
+        check_repetition(corpus, total_steps * batch_size * seq_len, allow_over_repetition, phase)
         self.corpus, self.seed, self.total_steps, self.phase = corpus, seed, total_steps, phase
         self.batch_size, self.seq_len = batch_size, seq_len
         self.sources = corpus.sources
@@ -1053,7 +1058,7 @@ def val_batches(corpus, source, batch_size, seq_len, max_batches=None):
 # The data report (python train.py --data-report)
 # ------------------------------------------------------------------------------------------------
 
-def data_report(corpus, token_budget, file=None):
+def data_report(corpus, token_budget, file=None, phase=None):
     """Print tokens per source and split, the plan per phase, and the planned repetition per source."""
     out = file or sys.stdout
     how = "loaded from cache" if corpus.from_cache else f"built in {corpus.build_seconds:.1f} s"
@@ -1073,12 +1078,11 @@ def data_report(corpus, token_budget, file=None):
         print(f"skipped input files: {describe_skipped(corpus.skipped)}", file=out)
     print(f"\nplan for {token_budget:,} training tokens (Table 3; shares and mixtures normalised to 100%)", file=out)
     print(f"{'phase':<24} {'share':>6} {'FIM':>12}" + "".join(f" {s:>11}" for s in corpus.sources), file=out)
-    total_share = sum(p.share for p in PHASES)
-    for phase, tokens in zip(PHASES, plan_tokens(corpus, token_budget)):
-        fim = f"{phase.fim_rate:.0%}" + (" code" if phase.fim_code_only else " all")
-        print(f"{phase.name:<24} {phase.share / total_share:>6.1%} {fim:>12}"
+    for spec, tokens in zip(PHASES, plan_tokens(corpus, token_budget, phase)):
+        fim = f"{spec.fim_rate:.0%}" + (" code" if spec.fim_code_only else " all")
+        print(f"{spec.name:<24} {sum(tokens.values()) / token_budget:>6.1%} {fim:>12}"
               + "".join(f" {tokens[s]:>11,.0f}" for s in corpus.sources), file=out)
-    repetition = planned_repetition(corpus, token_budget)
+    repetition = planned_repetition(corpus, token_budget, phase)
     print(f"{'repetition (epochs)':<44}" + "".join(f" {repetition[s]:>10.2f}x" for s in corpus.sources)
           + f"   cap {MAX_REPETITION:g}x (§3.2.1)", file=out)
     over = [s for s in corpus.sources if repetition[s] > MAX_REPETITION]
@@ -1101,7 +1105,7 @@ def tokenizer_training_texts(docs):
     texts = []
     for source, budget in TOKENIZER_MIX_BYTES.items():
         taken = 0
-        for key, text in sorted(docs[source]["train"], key=lambda d: _key_hash(d[0], salt="tokenizer:")):
+        for key, text in sorted(docs[source]["train"], key=lambda d: key_hash(d[0], salt="tokenizer:")):
             if taken >= budget:
                 break
             texts.append(text)
@@ -1111,7 +1115,7 @@ def tokenizer_training_texts(docs):
 
 def train_tokenizer(path=TOKENIZER_FILE):
     """Retrain the BPE ranks on the default corpus's training mix and write them to `path`."""
-    docs = _documents(_default_inputs(collections.Counter()), progress=True)
+    docs = _documents(_default_inputs(), progress=True)
     texts = tokenizer_training_texts(docs)
     start = time.perf_counter()
     ranks = train_bpe(texts, N_RANKS)

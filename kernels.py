@@ -271,7 +271,10 @@ def fused_moe(x, weights, experts, gate_proj, up_proj, down_proj):
 
 def triton_experts(moe, x, weights, experts):
     """The `experts_grouped` seam of one mellum2.MoE (install binds `moe`): its stacked weights
-    through fused_moe."""
+    through fused_moe. FP8 training (train.py --fp8 replaces moe.grouped_mm) keeps mellum2's own
+    path, whose grouped matmuls it quantises: fused_moe has no FP8 version."""
+    if moe.grouped_mm is not mellum2.grouped_mm:
+        return mellum2.MoE.experts_grouped(moe, x, weights, experts)
     return fused_moe(x, weights, experts, moe.gate_proj, moe.up_proj, moe.down_proj)
 
 
@@ -445,27 +448,29 @@ def triton_attend(q, k, v, mask, window):
 MODES = ("auto", "triton", "torch")
 
 
-def resolve_mode(mode=None):
-    """"auto" | "triton" | "torch" (None: $MELLUM2_KERNELS, else auto) -> "triton" or "torch".
-    auto is triton on a CUDA machine with triton installed, else torch. Asking for triton where it
-    cannot run is an error rather than a silent fallback."""
+def resolve_mode(mode=None, device=None):
+    """"auto" | "triton" | "torch" (None: $MELLUM2_KERNELS, else auto) -> "triton" or "torch" for a
+    model on `device` (None: this machine's best). auto is triton for a model on a CUDA GPU with
+    triton installed, else torch (a --device cpu run on a GPU machine included). Asking for triton
+    where it cannot run is an error rather than a silent fallback."""
     mode = mode or os.environ.get("MELLUM2_KERNELS") or "auto"
     if mode not in MODES:
         raise ValueError(f"unknown kernel mode {mode!r}; choose one of {', '.join(MODES)}")
+    on_gpu = torch.cuda.is_available() if device is None else torch.device(device).type == "cuda"
     if mode == "auto":
-        return "triton" if triton is not None and torch.cuda.is_available() else "torch"
+        return "triton" if triton is not None and on_gpu else "torch"
     if mode == "triton" and triton is None:
         raise ValueError("kernel mode 'triton' needs triton (pip install triton; Linux only)")
-    if mode == "triton" and not torch.cuda.is_available() and not interpreting():
-        raise ValueError("kernel mode 'triton' needs a CUDA GPU, or TRITON_INTERPRET=1 (set before "
-                         "importing kernels) to run the kernels slowly on the CPU")
+    if mode == "triton" and not on_gpu and not interpreting():
+        raise ValueError("kernel mode 'triton' needs a model on a CUDA GPU, or TRITON_INTERPRET=1 (set "
+                         "before importing kernels) to run the kernels slowly on the CPU")
     return mode
 
 
 def install(model, mode=None):
     """Point every Attention (trunk and MTP) and every MoE of `model` at the kernels of `mode`, and
     return the mode used. "torch" restores mellum2's own functions (sdpa_attend, experts_grouped)."""
-    mode = resolve_mode(mode)
+    mode = resolve_mode(mode, next(model.parameters()).device)
     for module in model.modules():
         if isinstance(module, mellum2.Attention):
             module.attend = triton_attend if mode == "triton" else mellum2.sdpa_attend

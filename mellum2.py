@@ -82,7 +82,7 @@ class Mellum2Config:
 
     def __post_init__(self):
         checks = [
-            (self.n_head % self.n_kv_head == 0,
+            (self.n_kv_head >= 1 and self.n_head % self.n_kv_head == 0,
              f"n_head ({self.n_head}) must be divisible by n_kv_head ({self.n_kv_head})"),
             (1 <= self.n_expert_active <= self.n_expert,
              f"n_expert_active ({self.n_expert_active}) must be between 1 and n_expert ({self.n_expert})"),
@@ -94,7 +94,13 @@ class Mellum2Config:
             (1.0 <= self.yarn_factor < math.inf, f"yarn_factor must be >= 1.0 (1.0 = off) and finite, got "
                                                   f"{self.yarn_factor}"),
             (0 < self.rms_norm_eps < 1, f"rms_norm_eps must be in (0, 1), got {self.rms_norm_eps}"),
-            (0 < self.rope_theta < math.inf, f"rope_theta must be positive and finite, got {self.rope_theta}"),
+            (1 < self.rope_theta < math.inf, f"rope_theta must be above 1 and finite, got {self.rope_theta}"),
+            (self.yarn_original_max_seq_len >= 1,
+             f"yarn_original_max_seq_len must be positive, got {self.yarn_original_max_seq_len}"),
+            (0 < self.yarn_beta_slow < self.yarn_beta_fast < math.inf, f"yarn_beta_slow and yarn_beta_fast must "
+             f"satisfy 0 < slow < fast, got {self.yarn_beta_slow} and {self.yarn_beta_fast}"),
+            (self.yarn_attention_factor is None or 0 < self.yarn_attention_factor < math.inf,
+             f"yarn_attention_factor must be positive and finite, got {self.yarn_attention_factor}"),
             (self.yarn_layers in ("full", "all"), f"yarn_layers must be 'full' or 'all', got {self.yarn_layers!r}"),
             (self.moe_impl in ("grouped", "loop"), f"moe_impl must be 'grouped' or 'loop', got {self.moe_impl!r}"),
             (min(self.vocab_size, self.n_layer, self.n_embd, self.n_head, self.n_kv_head, self.head_dim,
@@ -118,8 +124,10 @@ class Mellum2Config:
 
 
 PRESETS = {
-    # The released model exactly (Table 2 and the released config.json): 28 layers, 7 of them full
-    # attention (3, 7, ..., 27), 12.15B parameters of which 2.44B are active per token.
+    # The released model's architecture (Table 2 and the released config.json) as pre-trained, at 8192
+    # positions: 28 layers, 7 of them full attention (3, 7, ..., 27), 12.15B parameters of which 2.44B
+    # are active per token. The released checkpoint adds YaRN x16 on the full layers for 131072
+    # positions (§4: --stage long, or config_from_hf on its config.json).
     "mellum2-12b": Mellum2Config(bos_token_id=0, eos_token_id=28),
     # Trains on a 2-core laptop CPU in minutes and keeps every structural feature: the 3:1 sliding /
     # full pattern (one full layer of four), a window (64) shorter than the training sequence (256),
@@ -165,8 +173,9 @@ def pick_device(requested=None):
 
 
 def pick_dtype(device):
-    """bf16 on GPUs that support it (the report trains in BF16, §3.4.4); fp32 elsewhere, because
-    CPUs run bf16 matmuls slowly and MPS has known bf16 numerics problems."""
+    """bf16 on GPUs that support it (the report trains in BF16, §3.4.4); fp32 elsewhere: CPUs without
+    bf16 instructions run bf16 matmuls slowly, CPU runs are where results are compared against
+    references, and MPS has known bf16 numerics problems."""
     device = torch.device(device)
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.bfloat16
@@ -385,13 +394,17 @@ class MoE(nn.Module):
         self.gate_proj = nn.Parameter(torch.empty(E, F_, D))
         self.up_proj = nn.Parameter(torch.empty(E, F_, D))
         self.down_proj = nn.Parameter(torch.empty(E, D, F_))
-        # The seam for faster or lower-precision expert matmuls: kernels.py (Triton) and train.py
-        # (--fp8) replace this function; the default is torch's grouped matmul.
+        # The seam for lower-precision expert matmuls: train.py --fp8 replaces this function; the
+        # default is torch's grouped matmul. (kernels.py's Triton path replaces experts_grouped as a
+        # whole, and comes back here when this seam is replaced.)
         self.grouped_mm = grouped_mm
 
     def route(self, x):
         """Router logits (N, E), the renormalised weights (N, K) and expert ids (N, K) of each token."""
         # The router runs in fp32 (§3.4.5, App. B): in bf16, near-tied logits flip which experts win.
+        if torch.is_autocast_enabled(x.device.type):  # it would run the matmul in bf16 whatever its inputs
+            with torch.autocast(x.device.type, enabled=False):
+                return self.route(x)
         logits = linear(x.float(), self.gate.weight.float())        # (N, E)
         probs = logits.softmax(dim=-1)                               # softmax over all E experts
         top_probs, top_experts = probs.topk(self.config.n_expert_active, dim=-1)  # (N, K)
@@ -632,12 +645,13 @@ class KVCache:
         """Positions (B, n) for the next n tokens of each row (-1 where pad (B, n) is True)."""
         if pad is None:
             positions = self.length[:, None] + torch.arange(n, device=self.length.device)
-            self.length = self.length + n
+            length = self.length + n
         else:
             positions = (self.length[:, None] + (~pad).cumsum(dim=1) - 1).masked_fill(pad, -1)
-            self.length = self.length + (~pad).sum(dim=1)
-        if self.length.max() > self.max_len:
+            length = self.length + (~pad).sum(dim=1)
+        if length.max() > self.max_len:  # refused before anything changes: the cache stays usable
             raise ValueError(f"the cache holds at most {self.max_len} tokens per row")
+        self.length = length
         return positions
 
     def rollback(self, lengths):

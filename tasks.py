@@ -23,7 +23,6 @@ Everything is a pure function of a seed, so a run and its held-out scores repeat
 import ast
 import concurrent.futures
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -59,8 +58,7 @@ class Task:
 
 def held_out(key):
     """True for the share of problems kept for evaluation, decided by a hash of the problem."""
-    digest = hashlib.sha256(key.encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64 < HELD_OUT_SHARE
+    return data.key_hash(key) < HELD_OUT_SHARE
 
 
 # -----------------------------------------------------------------------------------------------

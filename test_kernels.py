@@ -268,8 +268,31 @@ def test_kernel_modes_and_errors(monkeypatch):
     assert kernels.install(model) == expected_auto
     if not torch.cuda.is_available():
         monkeypatch.setenv("TRITON_INTERPRET", "0")
-        with pytest.raises(ValueError, match="needs a CUDA GPU, or TRITON_INTERPRET=1"):
+        with pytest.raises(ValueError, match="needs a model on a CUDA GPU, or TRITON_INTERPRET=1"):
             kernels.install(model, "triton")
+    # On a GPU machine, auto follows the model: a --device cpu run keeps the PyTorch functions.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert kernels.resolve_mode("auto", "cpu") == "torch" and kernels.resolve_mode("auto", "cuda:0") == "triton"
+    assert kernels.install(model) == "torch"
+
+
+def test_replaced_expert_matmuls_keep_the_torch_path_under_triton():
+    """train.py --fp8 swaps each MoE's grouped_mm for an FP8 one, which the fused kernel would skip."""
+    torch.manual_seed(0)
+    model = Mellum2(SMALL)
+    kernels.install(model, "triton")
+    calls = []
+
+    def counted(x, w, offsets):
+        calls.append(1)
+        return mellum2.grouped_mm(x, w, offsets)
+
+    for m in model.modules():
+        if isinstance(m, mellum2.MoE):
+            m.grouped_mm = counted
+    idx = torch.randint(0, SMALL.vocab_size, (1, 9))
+    model(idx)
+    assert len(calls) == 3 * SMALL.n_layer  # gate, up and down of every trunk MoE (no targets: no MTP)
 
 
 # -----------------------------------------------------------------------------------------------

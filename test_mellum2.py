@@ -217,6 +217,16 @@ def test_router_renormalises_the_top_k():
     assert torch.equal(experts, logits.topk(3, dim=-1).indices)
 
 
+def test_the_router_stays_fp32_under_bf16_autocast():
+    moe = randomize(Mellum2(SMALL)).layers[0].mlp
+    x = torch.randn(64, SMALL.n_embd)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # how train.py runs on GPUs
+        logits, _, experts = moe.route(x.bfloat16())
+    reference = x.bfloat16().float() @ moe.gate.weight.T
+    assert logits.dtype == torch.float32
+    torch.testing.assert_close(logits, reference, rtol=1e-5, atol=1e-5)
+
+
 def test_moe_loop_and_grouped_agree_forward_and_backward():
     cfg = replace(SMALL, n_expert=8, n_expert_active=3)
     torch.manual_seed(0)
@@ -452,6 +462,12 @@ def test_parameter_counts_of_the_release():
     (dict(rms_norm_eps=-1.0), "rms_norm_eps"),
     (dict(yarn_factor=float("inf")), "yarn_factor"),
     (dict(rope_theta=0.0), "rope_theta"),
+    (dict(rope_theta=1.0), "rope_theta"),        # YaRN divides by log(theta)
+    (dict(n_kv_head=0), "divisible"),             # not a ZeroDivisionError
+    (dict(yarn_original_max_seq_len=0), "yarn_original_max_seq_len"),
+    (dict(yarn_beta_slow=0.0), "yarn_beta"),
+    (dict(yarn_beta_fast=0.5), "yarn_beta"),      # below beta_slow: the ramp would run backwards
+    (dict(yarn_attention_factor=-1.0), "yarn_attention_factor"),
 ])
 def test_invalid_configs_raise_one_clear_error(overrides, message):
     with pytest.raises(ValueError, match=message):
@@ -746,6 +762,19 @@ def test_bpe_is_deterministic_and_round_trips(tmp_path):
     assert data.parse_ranks(path.read_bytes()) == first
 
 
+def test_the_tokenizer_retraining_command_writes_a_rank_file(tmp_path, monkeypatch, capsys):
+    # The default corpus and 3824 merges take minutes: the same command on small texts, 150 merges.
+    inputs = [data.InputFile(source, "text", f"{source}/{i}", text)
+              for i, text in enumerate(small_training_text()) for source in data.SOURCES]
+    monkeypatch.setattr(data, "_default_inputs", lambda: inputs)
+    real_train_bpe = data.train_bpe
+    monkeypatch.setattr(data, "train_bpe", lambda texts, n_ranks: real_train_bpe(texts, 256 + 150))
+    data.train_tokenizer(tmp_path / "ranks.tiktoken")
+    expected = real_train_bpe(data.tokenizer_training_texts(data._documents(inputs, progress=False)), 256 + 150)
+    assert data.parse_ranks((tmp_path / "ranks.tiktoken").read_bytes()) == expected
+    assert f"trained {len(expected)} ranks" in capsys.readouterr().out
+
+
 def test_loader_rereads_a_replaced_file_and_names_a_damaged_one(tmp_path):
     """tiktoken's own loader caches by path; ours must see a file replaced at the same path."""
     ranks = data.parse_ranks(data.TOKENIZER_FILE.read_bytes())
@@ -920,6 +949,13 @@ def test_repetition_cap(tiny):
     with pytest.raises(data.RepetitionError):
         data.BatchSampler(tiny, seed=0, batch_size=8, seq_len=64, total_steps=10_000)
     data.BatchSampler(tiny, seed=0, batch_size=8, seq_len=64, total_steps=10_000, allow_over_repetition=True)
+    # One phase at every step (the long-context stage): that phase's mix is what gets repeated.
+    last = len(data.PHASES) - 1
+    reps = data.planned_repetition(tiny, budget_at_cap, phase=last)
+    assert reps["code"] == pytest.approx(budget_at_cap * data.phase_mixture(data.PHASES[last])["code"] / n_code)
+    assert reps["code"] > data.MAX_REPETITION  # phase 3 is code-heavier than the curriculum on average
+    with pytest.raises(data.RepetitionError):
+        data.check_repetition(tiny, budget_at_cap, phase=last)
 
 
 def test_data_report_prints_plan(tiny, capsys):
@@ -1501,6 +1537,14 @@ def test_rollback_forgets_exactly_the_dropped_tokens():
     cache.rollback(torch.tensor([20]))                           # ... taken back
     h, _ = model.trunk(idx[:, 20:], cache)
     assert (model.lm_head(h) - full[:, 20:]).abs().max().item() < 1e-5
+
+
+def test_a_step_past_the_cache_is_refused_and_changes_nothing():
+    cache = KVCache(SMALL, 1, 10)
+    cache.advance(8)
+    with pytest.raises(ValueError, match="at most 10 tokens"):
+        cache.advance(5)
+    assert cache.length.tolist() == [8] and cache.advance(2).tolist() == [[8, 9]]
 
 
 def test_decoding_caches_hold_what_the_call_can_reach(monkeypatch):

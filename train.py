@@ -788,8 +788,10 @@ def train(args, stop_after=None):
         Mellum2Config.from_preset(s["size"], n_mtp=1 if s["mtp"] else 0, aux_loss_coef=s["aux_coef"])
     if s.get("dense") and not resumed:
         config = mellum2.dense_config(config)
+    # The long-context stage trains on the phase-3 mix (§4.2 starts from it); SFT on demonstrations.
+    only_phase = len(data.PHASES) - 1 if s["stage"] == "long" else None
     if args.data_report:  # before building the model: the report needs none (and 12B would not fit)
-        data.data_report(corpus, s["steps"] * s["batch_size"] * config.max_seq_len)
+        data.data_report(corpus, s["steps"] * s["batch_size"] * config.max_seq_len, phase=only_phase)
         return None
     if s["init_from"] and os.path.isfile(os.path.join(s["init_from"], "config.json")):
         config = mellum2.config_from_hf(mellum2.read_hf_config(s["init_from"]))
@@ -810,12 +812,11 @@ def train(args, stop_after=None):
                               f"({data.VOCAB_SIZE})")
     seq_len = config.max_seq_len
     token_budget = s["steps"] * s["batch_size"] * seq_len
-    # The long-context stage trains on the phase-3 mix (§4.2 starts from it); SFT on demonstrations.
     if sft:
         sampler = tasks.SFTSampler(s["variant"], s["seed"], s["batch_size"], seq_len)
     else:
         sampler = data.BatchSampler(corpus, s["seed"], s["batch_size"], seq_len, s["steps"], s["allow_over_repetition"],
-                                    phase=len(data.PHASES) - 1 if s["stage"] == "long" else None)
+                                    phase=only_phase)
 
     # 4. Optimizers, fresh or restored.
     raw.to(device)
@@ -853,7 +854,7 @@ def train(args, stop_after=None):
         else:
             say(f"tokens {token_budget:,} planned ({s['steps']} steps x {s['batch_size']} x {seq_len}; "
                 f"half batch for the first {math.ceil(s['ramp_fraction'] * s['steps'])} steps)")
-            for source, r in data.planned_repetition(corpus, token_budget).items():
+            for source, r in data.planned_repetition(corpus, token_budget, only_phase).items():
                 say(f"       {source}: {len(corpus.train[source].tokens):,} training tokens, "
                     f"planned repetition {r:.2f}x")
             if corpus.skipped:  # an empty --data folder would otherwise go unnoticed
