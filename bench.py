@@ -341,7 +341,7 @@ def main():
     try:
         {"params": params, "model": lambda: model(args), "train": lambda: train_steps(args),
          "decode": lambda: decoding(args), "kernels": lambda: kernel_speed(args)}[args.what]()
-    except (ValueError, mellum2.CheckpointError, data.DataError) as e:  # an impossible --experts pair, a missing checkpoint or tokenizer
+    except (ValueError, mellum2.CheckpointError, data.DataError) as e:  # bad counts, a missing checkpoint or tokenizer
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
 

@@ -237,8 +237,10 @@ def sft_samples(enc, messages, variant, max_tokens):
         samples = [data.render_training_chat(enc, messages, set(assistant), set())]
     else:
         asked = [i for i, m in enumerate(messages) if m["role"] == "user"]
-        samples = [data.render_training_chat(enc, messages[:i + 1], {i},
-                                             {j for j in assistant if max(u for u in asked if u < i) < j <= i})
+
+        def since_asked(i):  # assistant turn i and those before it since the user last spoke
+            return {j for j in assistant if max(u for u in asked if u < i) < j <= i}
+        samples = [data.render_training_chat(enc, messages[:i + 1], {i}, since_asked(i))
                    for i in assistant[-MAX_UNFOLD:] if messages[i].get("reasoning")]
     return [(ids, mask) for ids, mask in samples if len(ids) <= max_tokens]
 
@@ -347,8 +349,9 @@ def call_tool(call_text):
 # the process limit binds only below root, and `nobody` owns no files outside its directory (it may
 # still write where anyone may, like /tmp). (Starting directly as `nobody` fails where the
 # interpreter lives under root's home.) An audit hook then refuses new processes, sockets, foreign
-# code and writes outside the directory, which also guards a non-root user's files. This contains accidents and a misbehaving model; it is not a jail for an
-# attacker (for that: containers, gVisor, or a VM).
+# code and writes outside the directory, which also guards a non-root user's files. This contains
+# accidents and a misbehaving model; it is not a jail for an attacker (for that: containers,
+# gVisor, or a VM).
 
 SANDBOX_PRELUDE = r"""
 import json, os, resource, sys
