@@ -269,7 +269,7 @@ CODE_SUFFIXES = {".py", ".pyi", ".c", ".h", ".cc", ".cpp", ".hpp", ".cu", ".java
 @dataclasses.dataclass(frozen=True)
 class InputFile:
     source: str   # "web" | "code" | "math"
-    kind: str     # "text": the whole text is one document; "docstrings": its docstrings are one
+    kind: str     # "text": the whole text is one document; "docstrings": its docstrings are one document each
     key: str      # stable name, e.g. "stdlib/json/decoder.py"; decides the split (see _val_keys)
     text: str
 

@@ -23,6 +23,7 @@ Everything is a pure function of a seed, so a run and its held-out scores repeat
 import ast
 import concurrent.futures
 import dataclasses
+import inspect
 import json
 import math
 import os
@@ -137,10 +138,16 @@ SHORTCUTS = {"int": ("x", "0", "1", "{k}"), "str": ("s", "''", "s[::-1]", "len(s
 N_CASES = 4
 
 
-def same(got, want):
-    """A right result: equal, and of the expected type (True is not 1, 2.0 is not 2, and an object
-    whose == always says yes is not a number)."""
-    return type(got) is type(want) and got == want
+def same(got, want, type=type, len=len, zip=zip, all=all):
+    """A right result: equal, and of the expected type all the way down (True is not 1, 2.0 is not
+    2, and an object whose == always says yes is neither, alone or in a list). The code verifier
+    runs this very function in the sandbox, defined before the answer: the defaults keep the
+    builtins it had then."""
+    if type(got) is not type(want):
+        return False
+    if type(want) is list:
+        return len(got) == len(want) and all(same(g, w) for g, w in zip(got, want))
+    return got == want
 
 
 def code_task(rng):
@@ -372,6 +379,7 @@ BLOCKED = ("os.system", "os.exec", "os.posix_spawn", "os.spawn", "os.fork", "os.
            "os.kill", "os.killpg", "socket.", "ctypes.", "sys.addaudithook", "os.setuid", "os.setgid")
 PATH_EVENTS = ("os.remove", "os.rename", "os.rmdir", "os.mkdir", "os.chmod", "os.chown", "os.symlink",
                "os.link", "os.truncate", "os.utime", "shutil.")
+TWO_PATH_EVENTS = ("os.rename", "os.symlink", "os.link", "shutil.copy", "shutil.move")  # both ends count
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
 def inside(path):
     return isinstance(path, (str, bytes)) and os.path.realpath(os.fsdecode(path)).startswith(here)
@@ -382,8 +390,9 @@ def guard(event, args):
         writes = any(c in args[1] for c in "wax+") if args[1] else args[2] & WRITE_FLAGS
         if writes and not inside(args[0]):
             raise PermissionError(f"sandbox: writing outside the working directory")
-    if event.startswith(PATH_EVENTS) and not all(inside(a) for a in args if isinstance(a, (str, bytes))):
-        raise PermissionError(f"sandbox: {event} outside the working directory")  # either end of a rename
+    paths = args[:2] if event.startswith(TWO_PATH_EVENTS) else args[:1]  # a descriptor is never inside
+    if event.startswith(PATH_EVENTS) and not all(inside(path) for path in paths):
+        raise PermissionError(f"sandbox: {event} outside the working directory")
 sys.addaudithook(guard)
 del json, resource, settings
 exec(compile(source, "<candidate>", "exec"), {"__name__": "__main__"})
@@ -470,19 +479,19 @@ def extract_code(text):
 
 def code_reward(task, text, timeout=2.0):
     """Fraction of the task's test cases the answer passes (the report's reward for its own code
-    tasks). The answer runs in a namespace of its own and the harness keeps the print and type it
-    had before, so redefining names cannot change the count; the count comes back after a fresh
+    tasks). The answer runs in a namespace of its own and the harness keeps the builtins it had
+    before, so redefining names cannot change the count; the count comes back after a fresh
     random tag and must be a whole number of cases. This stops a model's easy tricks, not a program
     set on reaching the harness through the interpreter (see the sandbox above)."""
     tag = secrets.token_hex(8)
-    harness = (f"__print, __type = print, type\n"
+    harness = (f"{inspect.getsource(same)}\n"
+               f"__print = print\n"
                f"__answer = {{'__name__': '__main__'}}\n"
                f"exec({extract_code(text)!r}, __answer)\n"
                f"__passed = 0\n"
                f"for __args, __want in {[list(c) for c in task.cases]!r}:\n"
                f"    try:\n"
-               f"        __got = __answer['f'](*__args)\n"
-               f"        __passed += __type(__got) is __type(__want) and __got == __want\n"  # tasks.same
+               f"        __passed += same(__answer['f'](*__args), __want)\n"
                f"    except Exception:\n"
                f"        pass\n"
                f"__print({tag!r}, __passed)\n")

@@ -275,8 +275,7 @@ def test_kernel_modes_and_errors(monkeypatch):
     with pytest.raises(ValueError, match="unknown kernel mode"):
         kernels.install(model)
     monkeypatch.delenv("MELLUM2_KERNELS")
-    expected_auto = "triton" if torch.cuda.is_available() else "torch"
-    assert kernels.install(model) == expected_auto
+    assert kernels.install(model) == "torch"  # the model is on the CPU, whatever this machine has
     if not torch.cuda.is_available():
         monkeypatch.setenv("TRITON_INTERPRET", "0")
         with pytest.raises(ValueError, match="needs a model on a CUDA GPU, or TRITON_INTERPRET=1"):

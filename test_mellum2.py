@@ -951,11 +951,12 @@ def test_repetition_cap(tiny):
     data.BatchSampler(tiny, seed=0, batch_size=8, seq_len=64, total_steps=10_000, allow_over_repetition=True)
     # One phase at every step (the long-context stage): that phase's mix is what gets repeated.
     last = len(data.PHASES) - 1
-    reps = data.planned_repetition(tiny, budget_at_cap, phase=last)
-    assert reps["code"] == pytest.approx(budget_at_cap * data.phase_mixture(data.PHASES[last])["code"] / n_code)
-    assert reps["code"] > data.MAX_REPETITION  # phase 3 is code-heavier than the curriculum on average
-    with pytest.raises(data.RepetitionError):
-        data.check_repetition(tiny, budget_at_cap, phase=last)
+    per_step = data.planned_repetition(tiny, 8 * 64, phase=last)  # epochs per step of 8 x 64 tokens
+    assert per_step["code"] == pytest.approx(8 * 64 * data.phase_mixture(data.PHASES[last])["code"] / n_code)
+    steps = int(0.9 * data.MAX_REPETITION / max(data.planned_repetition(tiny, 8 * 64).values()))
+    data.BatchSampler(tiny, seed=0, batch_size=8, seq_len=64, total_steps=steps)  # the curriculum: under the cap
+    with pytest.raises(data.RepetitionError):  # phase 3 alone reads code more than the curriculum does
+        data.BatchSampler(tiny, seed=0, batch_size=8, seq_len=64, total_steps=steps, phase=last)
 
 
 def test_data_report_prints_plan(tiny, capsys):
@@ -1437,6 +1438,19 @@ def test_micro_batches_add_up_to_one_step_when_rows_hold_different_numbers_of_ta
         results.append((parts["ntp"], torch.cat([p.flatten() for p in model.parameters()])))
     assert results[0][0] == pytest.approx(results[1][0], rel=1e-6)
     torch.testing.assert_close(results[0][1], results[1][1], rtol=0, atol=1e-6)
+
+
+def test_a_training_step_leaves_padding_out_of_the_routing_losses():
+    model = randomize(Mellum2(replace(SMALL, vocab_size=data.VOCAB_SIZE)))
+    torch.manual_seed(0)
+    x = torch.randint(0, 200, (2, 16))
+    x[1, 6:] = data.PAD                                                  # an SFT batch's right padding
+    y = torch.cat([x[:, 1:], torch.full((2, 1), IGNORE_INDEX)], dim=1).masked_fill(x == data.PAD, IGNORE_INDEX)
+    model(x, y, pad=x == data.PAD)
+    expected = {k: model.loss_parts[k].item() for k in ("aux", "z")}
+    parts, _ = train.train_step(model, x, y, 2, [torch.optim.SGD(model.parameters(), lr=0.0)],
+                                torch.autocast("cpu", enabled=False))
+    assert {k: parts[k] for k in ("aux", "z")} == pytest.approx(expected, rel=1e-6)
 
 
 def test_a_non_finite_gradient_stops_before_the_step(tmp_path):

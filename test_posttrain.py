@@ -251,6 +251,7 @@ CHEATS = {
     "a count that is no number": "import builtins\nreal = print\ndef f(x):\n    return 0\n"
                                  "builtins.print = lambda tag, n: real(tag, 'x')",
     "a float for an int": "def f(x):\n    return 2.0 * x + 1",
+    "a list of such objects": "class Yes:\n    __eq__ = lambda self, other: True\ndef f(x):\n    return [Yes()]",
     "its own output removed": "import os\ndef f(x):\n    return 2 * x + 1\nos.remove('.stdout')",
 }
 
@@ -258,6 +259,8 @@ CHEATS = {
 @pytest.mark.parametrize("name", CHEATS)
 def test_code_verifier_is_not_fooled(name):
     task = tasks.Task("code", "", "", key="", reasoning=("",), cases=(((1,), 3), ((2,), 5), ((0,), 1)))
+    if name == "a list of such objects":
+        task = dataclasses.replace(task, cases=(((1,), [1]), ((2,), [2]), ((0,), [0])))
     assert tasks.code_reward(task, CHEATS[name]) == 0.0
 
 
@@ -342,11 +345,13 @@ def test_sandbox_cannot_write_outside_its_directory():
                         f"import os\nos.close(os.open({str(target)!r}, os.O_WRONLY | os.O_CREAT))",
                         f"import os\nos.remove({str(keep)!r})",
                         f"import os\nopen('x', 'w').write('x')\nos.rename('x', {str(target)!r})",
-                        f"import os\nos.symlink('x', {str(target)!r})"):
+                        f"import os\nos.symlink('x', {str(target)!r})",
+                        f"import os\nos.chmod(os.open({str(keep)!r}, os.O_RDONLY), 0o600)"):  # by descriptor
             keep.write_text("precious")
             keep.chmod(0o666)
             result = train.run_sandboxed(program)
             assert not result.ok and not os.path.lexists(target) and keep.read_text() == "precious", program
+            assert "sandbox:" in result.stderr and keep.stat().st_mode & 0o777 == 0o666, program  # the hook said no
     finally:
         shutil.rmtree(folder)
     inside = train.run_sandboxed("open('scratch.txt', 'w').write('fine')\nprint(open('scratch.txt').read())")

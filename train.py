@@ -708,20 +708,24 @@ def train_step(model, x, y, micro_batch, optimizers, autocast, grad_clip=1.0):
     Returns the loss parts (weighted alike, averaged over processes) and the gradient norm before
     clipping. SFT's right padding is passed to the model, which leaves it out of the routing losses."""
     raw = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    device = next(raw.parameters()).device
+    # x and y arrive on the CPU: counting targets and padding there costs a GPU no synchronisation.
     starts = range(0, len(x), micro_batch)
-    n_targets = (y != mellum2.IGNORE_INDEX).sum().item()
+    targets = y != mellum2.IGNORE_INDEX
+    n_targets = targets.sum().item()
     parts = {}
     for i, start in enumerate(starts):
         last = i == len(starts) - 1
         sync = contextlib.nullcontext() if last or raw is model else model.no_sync()
         xm, ym = x[start:start + micro_batch], y[start:start + micro_batch]
-        share = (ym != mellum2.IGNORE_INDEX).sum().item() / n_targets
+        n = targets[start:start + micro_batch].sum().item()
+        pad = xm == data.PAD
         with sync, autocast:
-            _, loss = model(xm, ym, pad=xm == data.PAD)
-            (loss * share).backward()
+            _, loss = model(xm.to(device), ym.to(device), pad=pad.to(device) if pad.any() else None)
+            (loss * n / n_targets).backward()
         for k, v in raw.loss_parts.items():
             if k != "expert_load":
-                parts[k] = parts.get(k, 0.0) + v.float() * share
+                parts[k] = parts.get(k, 0.0) + v.float() * n / n_targets
     stacked = torch.stack(list(parts.values()))
     if dist.is_initialized():
         dist.all_reduce(stacked, op=dist.ReduceOp.AVG)
@@ -888,7 +892,7 @@ def train(args, stop_after=None):
             # This process's rows: a contiguous block, so that its micro-batches are exactly micro-batches
             # of a single-process run (the balance loss depends on which rows share a micro-batch).
             rows = slice(rank * batch // world, (rank + 1) * batch // world)
-            x, y = x[:batch][rows].to(device), y[:batch][rows].to(device)
+            x, y = x[:batch][rows], y[:batch][rows]
             parts, grad_norm = train_step(model, x, y, s["micro_batch"], optimizers, autocast)
             step += 1
             tokens_seen += batch * x.shape[1]
