@@ -718,14 +718,14 @@ def train_step(model, x, y, micro_batch, optimizers, autocast, grad_clip=1.0):
         last = i == len(starts) - 1
         sync = contextlib.nullcontext() if last or raw is model else model.no_sync()
         xm, ym = x[start:start + micro_batch], y[start:start + micro_batch]
-        n = targets[start:start + micro_batch].sum().item()
+        share = targets[start:start + micro_batch].sum().item() / n_targets
         pad = xm == data.PAD
         with sync, autocast:
             _, loss = model(xm.to(device), ym.to(device), pad=pad.to(device) if pad.any() else None)
-            (loss * n / n_targets).backward()
+            (loss * share).backward()
         for k, v in raw.loss_parts.items():
             if k != "expert_load":
-                parts[k] = parts.get(k, 0.0) + v.float() * n / n_targets
+                parts[k] = parts.get(k, 0.0) + v.float() * share
     stacked = torch.stack(list(parts.values()))
     if dist.is_initialized():
         dist.all_reduce(stacked, op=dist.ReduceOp.AVG)
