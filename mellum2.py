@@ -755,6 +755,8 @@ class Mellum2(nn.Module):
             loss = loss + cfg.mtp_loss_weight * mtp_loss
             parts["mtp"] = mtp_loss
         if pad is not None:  # padding is no token the experts serve: route statistics over real ones only
+            # Each layer's (logits (N, E), experts (N, K)) keep their real rows: N = B*T in the trunk,
+            # B*(T-1) in the MTP block, whose position t is padding when token t+1 is.
             real = [~pad.flatten()] * cfg.n_layer + [~pad[:, 1:].flatten()] * (len(routing) - cfg.n_layer)
             routing = [(lg[keep], ex[keep]) for (lg, ex), keep in zip(routing, real)]
         # Balance and z-losses: every MoE layer (the MTP block's included) adds its own with the full

@@ -499,9 +499,9 @@ def code_reward(task, text, timeout=2.0):
         result = run_sandboxed(harness, timeout=timeout)
     except OSError as e:  # could not start a process at all: the verifier's failure, not the answer's
         raise VerifierError(f"sandbox did not start: {e}") from e
-    passed = [line.split()[1:] for line in result.stdout.splitlines() if line.startswith(tag + " ")]
-    if result.ok and passed and passed[-1] in [[str(n)] for n in range(len(task.cases) + 1)]:
-        return int(passed[-1][0]) / len(task.cases)
+    counts = [line[len(tag) + 1:] for line in result.stdout.splitlines() if line.startswith(tag + " ")]
+    if result.ok and counts and counts[-1] in {str(n) for n in range(len(task.cases) + 1)}:
+        return int(counts[-1]) / len(task.cases)
     return 0.0   # syntax error, crash, timeout, limit, no count or a made-up one: reward 0
 
 

@@ -454,9 +454,7 @@ class StopRequest:
 # Checkpoints: one file, written to a temporary name and renamed, so a crash never leaves half a file
 
 def tokenizer_reference():
-    """The tokenizer a checkpoint was trained with: its file name and content hash. The file is
-    parsed first, so a missing or damaged one is reported as that, not as another tokenizer."""
-    data.load_tokenizer(data.TOKENIZER_FILE)
+    """The tokenizer a checkpoint was trained with: its file name and content hash."""
     with open(data.TOKENIZER_FILE, "rb") as f:
         return {"file": data.TOKENIZER_FILE.name, "sha256": hashlib.sha256(f.read()).hexdigest()}
 
@@ -509,6 +507,7 @@ def load_checkpoint(path, mmap=False):
         raise CheckpointError(f"{path}: unreadable checkpoint ({one_line(e)})") from None
     if not isinstance(state, dict) or not CHECKPOINT_KEYS <= set(state):
         raise CheckpointError(f"{path}: not a train.py checkpoint (those hold {', '.join(sorted(CHECKPOINT_KEYS))})")
+    data.load_tokenizer(data.TOKENIZER_FILE)  # a missing or damaged file is named as that, not as a mismatch
     here = tokenizer_reference()
     if state.get("tokenizer", here) != here:  # its ids would mean other text
         raise CheckpointError(f"{path}: trained with another {data.TOKENIZER_FILE.name} than the one here")
