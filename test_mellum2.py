@@ -967,6 +967,20 @@ def test_data_report_prints_plan(tiny, capsys):
         assert needle in out
 
 
+def test_the_long_stage_data_report_plans_its_own_sequences(small_corpus, tmp_path, capsys):
+    # Its token budget counts sequences of the long context (4x the context of the model it starts
+    # from, not of the --size preset), read from phase 3.
+    (tmp_path / "base").mkdir()
+    base = replace(SMALL, max_seq_len=48)
+    train.save_checkpoint(tmp_path / "base" / "ckpt.pt", Mellum2(base), [], 10, {"stage": "pretrain", "steps": 10})
+    train.train(run_args(small_corpus, tmp_path / "long", "--stage", "long", "--init-from", str(tmp_path / "base"),
+                         "--max-steps", "3", "--data-report"))
+    out = capsys.readouterr().out
+    assert f"plan for {3 * 4 * 4 * 48:,} training tokens" in out
+    assert re.search(r"foundation +0\.0%.*\ncapability|capability sharpening +100\.0%", out)
+    assert not (tmp_path / "long").exists()
+
+
 # --- sampler: mixture, FIM, packing, filter, resume ----------------------------------------------
 
 def sampler(corpus, **kw):

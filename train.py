@@ -586,6 +586,16 @@ def flags_given(args):
 START_STAGES = {"pretrain": (), "long": ("pretrain",), "sft": ("pretrain", "long"), "grpo": ("sft",)}
 
 
+def init_config(init_from):
+    """The config of the model in `init_from` (a run folder or a Hugging Face directory), read
+    without loading its weights."""
+    if not os.path.isdir(init_from):
+        raise CheckpointError(f"--init-from {init_from}: no such folder")
+    if os.path.isfile(os.path.join(init_from, "ckpt.pt")):
+        return Mellum2Config(**load_checkpoint(os.path.join(init_from, "ckpt.pt"), mmap=True)["config"])
+    return mellum2.config_from_hf(mellum2.read_hf_config(init_from))
+
+
 def init_model(config, init_from, after=()):
     """A fresh model, or the weights of `init_from`: one of our run folders or a Hugging Face directory.
     With `after`, a run folder must hold a finished run of one of those stages."""
@@ -743,6 +753,11 @@ def given(flag, default):
     return default if flag is None else flag
 
 
+def long_context(settings, config):
+    """The long stage's sequence length: --context, else 4x the pre-trained model's."""
+    return given(settings["context"], 4 * config.max_seq_len)
+
+
 def train(args, stop_after=None):
     """The whole run. stop_after=N stops after N steps as Ctrl-C would (tests use it)."""
     rank, world, device = setup_distributed(args.device)
@@ -787,23 +802,26 @@ def train(args, stop_after=None):
             say("note: the data changed since this run started (--data folders, or the installed packages the "
                 "built-in corpus reads): it continues on the new data, not as it would have")
     # 3. The model, fresh, from --init-from weights, or restored; its context sets the sequence length.
-    config = Mellum2Config(**resumed["config"]) if resumed else \
-        Mellum2Config.from_preset(s["size"], n_mtp=1 if s["mtp"] else 0, aux_loss_coef=s["aux_coef"])
-    if s.get("dense") and not resumed:
-        config = mellum2.dense_config(config)
+    if resumed:
+        config = Mellum2Config(**resumed["config"])
+    elif s["init_from"]:  # the shape of the model it starts from (its weights are loaded below)
+        config = init_config(s["init_from"])
+    else:
+        config = Mellum2Config.from_preset(s["size"], n_mtp=1 if s["mtp"] else 0, aux_loss_coef=s["aux_coef"])
+        if s.get("dense"):
+            config = mellum2.dense_config(config)
     # The long-context stage trains on the phase-3 mix (§4.2 starts from it); SFT on demonstrations.
     only_phase = len(data.PHASES) - 1 if s["stage"] == "long" else None
     if args.data_report:  # before building the model: the report needs none (and 12B would not fit)
-        data.data_report(corpus, s["steps"] * s["batch_size"] * config.max_seq_len, phase=only_phase)
+        seq_len = long_context(s, config) if s["stage"] == "long" and not resumed else config.max_seq_len
+        data.data_report(corpus, s["steps"] * s["batch_size"] * seq_len, phase=only_phase)
         return None
-    if s["init_from"] and os.path.isfile(os.path.join(s["init_from"], "config.json")):
-        config = mellum2.config_from_hf(mellum2.read_hf_config(s["init_from"]))
     check_memory(config, device)
     torch.manual_seed(s["seed"])
     raw = model_from_checkpoint(resumed) if resumed else init_model(config, s["init_from"], START_STAGES[s["stage"]])
     if s["stage"] == "long" and not resumed:  # same weights, longer context, new RoPE for the far positions
         pretrained = raw
-        raw = Mellum2(long_context_config(pretrained.config, given(s["context"], 4 * pretrained.config.max_seq_len),
+        raw = Mellum2(long_context_config(pretrained.config, long_context(s, pretrained.config),
                                           s["yarn_factor"], s["rope_variant"]))
         raw.load_state_dict(pretrained.state_dict())
         s["original_context"] = pretrained.config.max_seq_len
