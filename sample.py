@@ -91,6 +91,15 @@ def load_model(init_from, device=None):
     return model.eval(), vocab
 
 
+def trained_stage(init_from):
+    """The train.py stage a run folder's model finished (pretrain, long, sft, grpo); None for a
+    Hugging Face directory, which does not say."""
+    path = os.path.join(init_from, "ckpt.pt")
+    if not os.path.isfile(path):
+        return None
+    return train.load_checkpoint(path, mmap=True)["settings"].get("stage", "pretrain")
+
+
 # -----------------------------------------------------------------------------------------------
 # Sampling: temperature, top-k, top-p, as one distribution per row
 
@@ -389,6 +398,9 @@ def main(argv=None):
         model, vocab = load_model(args.init_from, args.device)
         kernels.install(model, args.kernels)
         ids, stop_ids = build_prompt(args, vocab)
+        if args.chat and trained_stage(args.init_from) in ("pretrain", "long"):
+            print(f"note: {args.init_from} is a pre-trained base model; chat is what --stage sft teaches it",
+                  file=sys.stderr)
         context = model.config.max_seq_len
         if len(ids) >= context:
             raise ValueError(f"the prompt is {len(ids)} tokens; this model's context is {context}")

@@ -1782,6 +1782,15 @@ def test_sample_notes_a_capped_length_and_stops_quietly_on_a_closed_pipe(tmp_pat
     assert process.wait() == 1 and "Traceback" not in err and "Error" not in err
 
 
+def test_chat_with_a_base_model_says_what_teaches_it_to_chat(tmp_path, capsys):
+    model = Mellum2(Mellum2Config.from_preset("tiny"))
+    for stage in ("long", "sft"):
+        (tmp_path / stage).mkdir()
+        train.save_checkpoint(tmp_path / stage / "ckpt.pt", model, [], 1, {"stage": stage, "steps": 1})
+        sample.main(["--init-from", str(tmp_path / stage), "--chat", "--start", "hi", "--max-new-tokens", "2"])
+        assert ("is a pre-trained base model" in capsys.readouterr().err) == (stage == "long")
+
+
 def test_special_token_text_in_a_prompt_stays_text(capsys):
     enc = data.load_tokenizer()
     args = sample.parse_args(["--start", "<|endoftext|><fim_middle> hi"])
