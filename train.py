@@ -1545,12 +1545,25 @@ def parse_args(argv=None):
 FP32_MAX = torch.finfo(torch.float32).max  # larger settings overflow the fp32 tensors they scale
 
 
+# The flags only some stages read: given to another, they would change nothing, silently.
+STAGE_FLAGS = {
+    "--context": ("long",), "--yarn-factor": ("long",), "--rope-variant": ("long",), "--compare": ("long",),
+    "--variant": ("sft", "grpo"),
+    "--group-size": ("grpo",), "--max-staleness": ("grpo",), "--sync": ("grpo",), "--no-concision": ("grpo",),
+    "--data": ("pretrain", "long"), "--no-default-data": ("pretrain", "long"),
+    "--allow-over-repetition": ("pretrain", "long"), "--data-report": ("pretrain", "long"),
+    "--dense": ("pretrain",), "--no-mtp": ("pretrain",),
+    **dict.fromkeys(["--batch-size", "--micro-batch", "--optimizer", "--fp8", "--aux-coef", "--kernels"],
+                    ("pretrain", "long", "sft")),  # GRPO's batches and optimizer are its own (§5.2.4)
+}
+
+
 def check_command(args):
     """What the flags alone can tell is wrong, before any file is read or written."""
+    for flag in sorted(flags_given(args) & set(STAGE_FLAGS)):
+        if args.stage not in STAGE_FLAGS[flag]:
+            raise ValueError(f"{flag} is for --stage {' or '.join(STAGE_FLAGS[flag])}, not --stage {args.stage}")
     problems = [
-        (not args.compare or args.stage == "long", "--compare compares long-context variants: add --stage long"),
-        (not args.data_report or args.stage in ("pretrain", "long"),
-         "--data-report describes the pre-training data (--stage pretrain or long)"),
         (0 <= args.seed < 2**63, f"--seed must be between 0 and 2**63 - 1, got {args.seed}"),
         (args.lr is None or 0 < args.lr < FP32_MAX, f"--lr must be positive and finite, got {args.lr}"),
         (args.yarn_factor is None or 1 <= args.yarn_factor < FP32_MAX,
