@@ -1283,6 +1283,32 @@ def test_resume_continues_exactly(small_corpus, tmp_path, capsys):
     assert losses(tmp_path / "a") == losses(tmp_path / "b")
 
 
+def test_a_resumed_run_may_split_its_steps_into_smaller_micro_batches(small_corpus, tmp_path, capsys, monkeypatch):
+    # What to do after running out of memory: the same steps, in smaller pieces.
+    def out_of_memory(args):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] . DefaultCPUAllocator: can't allocate memory: "
+                           "you tried to allocate 40000000000000 bytes.")
+    monkeypatch.setattr(train, "train", out_of_memory)
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--out-dir", str(tmp_path / "oom")])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 1 and len(err.splitlines()) == 1
+    assert err.startswith("error: out of memory") and "--resume --micro-batch N" in err
+    monkeypatch.undo()
+
+    straight = train.train(run_args(small_corpus, tmp_path / "a", "--max-steps", "4"))
+    train.train(run_args(small_corpus, tmp_path / "b", "--max-steps", "4"), stop_after=2)
+    capsys.readouterr()
+    resumed = train.train(run_args(small_corpus, tmp_path / "b", "--resume", "--micro-batch", "2"))
+    assert "--micro-batch" not in capsys.readouterr().out  # the flag is taken, not ignored
+    assert train.load_checkpoint(tmp_path / "b" / "ckpt.pt")["settings"]["micro_batch"] == 2
+    # The same steps up to fp32 rounding (and the balance loss, taken per micro-batch): the weights
+    # stay close and so does the loss; Adam's normalised steps make single weights a poor measure.
+    losses = lambda d: [json.loads(line)["ntp"] for line in open(d / "metrics.jsonl")]  # noqa: E731
+    assert losses(tmp_path / "b") == pytest.approx(losses(tmp_path / "a"), rel=1e-4)
+    assert straight.layers[0].mlp.up_proj.allclose(resumed.layers[0].mlp.up_proj, atol=1e-3)
+
+
 def test_a_checkpoint_that_cannot_be_written_leaves_the_last_one(tmp_path, monkeypatch):
     path = tmp_path / "ckpt.pt"
     train.save_checkpoint(path, Mellum2(SMALL), [], 1, {"stage": "pretrain", "steps": 2})

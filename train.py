@@ -545,7 +545,7 @@ def resumed_run(args, out_dir, say):
         raise ValueError(f"{out_dir} holds a {saved} run: resume it with --stage {saved}")
     say(f"resuming {ckpt_path} at step {state['step']} with the settings it was started with")
     ignored = flags_given(args) - {"--resume", "--out-dir", "--stage", "--variant", "--size", "--device",
-                                   "--kernels", "--rope-variant"}
+                                   "--kernels", "--rope-variant", "--micro-batch"}
     if ignored:
         say(f"note: {', '.join(sorted(ignored))} ignored: a resumed run keeps its own settings")
     return state
@@ -771,6 +771,10 @@ def train(args, stop_after=None):
     resumed = resumed_run(args, out_dir, say) if args.resume else None
     if resumed:
         settings = resumed["settings"]
+        # Taken: it changes how a step is split, not what it computes (up to rounding and the balance
+        # loss, taken per micro-batch), and it is how a run that ran out of memory goes on.
+        if args.micro_batch is not None:
+            settings["micro_batch"] = args.micro_batch
     else:
         run = {"long": LONG_RUNS, "sft": SFT_RUNS}.get(args.stage, RUNS)[args.size]
         batch_size = given(args.batch_size, run.batch_size)
@@ -1626,10 +1630,21 @@ def main(argv=None):
     except OSError as e:  # the file system refused: a folder where a file should be, no permission, a full disk
         print(f"error: {describe_os_error(e)}", file=sys.stderr)
         sys.exit(1)
+    except RuntimeError as e:
+        if not out_of_memory(e):
+            raise
+        print(f"error: out of memory ({one_line(e)[:160]}): a smaller --micro-batch needs less; an interrupted "
+              f"run continues from its last checkpoint with --resume --micro-batch N", file=sys.stderr)
+        sys.exit(1)
     except KeyboardInterrupt:  # the checkpoint is already written (or no step had run yet)
         sys.exit(130)
     finally:
         leave_process_group()
+
+
+def out_of_memory(error):
+    """A GPU's OutOfMemoryError, or the CPU allocator's plain RuntimeError for the same thing."""
+    return isinstance(error, torch.OutOfMemoryError) or "can't allocate memory" in str(error)
 
 
 def leave_process_group():
