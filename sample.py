@@ -27,6 +27,7 @@ import torch
 
 import data
 import kernels
+import tasks
 import train
 from mellum2 import CheckpointError, KVCache, Mellum2, pick_device, pick_dtype
 
@@ -346,8 +347,8 @@ class Printer:
 
     def __init__(self, vocab, stops, hide_thinking):
         self.enc, self.stops, self.hide_thinking = vocab.enc, stops, hide_thinking
-        thinking = {"<think>", "</think>"}
-        self.silent = {i for t, i in vocab.special.items() if t not in thinking}  # not printed
+        shown = {"<think>", "</think>", "<tool_call>", "</tool_call>"}
+        self.silent = {i for t, i in vocab.special.items() if t not in shown}  # not printed
         self.ids, self.text, self.printed, self.stopped = [], "", 0, False
 
     def __call__(self, row, token):
@@ -407,20 +408,36 @@ def main(argv=None):
         if len(ids) + args.max_new_tokens > context:
             print(f"note: {context - len(ids)} new tokens fit in this model's {context}-token context",
                   file=sys.stderr)
-        printer = Printer(vocab, args.stop, args.hide_thinking)
         options = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, stop_ids=stop_ids,
-                       seed=args.seed, on_token=printer)
-        start = time.time()
-        if args.speculative:
-            out, drafts, accepted = generate_speculative(model, ids, args.max_new_tokens, **options)
-        else:
-            out = generate(model, [ids], args.max_new_tokens, **options)[0]
+                       seed=args.seed)
+        start, written, drafts, accepted = time.time(), 0, 0, 0
+        # A chat turn that calls the calculator gets its reply, printed as the model reads it, and the
+        # model goes on: at most train.MAX_TURNS turns, as in the rollouts that trained it.
+        for turn in range(train.MAX_TURNS if args.chat else 1):
+            printer = Printer(vocab, args.stop, args.hide_thinking)
+            budget = min(args.max_new_tokens - written, context - len(ids))
+            if args.speculative:
+                new, d, a = generate_speculative(model, ids, budget, on_token=printer, **options)
+                drafts, accepted = drafts + d, accepted + a
+            else:
+                new = generate(model, [ids], budget, on_token=printer, **options)[0]
+            printer.finish()
+            ids, written = ids + new, written + len(new)
+            if not args.chat or printer.stopped or not new or new[-1] != data.SPECIAL_TOKENS["<|end|>"]:
+                break
+            call = tasks.parse_turn(vocab.enc, new[:-1]).tool_call
+            if call is None:
+                break
+            reply = tasks.tool_reply(vocab.enc, call)
+            print("\n" + vocab.enc.decode([i for i in reply if i < data.N_RANKS]), flush=True)
+            ids += reply
+            if written >= args.max_new_tokens or len(ids) >= context:
+                break
         seconds = time.time() - start
-        printer.finish()
         print()
         if args.speculative:
             print(f"speculative: {accepted}/{drafts} drafts accepted ({accepted / max(drafts, 1):.0%}), "
-                  f"{len(out) / seconds:.1f} tokens/s", file=sys.stderr)
+                  f"{written / seconds:.1f} tokens/s", file=sys.stderr)
     except (ValueError, CheckpointError, data.DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

@@ -343,6 +343,13 @@ def call_tool(call_text):
         return f"error: {type(e).__name__}: {e}"
 
 
+def tool_reply(enc, call_text):
+    """What follows an assistant turn that called the tool: the tool's reply, then <|assistant|>,
+    where the model takes over again (a rollout's next turn; sample.py --chat's too)."""
+    reply = data.render_message(enc, {"role": "tool", "content": call_tool(call_text)})
+    return reply + [data.SPECIAL_TOKENS["<|assistant|>"]]
+
+
 # -----------------------------------------------------------------------------------------------
 # The sandbox (§5.2.1 Infrastructure: the code-execution backend of the verification stack)
 #

@@ -1822,6 +1822,30 @@ def test_chat_with_a_base_model_says_what_teaches_it_to_chat(tmp_path, capsys):
         assert ("is a pre-trained base model" in capsys.readouterr().err) == (stage == "long")
 
 
+def test_chat_runs_the_calculator_and_lets_the_model_go_on(tmp_path, monkeypatch, capsys):
+    """A scripted model: its first turn calls the tool, its second answers with what the tool said."""
+    enc, special = data.load_tokenizer(), data.SPECIAL_TOKENS
+    call = '{"name": "calculator", "arguments": {"expression": "382 * 47"}}'
+    turns = [[special["<tool_call>"], *enc.encode_ordinary(call), special["</tool_call>"], special["<|end|>"]],
+             [*enc.encode_ordinary("382 * 47 = 17954"), special["<|end|>"]]]
+    prompts = []
+
+    def scripted(model, prompts_, max_new_tokens, on_token=None, **options):
+        prompts.append(prompts_[0])
+        for token in turns[len(prompts) - 1]:
+            on_token(0, token)
+        return [turns[len(prompts) - 1]]
+
+    monkeypatch.setattr(sample, "generate", scripted)
+    train.save_checkpoint(tmp_path / "ckpt.pt", Mellum2(Mellum2Config.from_preset("tiny")), [], 1,
+                          {"stage": "sft", "steps": 1})
+    sample.main(["--init-from", str(tmp_path), "--chat", "--start", "Use the calculator to work out 382 * 47."])
+    assert capsys.readouterr().out == f"<tool_call>{call}</tool_call>\n<tool_response>17954</tool_response>\n" \
+                                      "382 * 47 = 17954\n"
+    reply = data.render_message(enc, {"role": "tool", "content": "17954"}) + [special["<|assistant|>"]]
+    assert prompts[1] == prompts[0] + turns[0] + reply  # the model reads its call and the reply, then goes on
+
+
 def test_special_token_text_in_a_prompt_stays_text(capsys):
     enc = data.load_tokenizer()
     args = sample.parse_args(["--start", "<|endoftext|><fim_middle> hi"])

@@ -326,7 +326,7 @@ LONG_RUNS = {
 
 
 # SFT (§5.1.2): a tenth of the pre-training LR (3e-5 in the report), 100 warmup iterations, cosine
-# to a tenth of the peak, no batch ramp. Tiny: about 13 minutes. RL needs a model that is sometimes
+# to a tenth of the peak, no batch ramp. Tiny: about 14 minutes. RL needs a model that is sometimes
 # right: the tiny model makes the calculator call early but copies the numbers into it wrongly for
 # a long time (held-out tool accuracy 0% at 150 steps), so it runs the 250 steps after which the
 # call has been learnt.
@@ -1034,7 +1034,7 @@ def rollout(model, enc, task_list, max_tokens, temperature=1.0, seed=None):
     still talking; a turn that calls the tool gets the tool's reply appended and goes on. A row that
     exhausts max_tokens (written tokens, all turns together) stays unfinished."""
     import sample  # sample.py imports this file, so it cannot be imported at the top
-    end, assistant = data.SPECIAL_TOKENS["<|end|>"], data.SPECIAL_TOKENS["<|assistant|>"]
+    end = data.SPECIAL_TOKENS["<|end|>"]
     rows = [Rollout(t, data.render_chat(enc, [{"role": "user", "content": t.prompt}])) for t in task_list]
     active = rows
     for turn in range(MAX_TURNS):
@@ -1056,8 +1056,8 @@ def rollout(model, enc, task_list, max_tokens, temperature=1.0, seed=None):
                 continue   # cut off by the cap (or the context): unfinished
             said = tasks.parse_turn(enc, ids[:-1])
             if said.tool_call is not None and turn + 1 < MAX_TURNS and sum(r.written) < max_tokens:
-                reply = data.render_message(enc, {"role": "tool", "content": tasks.call_tool(said.tool_call)})
-                r.ids, r.written = r.ids + reply + [assistant], r.written + [0] * (len(reply) + 1)
+                reply = tasks.tool_reply(enc, said.tool_call)
+                r.ids, r.written = r.ids + reply, r.written + [0] * len(reply)
                 if len(r.prompt) + len(r.ids) < model.config.max_seq_len:   # else: out of context, unfinished
                     talking.append(r)
             else:
