@@ -1346,6 +1346,31 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(small_corpus, 
     assert (tmp_path / "ckpt.pt").read_bytes() == before
 
 
+def test_a_run_that_fails_before_replacing_a_finished_one_leaves_it_whole(small_corpus, tmp_path, monkeypatch):
+    train.train(run_args(small_corpus, tmp_path, "--max-steps", "2"))
+    before = {name: (tmp_path / name).read_bytes() for name in ("ckpt.pt", "metrics.jsonl")}
+    real_forward, calls = Mellum2.forward, []
+
+    def poisoned_from_the_second_step(self, idx, targets=None, pad=None):
+        logits, loss = real_forward(self, idx, targets, pad)
+        calls.append(idx.shape)
+        if len(calls) > 1:
+            self.loss_parts["ntp"] = torch.tensor(float("nan"))
+        return logits, loss
+
+    monkeypatch.setattr(Mellum2, "forward", poisoned_from_the_second_step)
+    with pytest.raises(train.NonFiniteLoss, match="step 2 .* the finished run .* is kept as it was"):
+        train.train(run_args(small_corpus, tmp_path, "--max-steps", "3"))
+    assert {name: (tmp_path / name).read_bytes() for name in before} == before  # the old model beside its own log
+    monkeypatch.undo()
+    train.train(run_args(small_corpus, tmp_path, "--max-steps", "3"))  # this one replaces it: its log alone
+    assert [json.loads(line)["step"] for line in open(tmp_path / "metrics.jsonl")] == [1, 2, 3]
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"x": 1}\n5\n')  # lines that are no step's record, edited in: --resume drops them
+    train.train(run_args(small_corpus, tmp_path, "--resume"))
+    assert [json.loads(line)["step"] for line in open(tmp_path / "metrics.jsonl")] == [1, 2, 3]
+
+
 def test_ctrl_c_writes_a_checkpoint_and_resume_continues(small_corpus, tmp_path):
     repo = os.path.dirname(os.path.abspath(__file__))
     argv = [sys.executable, "train.py", "--size", "tiny", "--data", small_corpus, "--no-default-data",

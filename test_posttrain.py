@@ -458,9 +458,18 @@ def test_grpo_sync_samples_with_the_current_policy(sft_run, tmp_path, monkeypatc
     assert [json.loads(line)["step"] for line in open(tmp_path / "metrics.jsonl")] == [0, 1, 2]
 
 
+def test_grpo_keeps_policies_only_for_batches_it_will_run(sft_run, tmp_path, monkeypatch):
+    monkeypatch.setitem(train.GRPO_RUNS, "tiny", dataclasses.replace(TINY_RL, steps=3, eval_every=100))
+    monkeypatch.setattr(tasks, "reward", varied_reward)
+    train.grpo(grpo_args(sft_run, tmp_path, "--max-staleness", "4"), stop_after=1)
+    # Batches 1 and 2 are left, sampled by the policy of step 0 (stale by up to 4): one copy each, none beyond.
+    assert sorted(train.load_checkpoint(tmp_path / "ckpt.pt")["rollout_policies"]) == [1, 2]
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--stage", "grpo", "--init-from", "{pretrain}"], "holds a --stage pretrain run: start from a --stage sft run"),
     (["--stage", "grpo", "--init-from", "{sft}", "--group-size", "1"], "--group-size must be at least 2"),
+    (["--stage", "grpo", "--init-from", "{sft}", "--max-staleness", "60"], "--max-staleness between 0 and 4"),
     (["--stage", "grpo", "--init-from", "{sft}", "--variant", "thinking"], "needs a thinking SFT run"),
     (["--stage", "grpo"], "give --init-from"),
     (["--stage", "sft"], "give --init-from"),

@@ -668,29 +668,52 @@ class Progress:
             print(("\r\033[K" if self.tty else "") + text, file=sys.stderr, flush=True)
 
 
-def append_jsonl(path, record):
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+class MetricsLog:
+    """A run folder's metrics.jsonl, one JSON line per step, kept in step with its checkpoint.
 
+    A resumed run drops the lines after its checkpoint's step: it logs those steps again. A fresh run
+    starts the file anew, except when it replaces a finished run: then that run's lines stay until
+    the new run's first checkpoint replaces the model, so that a run which fails before then leaves
+    the folder as it found it, not one run's model beside another's log."""
 
-def truncate_metrics(path, step):
-    """Keep the metric lines up to `step`, the checkpoint a resumed run continues from (it logs the
-    later steps again). A fresh run (step 0) starts the file anew, earlier runs' step-0 lines included."""
-    kept = []
-    if step and os.path.exists(path):
-        with open(path) as f:
-            records = [(line, parsed_jsonl(line)) for line in f]
-        kept = [line for line, record in records if record and record["step"] <= step]
-    with open(path, "w") as f:
-        f.writelines(kept)
+    def __init__(self, path, step, replacing=False):
+        self.path = path
+        self.waiting = [] if replacing else None  # lines held back until the first checkpoint
+        if not replacing:
+            kept = []
+            if step and os.path.exists(path):
+                with open(path) as f:
+                    kept = [line for line in f if (parsed_jsonl(line) or {}).get("step", math.inf) <= step]
+            with open(path, "w") as f:
+                f.writelines(kept)
+
+    def append(self, record):
+        if self.waiting is not None:
+            self.waiting.append(record)
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def checkpoint_written(self):
+        """The run's checkpoint has just been written: from now on the file is this run's."""
+        if self.waiting is None:
+            return
+
+        def write(tmp):
+            with open(tmp, "w") as f:
+                f.writelines(json.dumps(record) + "\n" for record in self.waiting)
+        data.write_atomically(self.path, write)
+        self.waiting = None
 
 
 def parsed_jsonl(line):
-    """One metrics line, or None for a line cut short by a crash in the middle of writing it."""
+    """One metrics record, or None for a line that is not one: cut short by a crash in the middle
+    of writing it, or edited."""
     try:
-        return json.loads(line)
+        record = json.loads(line)
     except ValueError:
         return None
+    return record if isinstance(record, dict) and isinstance(record.get("step"), int) else None
 
 
 # -----------------------------------------------------------------------------------------------
@@ -884,9 +907,9 @@ def train(args, stop_after=None):
                     f"planned repetition {r:.2f}x")
             if corpus.skipped:  # an empty --data folder would otherwise go unnoticed
                 say(f"       skipped in --data: {data.describe_skipped(corpus.skipped)}")
-    metrics_path = os.path.join(out_dir, "metrics.jsonl")
-    if master:
-        truncate_metrics(metrics_path, start_step)
+    if master:  # a checkpoint at a fresh start is the finished run this one replaces (check_out_dir)
+        log = MetricsLog(os.path.join(out_dir, "metrics.jsonl"), start_step,
+                         replacing=not resumed and os.path.isfile(ckpt_path))
 
     # 6. The loop.
     progress = Progress(s["steps"], master)
@@ -897,7 +920,7 @@ def train(args, stop_after=None):
         val = evaluate_tasks(raw, s["eval_tasks"], MAX_ANSWER_TOKENS[s["variant"]])
         progress.message("before SFT: " + describe_eval(val, "sft"))
         if master:
-            append_jsonl(metrics_path, {"step": 0, "val": val})
+            log.append({"step": 0, "val": val})
     stop = StopRequest()
     try:
         while step < s["steps"]:
@@ -931,7 +954,7 @@ def train(args, stop_after=None):
                 record["val"] = val
                 progress.message(f"step {step}: " + describe_eval(val, s["stage"]))
             if master:
-                append_jsonl(metrics_path, record)
+                log.append(record)
             progress.update(step - 1, f"loss {parts['ntp']:.3f} mtp {parts.get('mtp', 0):.3f} aux {parts['aux']:.3f} "
                             f"z {parts['z']:.2f} | lr {lr:.2e} | {phase} | load max/mean {balance:.2f} | "
                             f"{speed:,.0f} tok/s", elapsed / (step - start_step) * (s["steps"] - step))
@@ -939,14 +962,19 @@ def train(args, stop_after=None):
             if master and (step % s["ckpt_every"] == 0 or step == s["steps"] or interrupted or step == stop_after):
                 save_checkpoint(ckpt_path, raw, optimizers, step, s, tokens=tokens_seen,
                                 corpus=corpus.folder.name if corpus else None)
+                log.checkpoint_written()
             if interrupted or step == stop_after:
                 progress.message(f"stopped at step {step}; checkpoint {ckpt_path}; continue with --resume")
                 if interrupted:
                     raise KeyboardInterrupt
                 return raw
     except NonFiniteLoss as e:
-        kept = f"the last good checkpoint in {out_dir} is kept" if os.path.isfile(ckpt_path) else \
-            "no checkpoint was written"
+        if master and log.waiting is not None:
+            kept = f"the finished run in {out_dir} it would have replaced is kept as it was"
+        elif os.path.isfile(ckpt_path):
+            kept = f"the last good checkpoint in {out_dir} is kept"
+        else:
+            kept = "no checkpoint was written"
         raise NonFiniteLoss(f"non-finite loss at step {step + 1} ({e}); stopped, {kept}") from None
     finally:
         stop.release()
@@ -966,7 +994,7 @@ def train(args, stop_after=None):
         say(f"long context ({s['rope_variant']}): " + ", ".join(
             f"{length} tokens loss {loss:.3f} passkey {acc:.0%}" for length, (loss, acc) in results.items()))
         if master:
-            append_jsonl(metrics_path, {"step": step, "long_context_eval": results})
+            log.append({"step": step, "long_context_eval": results})
     say(f"checkpoint: {ckpt_path}")
     return raw
 
@@ -1241,6 +1269,9 @@ def grpo_update(model, optimizers, groups, minibatches=2, micro_batch=16, grad_c
 
 # --- Asynchronous rollouts (§5.2.1: collectors, a trajectory buffer, staleness <= 2) --------------
 
+MAX_STALENESS = 4  # the report allows 2; each step more keeps another copy of the weights waiting
+
+
 @dataclasses.dataclass(frozen=True)
 class RLRun:
     steps: int            # optimizer batches (each one or more optimizer steps, see minibatches)
@@ -1318,7 +1349,7 @@ def grpo(args, stop_after=None):
         raise ValueError("--stage grpo runs in one process; start it with python, not torchrun")
     device = pick_device(args.device)
     out_dir = run_folder(args)
-    ckpt_path, metrics_path = os.path.join(out_dir, "ckpt.pt"), os.path.join(out_dir, "metrics.jsonl")
+    ckpt_path = os.path.join(out_dir, "ckpt.pt")
     resumed = resumed_run(args, out_dir, print) if args.resume else None
     if resumed:
         s = resumed["settings"]
@@ -1332,9 +1363,10 @@ def grpo(args, stop_after=None):
         if s["group_size"] < 2:
             raise ValueError(f"--group-size must be at least 2 (the leave-one-out baseline needs another "
                              f"answer), got {s['group_size']}")
-        if s["steps"] <= 0 or s["staleness"] < 0:
-            raise ValueError(f"--max-steps must be positive and --max-staleness at least 0, got "
-                             f"{s['steps']} and {s['staleness']}")
+        if s["steps"] <= 0 or not 0 <= s["staleness"] <= MAX_STALENESS:
+            raise ValueError(f"--max-steps must be positive and --max-staleness between 0 and {MAX_STALENESS} "
+                             f"(each step of staleness holds one more copy of the weights), got {s['steps']} "
+                             f"and {s['staleness']}")
         if not args.init_from:
             raise ValueError("--stage grpo continues an SFT model: give --init-from DIR (a train.py --stage sft run)")
         if not os.path.isfile(os.path.join(args.init_from, "ckpt.pt")):
@@ -1358,7 +1390,8 @@ def grpo(args, stop_after=None):
     if step >= s["steps"]:  # --resume of a finished run: it gave its summary when it finished
         print(f"the run in {out_dir} had finished all {step} GRPO batches: nothing to do")
         return raw
-    truncate_metrics(metrics_path, step)
+    log = MetricsLog(os.path.join(out_dir, "metrics.jsonl"), step,
+                     replacing=not resumed and os.path.isfile(ckpt_path))
     # Two threads on a few cores: each gets half, or they fight over the same ones.
     threads_before = torch.get_num_threads()
     threads = max(1, threads_before // 2) if s["staleness"] else threads_before
@@ -1372,14 +1405,14 @@ def grpo(args, stop_after=None):
     if not resumed:
         val = evaluate_tasks(raw, run.eval_tasks, MAX_ANSWER_TOKENS[s["variant"]])
         print("before GRPO: " + describe_eval(val, "grpo"))
-        append_jsonl(metrics_path, {"step": 0, "val": val})
+        log.append({"step": 0, "val": val})
 
     worker = RolloutWorker(raw, run, s["variant"], s["seed"], s["concision"], threads)
     # The policies that sample the next `staleness` batches: the current one at a fresh start, the
     # saved ones on resume (so a resumed run samples exactly what the uninterrupted one would).
     for index, (version, weights) in sorted((resumed or {}).get("rollout_policies", {}).items()):
         worker.submit(index, version, weights)
-    for index in range(step, step + s["staleness"]):
+    for index in range(step, min(step + s["staleness"], s["steps"])):
         if index not in worker.pending:
             worker.submit(index, step, copy_weights(raw))
     stop = StopRequest()
@@ -1420,7 +1453,7 @@ def grpo(args, stop_after=None):
             if step % run.eval_every == 0 or step == s["steps"]:
                 record["val"] = evaluate_tasks(raw, run.eval_tasks, MAX_ANSWER_TOKENS[s["variant"]])
                 progress.message(f"step {step}: " + describe_eval(record["val"], "grpo"))
-            append_jsonl(metrics_path, record)
+            log.append(record)
             elapsed = time.time() - t_start
             progress.update(step - 1, f"reward {record['reward']:.2f} acc {record['accuracy']:.0%} | groups "
                             f"{len(groups)}/{n_groups} | icepop {record['icepop_masked']:.1%} | "
@@ -1430,6 +1463,7 @@ def grpo(args, stop_after=None):
             if step % run.ckpt_every == 0 or step == s["steps"] or interrupted or step == stop_after:
                 policies = {i: (v, w) for i, (v, w, _) in worker.pending.items()}
                 save_checkpoint(ckpt_path, raw, optimizers, step, s, rollout_policies=policies)
+                log.checkpoint_written()
             if interrupted or step == stop_after:
                 progress.message(f"stopped at step {step}; checkpoint {ckpt_path}; continue with --resume")
                 if interrupted:
