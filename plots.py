@@ -10,7 +10,6 @@ Each command prints the files it wrote (FOLDER/plots/*.png).
 """
 
 import argparse
-import json
 import os
 import sys
 
@@ -23,7 +22,10 @@ def read_metrics(folder):
     if not os.path.isfile(path):
         raise ValueError(f"{folder}: no metrics.jsonl (a train.py run folder has one)")
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        records = [r for r in map(train.parsed_jsonl, f) if r]  # a line cut short by a crash is skipped
+    if not records:
+        raise ValueError(f"{path} holds no step's record yet")
+    return records
 
 
 def series(records, key, inner=None):
@@ -97,15 +99,18 @@ def main(argv=None):
         else:
             records = read_metrics(args.folder)
             figures = (grpo_figures if any("reward" in r for r in records) else training_figures)(records, plt)
-    except (ValueError, KeyError, IndexError) as e:
-        print(f"error: {args.folder}: cannot plot it ({type(e).__name__}: {e})", file=sys.stderr)
+        os.makedirs(os.path.join(args.folder, "plots"), exist_ok=True)
+        for name, fig in figures.items():
+            path = os.path.join(args.folder, "plots", f"{name}.png")
+            fig.tight_layout()
+            fig.savefig(path, dpi=110)
+            print(path)
+    except (ValueError, KeyError, IndexError, TypeError) as e:  # an edited or foreign metrics file
+        print(f"error: {args.folder}: cannot plot it ({train.one_line(e)})", file=sys.stderr)
         sys.exit(1)
-    os.makedirs(os.path.join(args.folder, "plots"), exist_ok=True)
-    for name, fig in figures.items():
-        path = os.path.join(args.folder, "plots", f"{name}.png")
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
-        print(path)
+    except OSError as e:  # a file where the plots folder goes, no permission, a full disk
+        print(f"error: {train.describe_os_error(e)}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

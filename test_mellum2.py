@@ -16,6 +16,8 @@ import signal
 import subprocess
 import sys
 import time
+import types
+import unittest.mock
 from dataclasses import replace
 
 import numpy as np
@@ -1413,6 +1415,8 @@ def test_a_stop_request_in_the_last_step_lets_the_run_finish(small_corpus, tmp_p
     (["--stage", "sft", "--init-from", "{tmp}/finished", "--sync"], "--sync is for --stage grpo, not --stage sft"),
     (["--variant", "thinking"], "--variant is for --stage sft or grpo"),
     (["--context", "1024"], "--context is for --stage long"),
+    (["--stage", "long", "--compare", "--resume", "--init-from", "{tmp}/finished", "--out-dir", "{tmp}/nothing"],
+     "no --compare run to resume there"),
     (["--seed", "-1"], "--seed"),
     (["--lr", "inf"], "--lr must be positive and finite"),
     (["--aux-coef", "nan"], "--aux-coef"),
@@ -2111,13 +2115,29 @@ def test_plot_series_come_from_the_metrics(tmp_path, capsys, monkeypatch):
         (tmp_path / variant / "metrics.jsonl").write_text(
             json.dumps({"step": 9, "loss": 1.0}) + "\n" +
             json.dumps({"step": 10, "long_context_eval": {"256": [loss, 0.5], "512": [loss + 1, 0.0]}}) + "\n")
+    (tmp_path / "theta").mkdir()  # still training: no evaluation yet, and a line cut short by a crash
+    (tmp_path / "theta" / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 1.0}) + '\n{"step": 2, "lo')
     assert train.rope_comparison(tmp_path) == {"selective-yarn": {256: (4.0, 0.5), 512: (5.0, 0.0)},
                                                "unchanged": {256: (4.2, 0.5), 512: (5.2, 0.0)}}
+    assert plots.read_metrics(tmp_path / "theta") == [{"step": 1, "loss": 1.0}]
+    (tmp_path / "theta" / "metrics.jsonl").write_text("")
+    with pytest.raises(ValueError, match="holds no step's record yet"):
+        plots.read_metrics(tmp_path / "theta")
     monkeypatch.setitem(sys.modules, "matplotlib", None)   # as on a machine without it: one clear line
     with pytest.raises(SystemExit) as exit_info:
         plots.main([str(tmp_path)])
     err = capsys.readouterr().err.strip()
     assert exit_info.value.code == 1 and "pip install matplotlib" in err and len(err.splitlines()) == 1
+    # With matplotlib, a file where the plots folder goes is one line too (pictures stood in for).
+    pyplot = unittest.mock.MagicMock()
+    pyplot.subplots.return_value = (unittest.mock.MagicMock(), (unittest.mock.MagicMock(), unittest.mock.MagicMock()))
+    monkeypatch.setitem(sys.modules, "matplotlib", types.SimpleNamespace(use=lambda backend: None, pyplot=pyplot))
+    monkeypatch.setitem(sys.modules, "matplotlib.pyplot", pyplot)
+    (tmp_path / "plots").write_text("")
+    with pytest.raises(SystemExit) as exit_info:
+        plots.main([str(tmp_path)])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 1 and err.startswith("error: ") and "plots" in err and len(err.splitlines()) == 1
 
 
 # -----------------------------------------------------------------------------------------------

@@ -1003,6 +1003,8 @@ def compare_rope_variants(args):
     """--stage long --compare: every RoPE variant trained from the same checkpoint on the same tokens,
     then one table, a miniature of the report's Fig. 7."""
     base_dir = run_folder(args)
+    if args.resume and not any(os.path.isfile(os.path.join(base_dir, v, "ckpt.pt")) for v in ROPE_VARIANTS):
+        raise ValueError(f"{base_dir}: no --compare run to resume there (its variants' folders hold no checkpoint)")
     start = time.time()
     for variant in ROPE_VARIANTS:
         out_dir = os.path.join(base_dir, variant)
@@ -1020,14 +1022,16 @@ def compare_rope_variants(args):
 
 def rope_comparison(base_dir):
     """{variant: {context length: (validation loss, passkey accuracy)}} of the variants trained under
-    a --compare folder, from the last long-context evaluation in each one's metrics."""
+    a --compare folder, from the last long-context evaluation in each one's metrics (a variant still
+    training has none yet and is left out)."""
     table = {}
     for variant in ROPE_VARIANTS:
         path = os.path.join(base_dir, variant, "metrics.jsonl")
         if os.path.isfile(path):
             with open(path) as f:
-                last = [r for r in map(json.loads, f) if "long_context_eval" in r][-1]
-            table[variant] = {int(n): tuple(v) for n, v in last["long_context_eval"].items()}
+                evaluations = [r["long_context_eval"] for r in map(parsed_jsonl, f) if r and "long_context_eval" in r]
+            if evaluations:
+                table[variant] = {int(n): tuple(v) for n, v in evaluations[-1].items()}
     return table
 
 
