@@ -156,6 +156,8 @@ def decoding(args):
     each kind of pass, which says what acceptance speculative decoding needs to pay."""
     import sample
 
+    if args.new_tokens < 3:  # fewer leave speculative decoding nothing to draft, and the passes nothing to replay
+        raise ValueError(f"--new-tokens must be at least 3, got {args.new_tokens}")
     model, _ = sample.load_model(args.init_from, "cpu")
     if model.mtp is None:
         raise ValueError(f"{args.init_from} has no MTP layer to draft with: decode measures speculative decoding")
@@ -334,8 +336,8 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def main():
-    args = parse_args()
+def main(argv=None):
+    args = parse_args(argv)
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
     try:

@@ -30,7 +30,8 @@ import json
 import math
 import os
 import re
-from dataclasses import dataclass, replace
+import typing
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -81,6 +82,13 @@ class Mellum2Config:
     eos_token_id: int | None = None
 
     def __post_init__(self):
+        # The types first: a config.json or a checkpoint may hold 256.0 for a size or a list for an id.
+        for field in fields(self):
+            kinds = typing.get_args(field.type) or (field.type,)  # (float, NoneType) for float | None
+            value = getattr(self, field.name)
+            if not any(type(value) in ((int, float) if kind is float else (kind,)) for kind in kinds):
+                names = " or ".join("None" if kind is type(None) else kind.__name__ for kind in kinds)
+                raise ValueError(f"invalid Mellum2Config: {field.name} must be {names}, got {value!r}")
         checks = [
             (self.n_kv_head >= 1 and self.n_head % self.n_kv_head == 0,
              f"n_head ({self.n_head}) must be divisible by n_kv_head ({self.n_kv_head})"),

@@ -553,6 +553,9 @@ def test_config_keys_left_out_mean_what_they_mean_to_transformers():
     ({"num_hidden_layers": "four"}, "unreadable"),
     ({"num_attention_heads": 6}, "unreadable.*divisible"),
     ({"layer_types": ["local"] * 28}, "unreadable"),
+    ({"hidden_size": 2304.0}, "n_embd must be int, got 2304.0"),           # not torch.empty's TypeError
+    ({"eos_token_id": [28, 1]}, "eos_token_id must be int or None"),        # not unhashable in a cache key
+    ({"initializer_range": None}, "init_std must be float, got None"),
 ])
 def test_config_json_that_cannot_be_loaded_says_why(keys, message):
     with pytest.raises(CheckpointError, match=message):
@@ -2168,9 +2171,23 @@ def test_every_readme_command_parses():
         if script == "data.py":
             assert argv == ["--train-tokenizer"], command
         elif argv not in (["-h"], ["--help"]):
-            parsers[script](argv)   # an unknown flag or a bad value exits here, naming the command's problem
+            args = parsers[script](argv)   # an unknown flag or a bad value exits here, naming the command's problem
+            if script == "train.py":
+                train.check_command(args)  # and a flag its stage does not read
         checked += 1
     assert checked >= 25
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["decode", "--new-tokens", "2"], "--new-tokens must be at least 3"),
+    (["decode", "--init-from", "nowhere"], "nowhere: no such folder"),
+])
+def test_bench_bad_input(argv, message, capsys):
+    import bench
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(argv)
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 1 and message in err and len(err.splitlines()) == 1
 
 
 def test_readme_line_anchors_point_at_what_they_name():
