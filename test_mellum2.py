@@ -1290,15 +1290,17 @@ def test_resume_continues_exactly(small_corpus, tmp_path, capsys):
 
 def test_a_resumed_run_may_split_its_steps_into_smaller_micro_batches(small_corpus, tmp_path, capsys, monkeypatch):
     # What to do after running out of memory: the same steps, in smaller pieces.
-    def out_of_memory(args):
-        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] . DefaultCPUAllocator: can't allocate memory: "
-                           "you tried to allocate 40000000000000 bytes.")
-    monkeypatch.setattr(train, "train", out_of_memory)
-    with pytest.raises(SystemExit) as exit_info:
-        train.main(["--out-dir", str(tmp_path / "oom")])
-    err = capsys.readouterr().err.strip()
-    assert exit_info.value.code == 1 and len(err.splitlines()) == 1
-    assert err.startswith("error: out of memory") and "--resume --micro-batch N" in err
+    for error in (RuntimeError("[enforce fail at alloc_cpu.cpp:127] . DefaultCPUAllocator: can't allocate memory: "
+                               "you tried to allocate 40000000000000 bytes."),   # torch's, on a CPU
+                  MemoryError("Unable to allocate 191. GiB for an array")):       # numpy's (a huge batch)
+        def out_of_memory(args, error=error):
+            raise error
+        monkeypatch.setattr(train, "train", out_of_memory)
+        with pytest.raises(SystemExit) as exit_info:
+            train.main(["--out-dir", str(tmp_path / "oom")])
+        err = capsys.readouterr().err.strip()
+        assert exit_info.value.code == 1 and len(err.splitlines()) == 1
+        assert err.startswith("error: out of memory") and "--resume --micro-batch N" in err
     monkeypatch.undo()
 
     straight = train.train(run_args(small_corpus, tmp_path / "a", "--max-steps", "4"))

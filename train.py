@@ -679,11 +679,9 @@ class MetricsLog:
     def __init__(self, path, step, replacing=False):
         self.path = path
         self.waiting = [] if replacing else None  # lines held back until the first checkpoint
-        if not replacing:
-            kept = []
-            if step and os.path.exists(path):
-                with open(path) as f:
-                    kept = [line for line in f if (parsed_jsonl(line) or {}).get("step", math.inf) <= step]
+        if not replacing and os.path.exists(path):  # else the first record makes the file
+            with open(path) as f:
+                kept = [line for line in f if (parsed_jsonl(line) or {}).get("step", math.inf) <= step]
             with open(path, "w") as f:
                 f.writelines(kept)
 
@@ -1668,11 +1666,11 @@ def main(argv=None):
     except OSError as e:  # the file system refused: a folder where a file should be, no permission, a full disk
         print(f"error: {describe_os_error(e)}", file=sys.stderr)
         sys.exit(1)
-    except RuntimeError as e:
+    except (RuntimeError, MemoryError) as e:
         if not out_of_memory(e):
             raise
-        print(f"error: out of memory ({one_line(e)[:160]}): a smaller --micro-batch needs less; an interrupted "
-              f"run continues from its last checkpoint with --resume --micro-batch N", file=sys.stderr)
+        print(f"error: out of memory ({one_line(e)[:160]}): a smaller --micro-batch or --batch-size needs "
+              f"less; an interrupted run continues from its last checkpoint with --resume --micro-batch N", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:  # the checkpoint is already written (or no step had run yet)
         sys.exit(130)
@@ -1681,8 +1679,9 @@ def main(argv=None):
 
 
 def out_of_memory(error):
-    """A GPU's OutOfMemoryError, or the CPU allocator's plain RuntimeError for the same thing."""
-    return isinstance(error, torch.OutOfMemoryError) or "can't allocate memory" in str(error)
+    """A GPU's OutOfMemoryError, the CPU allocator's plain RuntimeError for the same thing, or
+    Python's (and numpy's) MemoryError."""
+    return isinstance(error, (torch.OutOfMemoryError, MemoryError)) or "can't allocate memory" in str(error)
 
 
 def leave_process_group():
