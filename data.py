@@ -1128,6 +1128,10 @@ def train_tokenizer(path=TOKENIZER_FILE):
 
 
 if __name__ == "__main__":
-    if sys.argv[1:] != ["--train-tokenizer"]:
-        sys.exit("usage: python data.py --train-tokenizer   (regenerates tokenizer/mellum2.tiktoken)")
-    train_tokenizer()
+    usage = "usage: python data.py --train-tokenizer   (regenerates tokenizer/mellum2.tiktoken)"
+    if sys.argv[1:] in (["-h"], ["--help"]):
+        print(usage)
+    elif sys.argv[1:] == ["--train-tokenizer"]:
+        train_tokenizer()
+    else:
+        sys.exit(usage)

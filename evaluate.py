@@ -96,9 +96,15 @@ def synthetic_math_accuracy(model, enc, corpus, n, max_new_tokens=96):
     return sum(bool(f) and f.group(1) == answer for f, (_, answer) in zip(found, problems)) / len(problems)
 
 
+MIN_CONTEXT = 128  # a FIM prompt of 64 tokens and room for its middle; the chat tasks' prompts and answers
+
+
 def evaluate(model, corpus, n=64, max_batches=8):
     """Every score above -> one flat dict (what --json writes)."""
     enc, seq_len, results = data.load_tokenizer(), model.config.max_seq_len, {}
+    if seq_len < MIN_CONTEXT:
+        raise ValueError(f"the model's context ({seq_len} tokens) is too short for this evaluation, "
+                         f"which needs {MIN_CONTEXT}")
     for source in corpus.sources:
         loss, bpb = loss_and_bits_per_byte(model, enc, corpus, source, seq_len, max_batches)
         results[f"val_loss/{source}"], results[f"bits_per_byte/{source}"] = loss, bpb

@@ -2077,6 +2077,8 @@ def test_evaluate_runs_on_a_small_model_and_writes_json(small_built_corpus, tmp_
     assert all(0 <= v <= 1 for k, v in results.items() if k.startswith(("tasks", "fim", "passkey")))
     evaluate.print_table(results)
     assert "fim_exact_match" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="context \\(40 tokens\\) is too short for this evaluation"):
+        evaluate.evaluate(Mellum2(replace(SMALL, vocab_size=data.VOCAB_SIZE, max_seq_len=40)), small_built_corpus)
 
 
 @pytest.mark.parametrize("argv,message", [
