@@ -207,8 +207,9 @@ def test_shaping_applies_concision_to_instruct_only_and_groups_drop_zero_varianc
     rows = [rollout_of(task, 1.0, "wait wait wait 5"), rollout_of(task, 1.0, "5"),
             rollout_of(task, 0.0), rollout_of(task, 0.0),          # group 2: all wrong
             rollout_of(task, 1.0), rollout_of(task, None)]         # group 3: one unscoreable answer
-    train.shape_rewards(rows, "instruct", cap=96)
-    assert [r.shaped for r in rows[:2]] == [0.7, 1.0]
+    partly_right = rollout_of(tasks.code_task(random.Random(0)), 0.5, "# wait, actually: hmm\ndef f(x): ...")
+    train.shape_rewards(rows + [partly_right], "instruct", cap=96)
+    assert [r.shaped for r in rows[:2]] == [0.7, 1.0] and partly_right.shaped == 0.5
     kept, n_groups = train.usable_groups(rows, group_size=2, wanted=8)
     assert n_groups == 3 and kept == [rows[:2]]
     train.shape_rewards(rows, "thinking", cap=96)

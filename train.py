@@ -156,9 +156,10 @@ def build_optimizers(model, lr, weight_decay=0.1, optimizer="muon", ns_dtype=tor
 # Warmup-Hold-Decay (§3.4.2) and the batch-size ramp (§3.4.3)
 
 def lr_multiplier(step, total_steps, warmup_steps, decay_fraction=0.159):
-    """Linear warmup to the peak, hold it, then decay linearly to exactly zero over the final
-    decay_fraction of training: the report's phase 3 (15.9% of tokens), found better than a cosine
-    to a non-zero floor. One multiplier scales both optimizers."""
+    """Linear warmup to the peak, hold it, then decay linearly toward zero (reached one step after
+    the last) over the final decay_fraction of the steps: phase 3, which data.phase_index also counts
+    in steps (the report's 15.9% of tokens), found better than a cosine to a non-zero floor. One
+    multiplier scales both optimizers."""
     decay_start = total_steps - round(decay_fraction * total_steps)
     if step < warmup_steps:
         return (step + 1) / warmup_steps
@@ -1203,7 +1204,9 @@ def shape_rewards(rollouts, variant, cap, concision=True):
         if r.reward is None:
             continue
         shaped = overlong_shaped(r.reward, sum(r.written), cap)
-        if concision and variant == "instruct":   # Thinking answers may reflect: that is their reasoning
+        # Correct answers only (a partly right program keeps its share), and Instruct only: Thinking
+        # answers may reflect, that is their reasoning.
+        if concision and variant == "instruct" and r.reward == 1.0:
             shaped *= concision_multiplier(tasks.count_reflection_words(r.answer))
         r.shaped = shaped
 
@@ -1211,7 +1214,8 @@ def shape_rewards(rollouts, variant, cap, concision=True):
 def usable_groups(rollouts, group_size, wanted):
     """Dynamic sampling: split into groups of one prompt's G answers, drop groups whose shaped rewards
     are all equal (their advantages are all 0) and keep at most `wanted`. A rollout our verifier
-    could not score leaves its group (it is neither right nor wrong)."""
+    could not score takes its whole group out (it is neither right nor wrong, so the others' baseline
+    would be wrong)."""
     groups = [rollouts[i:i + group_size] for i in range(0, len(rollouts), group_size)]
     kept = [g for g in groups if all(r.shaped is not None for r in g) and len({r.shaped for r in g}) > 1]
     return kept[:wanted], len(groups)
