@@ -1228,10 +1228,15 @@ def test_fp8_dense_and_expert_matmuls_follow_the_recipe():
     y.backward(g)
     for got, want in zip((y, xd.grad, layer.weight.grad), expected):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    xe, we = x.clone().requires_grad_(), w.T.contiguous()[None].requires_grad_()  # one expert, (1, in, out)
-    y = train.fp8_grouped_mm(xe, we, torch.tensor([8], dtype=torch.int32))
-    y.backward(g)
-    for got, want in zip((y, xe.grad, we.grad[0].T), expected):
+    # Two experts, the second's weights 1000x smaller: each is rounded with its own scale, so the
+    # second expert's output is exactly the first's / 1000 (a shared scale would round it coarsely).
+    we = torch.stack([w.T, w.T / 1000]).requires_grad_()  # (2, in, out)
+    xe = torch.cat([x, x]).requires_grad_()               # rows 0-7 to expert 0, rows 8-15 to expert 1
+    y = train.fp8_grouped_mm(xe, we, torch.tensor([8, 16], dtype=torch.int32))
+    y.backward(torch.cat([g, g]))
+    (y_want, dx_want, dw_want) = expected
+    for got, want in zip((y[:8], y[8:] * 1000, xe.grad[:8], xe.grad[8:] * 1000, we.grad[0].T, we.grad[1].T),
+                         (y_want, y_want, dx_want, dx_want, dw_want, dw_want)):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(q5g, rounded(g, train.E4M3))  # the two formats do differ here
 

@@ -194,14 +194,17 @@ def batch_size_at(step, total_steps, batch_size, ramp_fraction=0.06):
 # norms stay in high precision ("hybrid"). Dense layers call torch._scaled_mm, a real FP8 matmul on
 # GPUs with FP8 units (and an exact CPU kernel); experts use a quantise-dequantise emulation in front
 # of the grouped matmul, numerically the same recipe, because torch has no tensorwise FP8 grouped kernel.
+# An expert stack is E matrices, and each gets its own scale, like any other matrix.
 
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
 
 
-def to_fp8(x, dtype):
-    """x -> (x8, scale) with x8 = saturate(x * scale) in `dtype` and x ~= x8 / scale."""
+def to_fp8(x, dtype, dims=None):
+    """x -> (x8, scale) with x8 = saturate(x * scale) in `dtype` and x ~= x8 / scale. One scale for
+    the whole tensor, or one per slice over `dims` (an expert stack's last two: one per expert)."""
     fp8_max = torch.finfo(dtype).max
-    scale = fp8_max / x.detach().abs().max().float().clamp(min=1e-12)
+    amax = x.detach().abs().max() if dims is None else x.detach().abs().amax(dim=dims, keepdim=True)
+    scale = fp8_max / amax.float().clamp(min=1e-12)
     return (x.float() * scale).clamp(-fp8_max, fp8_max).to(dtype), scale
 
 
@@ -236,17 +239,18 @@ class Float8Linear(nn.Linear):
 
 
 class _FakeQuant(torch.autograd.Function):
-    """Forward: round x to FP8 and back (tensorwise). Backward: pass the gradient through unchanged,
-    since the recipe computes dx and dW from the 8-bit operands but applies them to the originals."""
+    """Forward: round x to FP8 and back (tensorwise, or per slice over dims). Backward: pass the
+    gradient through unchanged, since the recipe computes dx and dW from the 8-bit operands but
+    applies them to the originals."""
 
     @staticmethod
-    def forward(ctx, x, dtype):
-        x8, scale = to_fp8(x, dtype)
+    def forward(ctx, x, dtype, dims=None):
+        x8, scale = to_fp8(x, dtype, dims)
         return (x8.float() / scale).to(x.dtype)
 
     @staticmethod
     def backward(ctx, g):
-        return g, None
+        return g, None, None
 
 
 class _FakeQuantGrad(torch.autograd.Function):
@@ -264,8 +268,9 @@ class _FakeQuantGrad(torch.autograd.Function):
 
 def fp8_grouped_mm(x, w, offsets):
     """The MoE's grouped matmul with FP8 operands: q(x) q(w) forward, and through autograd
-    dx = q(g) q(w)^T and dW = q(x)^T q(g), as in _FP8Matmul."""
-    y = mellum2.grouped_mm(_FakeQuant.apply(x, E4M3), _FakeQuant.apply(w, E4M3), offsets)
+    dx = q(g) q(w)^T and dW = q(x)^T q(g), as in _FP8Matmul. Each expert's matrix w[e] gets a scale of
+    its own, as each nn.Linear does: one shared scale would round a small-weighted expert coarsely."""
+    y = mellum2.grouped_mm(_FakeQuant.apply(x, E4M3), _FakeQuant.apply(w, E4M3, (-2, -1)), offsets)
     return _FakeQuantGrad.apply(y)
 
 
