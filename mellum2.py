@@ -479,11 +479,12 @@ class MoE(nn.Module):
 
 def load_balancing_loss(logits, experts, n_expert):
     """Switch-Transformer balance loss of one layer over the tokens it is given (§3.4.5 counts over
-    the global batch; train.py gives it each micro-batch, see the README's notes): E * sum_e f_e * P_e, with f_e the fraction of the N*K routing slots that went to expert e
-    and P_e the mean router probability of e. Only P_e carries a gradient; it pushes probability away
-    from overloaded experts. We normalise f_e by N*K, so a perfectly balanced router scores exactly 1
-    (transformers' `load_balancing_loss_func` normalises by N and scores K instead, and pools all
-    layers' statistics into one product; Megatron, like Mellum2.forward, adds each layer's own)."""
+    the global batch; train.py gives it each micro-batch, see the README's notes): E * sum_e f_e * P_e,
+    with f_e the fraction of the N*K routing slots that went to expert e and P_e the mean router
+    probability of e. Only P_e carries a gradient; it pushes probability away from overloaded experts.
+    We normalise f_e by N*K, so a perfectly balanced router scores exactly 1 (transformers'
+    `load_balancing_loss_func` normalises by N and scores K instead, and pools all layers' statistics
+    into one product; Megatron, like Mellum2.forward, adds each layer's own)."""
     f = torch.bincount(experts.flatten(), minlength=n_expert).float() / experts.numel()  # (E,)
     P = logits.softmax(dim=-1).mean(dim=0)                                               # (E,)
     return n_expert * (f * P).sum()

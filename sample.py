@@ -413,9 +413,9 @@ def main(argv=None):
         start, written, drafts, accepted = time.time(), 0, 0, 0
         # A chat turn that calls the calculator gets its reply, printed as the model reads it, and the
         # model goes on: at most train.MAX_TURNS turns, as in the rollouts that trained it.
-        for turn in range(train.MAX_TURNS if args.chat else 1):
+        for _ in range(train.MAX_TURNS if args.chat else 1):
             printer = Printer(vocab, args.stop, args.hide_thinking)
-            budget = min(args.max_new_tokens - written, context - len(ids))
+            budget = args.max_new_tokens - written  # both generators also stop at the context's end
             if args.speculative:
                 new, d, a = generate_speculative(model, ids, budget, on_token=printer, **options)
                 drafts, accepted = drafts + d, accepted + a

@@ -603,12 +603,11 @@ def init_config(init_from):
 
 
 def init_model(config, init_from, after=()):
-    """A fresh model, or the weights of `init_from`: one of our run folders or a Hugging Face directory.
-    With `after`, a run folder must hold a finished run of one of those stages."""
+    """A fresh model, or the weights of `init_from`: one of our run folders or a Hugging Face directory
+    (its callers have made sure the folder exists). With `after`, a run folder must hold a finished
+    run of one of those stages."""
     if init_from is None:
         return Mellum2(config)
-    if not os.path.isdir(init_from):
-        raise CheckpointError(f"--init-from {init_from}: no such folder")
     if os.path.isfile(os.path.join(init_from, "ckpt.pt")):
         state = load_checkpoint(os.path.join(init_from, "ckpt.pt"))
         run = state["settings"]
@@ -687,7 +686,7 @@ class MetricsLog:
         self.waiting = [] if replacing else None  # lines held back until the first checkpoint
         if not replacing and os.path.exists(path):  # else the first record makes the file
             with open(path) as f:
-                kept = [line for line in f if (parsed_jsonl(line) or {}).get("step", math.inf) <= step]
+                kept = [line for line in f if (record := parsed_jsonl(line)) and record["step"] <= step]
             with open(path, "w") as f:
                 f.writelines(kept)
 
@@ -1679,7 +1678,8 @@ def main(argv=None):
         if not out_of_memory(e):
             raise
         print(f"error: out of memory ({one_line(e)[:160]}): a smaller --micro-batch or --batch-size needs "
-              f"less; an interrupted run continues from its last checkpoint with --resume --micro-batch N", file=sys.stderr)
+              f"less; an interrupted run continues from its last checkpoint with --resume --micro-batch N",
+              file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:  # the checkpoint is already written (or no step had run yet)
         sys.exit(130)
