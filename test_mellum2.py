@@ -1604,6 +1604,22 @@ def test_two_processes_equal_one(tmp_path):
     assert float(out["max_diff"]) < 1e-6
 
 
+def test_a_refusal_under_torchrun_is_one_line_per_process(tmp_path):
+    """Process 0 refuses the data while process 1 waits for it at a barrier: process 0 says why, process 1
+    that it stopped with it, and neither prints a traceback (torchrun's own report follows)."""
+    repo = os.path.dirname(os.path.abspath(__file__))
+    (tmp_path / "empty").mkdir()
+    command = ["train.py", "--size", "tiny", "--data", str(tmp_path / "empty"), "--no-default-data",
+               "--out-dir", str(tmp_path / "run")]
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             *command], capture_output=True, text=True, timeout=300, cwd=repo,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert result.returncode != 0
+    assert "error: no usable input files" in result.stderr
+    assert "error: process 1 of the run stopped because another one did" in result.stderr
+    assert "[rank0]: Traceback" not in result.stderr and "[rank1]: Traceback" not in result.stderr
+
+
 # -----------------------------------------------------------------------------------------------
 # Inference (sample.py): the KV cache, batching, transformers' generate, speculative decoding
 

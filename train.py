@@ -1675,6 +1675,10 @@ def main(argv=None):
         print(f"error: {describe_os_error(e)}", file=sys.stderr)
         sys.exit(1)
     except (RuntimeError, MemoryError) as e:
+        if peer_stopped(e):  # the process that stopped first has printed why; a traceback here would bury it
+            print(f"error: process {dist.get_rank()} of the run stopped because another one did (see its "
+                  f"message above)", file=sys.stderr)
+            sys.exit(1)
         if not out_of_memory(e):
             raise
         print(f"error: out of memory ({one_line(e)[:160]}): a smaller --micro-batch or --batch-size needs "
@@ -1691,6 +1695,12 @@ def out_of_memory(error):
     """A GPU's OutOfMemoryError, the CPU allocator's plain RuntimeError for the same thing, or
     Python's (and numpy's) MemoryError."""
     return isinstance(error, (torch.OutOfMemoryError, MemoryError)) or "can't allocate memory" in str(error)
+
+
+def peer_stopped(error):
+    """A collective that failed because another process of a torchrun launch exited: NCCL says so
+    with a DistError, gloo with a plain RuntimeError about the closed connection."""
+    return dist.is_initialized() and (isinstance(error, dist.DistError) or "closed by peer" in str(error))
 
 
 def leave_process_group():
