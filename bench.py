@@ -255,7 +255,7 @@ def kernel_speed(args):
         return (lambda: (fn(), torch.cuda.synchronize())) if cuda else fn
 
     def report(title, fallback, candidates):
-        """Time every candidate forward (no grad) and forward+backward (grad of a random projection)."""
+        """Time every candidate forward (no grad) and forward+backward (the gradient of the sum)."""
         print(title)
         rows = {}
         for mode in ("forward", "forward+backward"):

@@ -20,7 +20,7 @@ Public API (train.py / sample.py use these):
   PHASES, phase_index(step, total_steps), plan_tokens(...), planned_repetition(...)
   BatchSampler(corpus, seed, batch_size, seq_len, total_steps, phase=None).get_batch(step) -> (x, y)
   val_batches(corpus, source, batch_size, seq_len, max_batches) -> iterator of (x, y)
-  fim_prompt(prefix_ids, suffix_ids), fim_reassemble(ids), render_chat(enc, messages),
+  fim_prompt(prefix_ids, suffix_ids), render_chat(enc, messages),
   render_training_chat(enc, messages, trained, reasoning)   (post-training's loss masks)
   passkey_example(enc, length, depth, key)          (the long-context test, train.py --stage long)
   data_report(corpus, token_budget)                  write_atomically(path, write)
@@ -243,8 +243,8 @@ def load_tokenizer(path=TOKENIZER_FILE):
 #       `encodings` (mostly generated codec tables, 1.3 MB of literals) and `pydoc_data` (prose).
 # web:  the `help()` topics and the docstrings of the stdlib, numpy, networkx and torch (~11 MB of
 #       technical English, the only English prose a Python install has). torch's docstrings are half
-#       of it and half the build time (~12 s of parsing), but without them a one-hour tiny run would
-#       read the web source more than 4 times (§3.2.1).
+#       of it and half the build time (~12 s of parsing), but they double the web source, which halves
+#       how often a run repeats it (§3.2.1 caps repetition at 4x).
 # math: sympy and mpmath docstrings (~5 MB of mathematical text), plus generated GSM-style word
 #       problems and drills with worked, checked solutions (byte-identical on every Python version).
 # A docstring document is every docstring of one module with >= 12 words (shorter ones are mostly
@@ -877,23 +877,6 @@ def fim_transform(tokens, rng, spm):
     return fim_format(tokens[:a], tokens[b:], tokens[a:b], spm)
 
 
-def fim_reassemble(ids):
-    """Inverse of the FIM transform: a PSM/SPM example (optionally ending in <|endoftext|>) -> the
-    original tokens prefix + middle + suffix; a plain sequence comes back without its final
-    <|endoftext|>. A FIM example cut short before <fim_middle> raises ValueError."""
-    ids = list(ids)
-    if ids and ids[-1] == EOT:
-        ids = ids[:-1]
-    if not ids or ids[0] not in (FIM_PREFIX, FIM_SUFFIX):
-        return ids
-    i_prefix, i_suffix, i_middle = ids.index(FIM_PREFIX), ids.index(FIM_SUFFIX), ids.index(FIM_MIDDLE)
-    if ids[0] == FIM_PREFIX:   # PSM
-        prefix, suffix = ids[i_prefix + 1:i_suffix], ids[i_suffix + 1:i_middle]
-    else:                      # SPM
-        suffix, prefix = ids[i_suffix + 1:i_prefix], ids[i_prefix + 1:i_middle]
-    return prefix + ids[i_middle + 1:] + suffix
-
-
 # ------------------------------------------------------------------------------------------------
 # §3.3 Low-diversity filter and §3.4.6 best-fit packing: the batch sampler
 # ------------------------------------------------------------------------------------------------
@@ -913,8 +896,7 @@ def keep_sequence(row, seq_len):
 class Batch:
     x: torch.Tensor    # (B, T) int64 inputs
     y: torch.Tensor    # (B, T) int64 next-token targets: y[:, t] == x[:, t+1]
-    sources: tuple     # (B,) source of each row, for per-source logging
-    items: dict        # pieces per kind in the batch: plain / psm / spm / cut (cut short at a row's end)
+    sources: tuple     # (B,) source of each row
 
 
 class BatchSampler:
@@ -922,7 +904,7 @@ class BatchSampler:
     batches an uninterrupted run would have seen, with no sampler state to save.
 
     For each step: take the phase of Table 3 for this step; give each of the B rows a source drawn
-    from that phase's mixture (a row holds one source only, so per-source logging is exact); fill
+    from that phase's mixture (a row holds one source only, so the mixture is exact per row); fill
     each source's rows with its documents by best-fit packing, with FIM at the phase's rate; drop
     rows that fail the 1%-unique filter and pack new ones.
 
@@ -963,9 +945,8 @@ class BatchSampler:
         """One document piece as it goes into a row: plain or FIM, ending in <|endoftext|>."""
         piece = self._piece(rng, source)
         if rng.random() < fim_rate:
-            spm = rng.random() < 0.5
-            return np.append(fim_transform(piece, rng, spm), EOT), "spm" if spm else "psm"
-        return np.append(piece, EOT), "plain"
+            return np.append(fim_transform(piece, rng, spm=rng.random() < 0.5), EOT)
+        return np.append(piece, EOT)
 
     def _pack(self, rng, source, phase, n_rows):
         """Best-fit packing: n_rows rows of seq_len + 1 tokens from documents of one source.
@@ -985,13 +966,13 @@ class BatchSampler:
         rows = [[] for _ in range(n_rows)]
         free = [(self.seq_len + 1, r) for r in range(n_rows)]       # (free space, row), sorted
         while free:
-            tokens, kind = self._item(rng, source, fim_rate)
+            tokens = self._item(rng, source, fim_rate)
             j = bisect.bisect_left(free, (len(tokens), -1))          # least free space that holds it
             if j == len(free):                                        # fits nowhere: cut it
                 j = len(free) - 1
-                tokens, kind = tokens[:free[j][0]], "cut"
+                tokens = tokens[:free[j][0]]
             space, r = free.pop(j)
-            rows[r].append((tokens, kind))
+            rows[r].append(tokens)
             if space > len(tokens):
                 bisect.insort(free, (space - len(tokens), r))
         return rows
@@ -1007,7 +988,6 @@ class BatchSampler:
         mixture = phase_mixture(phase, self.sources)
         row_source = rng.choice(len(self.sources), size=self.batch_size, p=list(mixture.values()))
         out = np.empty((self.batch_size, self.seq_len + 1), dtype=np.int64)
-        kinds = collections.Counter()
         for s, source in enumerate(self.sources):
             rows = np.flatnonzero(row_source == s)
             if len(rows) == 0:
@@ -1015,10 +995,9 @@ class BatchSampler:
             kept = []
             for _ in range(100):
                 for row in self._pack(rng, source, phase, len(rows) - len(kept)):
-                    tokens = np.concatenate([t for t, _ in row])
+                    tokens = np.concatenate(row)
                     if keep_sequence(tokens, self.seq_len):
                         kept.append(tokens)
-                        kinds.update(kind for _, kind in row)
                 if len(kept) == len(rows):
                     break
             else:
@@ -1026,7 +1005,7 @@ class BatchSampler:
             out[rows] = np.stack(kept)
         full = torch.from_numpy(out)
         return Batch(full[:, :-1].contiguous(), full[:, 1:].contiguous(),
-                     tuple(self.sources[s] for s in row_source), dict(kinds))
+                     tuple(self.sources[s] for s in row_source))
 
     def get_batch(self, step):
         """(x, y), two (B, T) int64 tensors with y the next-token targets of x."""

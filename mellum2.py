@@ -70,7 +70,7 @@ class Mellum2Config:
     yarn_beta_fast: float = 32.0
     yarn_beta_slow: float = 1.0
     yarn_attention_factor: float | None = None  # None: the YaRN paper's 0.1 * ln(factor) + 1
-    yarn_layers: str = "full"     # "full": layer-selective, the report's; "all": every layer (its ablation)
+    yarn_layers: str = "full"     # "full": layer-selective, the report's; "all": every layer (a comparison)
     rms_norm_eps: float = 1e-6
     n_mtp: int = 1                # multi-token-prediction layers (the report uses exactly one)
     mtp_loss_weight: float = 0.1  # alpha in L = L_ntp + alpha * L_mtp (§2.1.5)
@@ -251,7 +251,7 @@ class RMSNorm(nn.Module):
 
 def stretched_by_yarn(config, layer_type):
     """Whether YaRN changes this layer type's RoPE: full layers only (yarn_layers="full", the
-    report's choice) or every layer ("all", the ablation)."""
+    report's choice) or every layer ("all", for comparison)."""
     return config.yarn_factor != 1.0 and (layer_type == "full_attention" or config.yarn_layers == "all")
 
 
@@ -557,8 +557,9 @@ class Slots:
     layer keeps every position (slot = position), so its keys fill the buffer from the front and
     attention reads only the filled part, however long the buffer. A sliding layer keeps a rolling
     buffer of the last `size` = window + spare positions (slot = position % size): its memory stays
-    O(window) however long the text grows, and the spare slots let speculative decoding take back a
-    few tokens without losing keys that are still inside the window. Every trunk layer of one type
+    O(window) however long the text grows. The spare slots (8, a few more than decoding steps need)
+    let a step of up to spare + 1 tokens be stored before it attends, and let speculative decoding
+    take back a rejected token without losing keys that are still inside the window. Every trunk layer of one type
     stores the same positions in the same slots, so they share one Slots: a step's bookkeeping (where
     the new tokens go, what each may attend to), a dozen small ops, runs once per layer type instead
     of once per layer."""
@@ -815,8 +816,9 @@ class Mellum2(nn.Module):
         CheckpointError naming the missing, unexpected or mis-shaped tensors (state_mismatch)."""
         config = config_from_hf(read_hf_config(path))
         tensors = read_safetensors(path)
-        if not any(k.startswith("mtp.") for k in tensors):
-            config = replace(config, n_mtp=0)  # the MTP layer is optional in released checkpoints
+        # The MTP layer is optional in released checkpoints, and config.json may leave out its count
+        # (transformers' MellumForCausalLM skips mtp.* either way): it has the layers whose tensors are there.
+        config = replace(config, n_mtp=len({k.split(".")[2] for k in tensors if k.startswith("mtp.layers.")}))
         state = hf_to_state_dict(tensors, config)
         with torch.device("meta"):
             model = cls(config)
@@ -1034,6 +1036,8 @@ def settings_from_hf(hf):
                        ("truncate", True)]:
         if full.get(key, plain) != plain:
             raise unsupported(f"RoPE parameter {key}={full[key]!r}")
+    if yarn and full.get("factor") == 1.0 and full.get("attention_factor", 1.0) != 1.0:
+        raise unsupported("YaRN with factor 1 and an attention_factor (factor 1 means no YaRN here)")
     return dict(
         vocab_size=hf.get("vocab_size", defaults.vocab_size), n_layer=n_layer,
         n_embd=hf.get("hidden_size", defaults.n_embd), n_head=hf.get("num_attention_heads", defaults.n_head),

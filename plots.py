@@ -4,7 +4,7 @@ the project needs it; pip install matplotlib).
 
     python plots.py out/tiny                  # pre-training: loss parts, learning rate, expert load
     python plots.py out/tiny-long             # after train.py --stage long --compare: the YaRN comparison
-    python plots.py out/tiny-grpo-instruct    # GRPO: reward per suite and held-out accuracy
+    python plots.py out/tiny-grpo-instruct    # GRPO: answers right per suite and held-out accuracy
 
 Each command prints the files it wrote (FOLDER/plots/*.png).
 """
@@ -58,7 +58,7 @@ def grpo_figures(records, plt):
     for suite in tasks.SUITES:
         left.plot(*series(records, "suite_accuracy", suite), label=suite)
         right.plot(*series(records, "val", suite), "o-", label=suite)
-    left.set(title="reward: sampled answers right, per suite", xlabel="batch")
+    left.set(title="sampled answers fully right, per suite", xlabel="batch")
     right.set(title="held-out greedy accuracy", xlabel="batch", ylim=(-0.05, 1.05))
     left.legend(), right.legend()
     return {"grpo": fig}

@@ -292,8 +292,7 @@ class SFTSampler:
 
 @dataclasses.dataclass
 class Turn:
-    reasoning: str
-    content: str
+    content: str     # the text after any reasoning (which only the model itself reads back)
     tool_call: str   # the JSON text between <tool_call> tags, or None
 
 
@@ -301,16 +300,14 @@ def parse_turn(enc, ids):
     """Generated ids of one assistant turn (after <|assistant|>, up to <|end|>) -> its parts."""
     special = data.SPECIAL_TOKENS
     text = lambda part: enc.decode([i for i in part if i < data.N_RANKS])  # noqa: E731
-    reasoning = ""
     if special["</think>"] in ids:
-        cut = ids.index(special["</think>"])
-        reasoning, ids = text(ids[:cut]), ids[cut + 1:]
+        ids = ids[ids.index(special["</think>"]) + 1:]
     tool_call = None
     if special["<tool_call>"] in ids:
         start = ids.index(special["<tool_call>"])
         end = ids.index(special["</tool_call>"]) if special["</tool_call>"] in ids[start:] else len(ids)
         tool_call, ids = text(ids[start + 1:end]), ids[:start] + ids[end + 1:]
-    return Turn(reasoning, text(ids), tool_call)
+    return Turn(text(ids), tool_call)
 
 
 CALCULATOR_OPS = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b, ast.Mult: lambda a, b: a * b,

@@ -133,6 +133,17 @@ def test_ours_exported_into_hf_match_ours(config, tmp_path):
         assert torch.equal(a, b), k
 
 
+def test_mtp_tensors_are_read_when_config_json_leaves_out_their_count(tmp_path):
+    ours = randomize(Mellum2(SMALL)).eval()
+    ours.save_pretrained(tmp_path)
+    hf_config = json.loads((tmp_path / "config.json").read_text())
+    del hf_config["num_nextn_predict_layers"], hf_config["mtp_layer_types"], hf_config["mtp_mlp_layer_types"]
+    (tmp_path / "config.json").write_text(json.dumps(hf_config))
+    again = Mellum2.from_pretrained(tmp_path, device="cpu")
+    assert again.config == ours.config
+    assert torch.equal(again.mtp.fc.weight, ours.mtp.fc.weight)
+
+
 def assert_rope_matches_transformers(config, hf, layer_type):
     """Bit for bit: at position 131072 one unit in the last place of a frequency moves cos and sin
     by up to 0.007."""
@@ -550,6 +561,8 @@ def test_config_keys_left_out_mean_what_they_mean_to_transformers():
     ({"rope_parameters": {"full_attention": {"rope_type": "yarn", "factor": 4.0, "mscale": 0.7,
                                              "mscale_all_dim": 0.7}}}, "mscale"),
     ({"rope_parameters": {"full_attention": {"rope_type": "yarn"}}}, "unreadable.*factor"),
+    ({"rope_parameters": {"full_attention": {"rope_type": "yarn", "factor": 1.0, "attention_factor": 1.5}}},
+     "factor 1 and an attention_factor"),                                    # would be dropped silently
     ({"num_hidden_layers": "four"}, "unreadable"),
     ({"num_attention_heads": 6}, "unreadable.*divisible"),
     ({"layer_types": ["local"] * 28}, "unreadable"),
@@ -652,6 +665,23 @@ def complete_items(row):
         else:
             current.append(t)
     return items
+
+
+def fim_reassemble(ids):
+    """Inverse of data.fim_transform: a PSM/SPM example (optionally ending in <|endoftext|>) -> the
+    original tokens prefix + middle + suffix; a plain sequence comes back without its final
+    <|endoftext|>."""
+    ids = list(ids)
+    if ids and ids[-1] == data.EOT:
+        ids = ids[:-1]
+    if not ids or ids[0] not in (data.FIM_PREFIX, data.FIM_SUFFIX):
+        return ids
+    i_prefix, i_suffix, i_middle = ids.index(data.FIM_PREFIX), ids.index(data.FIM_SUFFIX), ids.index(data.FIM_MIDDLE)
+    if ids[0] == data.FIM_PREFIX:   # PSM
+        prefix, suffix = ids[i_prefix + 1:i_suffix], ids[i_suffix + 1:i_middle]
+    else:                      # SPM
+        suffix, prefix = ids[i_suffix + 1:i_prefix], ids[i_prefix + 1:i_middle]
+    return prefix + ids[i_middle + 1:] + suffix
 
 
 def contains(haystack, needle):
@@ -1037,7 +1067,7 @@ def test_fim_rates_by_phase_and_items_reassemble(tiny):
                     total[source] += 1
                     fim[source] += is_fim
                     spm[source] += is_fim and item[0] == data.FIM_SUFFIX
-                    original = data.fim_reassemble(item)
+                    original = fim_reassemble(item)
                     assert max(original, default=0) < data.N_RANKS
                     assert any(contains(doc, original) for doc in train_docs[source])
         for source in data.SOURCES:
@@ -1054,12 +1084,12 @@ def test_fim_transform_inverse_and_formats():
         out = data.fim_transform(doc, rng, spm)
         assert len(out) == len(doc) + 3
         assert out[0] == (data.FIM_SUFFIX if spm else data.FIM_PREFIX)
-        assert data.fim_reassemble(out) == doc.tolist()
-        assert data.fim_reassemble(list(out) + [data.EOT]) == doc.tolist()
+        assert fim_reassemble(out) == doc.tolist()
+        assert fim_reassemble(list(out) + [data.EOT]) == doc.tolist()
     S, P, M = data.FIM_SUFFIX, data.FIM_PREFIX, data.FIM_MIDDLE
     assert data.fim_prompt([1, 2], [3]) == [S, 3, P, 1, 2, M]             # Mellum-4B order (SPM)
     assert data.fim_prompt([1, 2], [3], spm=False) == [P, 1, 2, S, 3, M]  # PSM
-    assert data.fim_reassemble([5, 6, data.EOT]) == [5, 6]
+    assert fim_reassemble([5, 6, data.EOT]) == [5, 6]
 
 
 def test_cut_points_are_uniform():
@@ -1186,6 +1216,21 @@ def test_warmup_hold_decay_at_its_boundaries():
     values = [m(s) for s in range(total)]
     assert all(a <= b for a, b in zip(values[:warmup], values[1:warmup]))
     assert all(a >= b for a, b in zip(values[decay_start:], values[decay_start + 1:]))
+    # A run's warmup is at most half of it, which shortens no preset's own run.
+    for runs in (train.RUNS, train.LONG_RUNS, train.SFT_RUNS, train.GRPO_RUNS):
+        for run in runs.values():
+            for steps in {run.steps, run.thinking_steps or run.steps}:
+                assert train.warmup_within(run.warmup_steps, steps) == run.warmup_steps
+
+
+def test_the_released_thinking_runs_have_their_own_length():
+    """§5.1.2: 3 epochs of 119,334 (Instruct) or 425,322 (Thinking) packed sequences at 64 per step;
+    Table 8: RL ran 500 steps (Instruct) and 100 (Thinking). The small presets train both alike."""
+    thinking, instruct = train.parse_args(["--variant", "thinking"]), train.parse_args([])
+    assert train.preset_steps(train.SFT_RUNS["mellum2-12b"], instruct) == round(3 * 119_334 / 64)
+    assert train.preset_steps(train.SFT_RUNS["mellum2-12b"], thinking) == round(3 * 425_322 / 64)
+    assert [train.preset_steps(train.GRPO_RUNS["mellum2-12b"], a) for a in (instruct, thinking)] == [500, 100]
+    assert train.preset_steps(train.SFT_RUNS["tiny"], thinking) == train.SFT_RUNS["tiny"].steps
 
 
 def test_batch_ramp_at_its_boundary():
@@ -1268,6 +1313,9 @@ def test_training_reduces_the_loss_and_writes_metrics(small_corpus, tmp_path):
     assert records[-1]["ntp"] < records[0]["ntp"] - 1.0
     assert {"ntp", "mtp", "aux", "z", "lr", "expert_balance", "phase"} <= set(records[0])
     assert records[-1]["lr"] > 0 and "val" in records[-1]
+    # 12 of tiny's 200 steps: warm up for half of them (not the preset's 10), hold, decay
+    lrs = [r["lr"] for r in records]
+    assert lrs[0] == pytest.approx(3e-3 / 6) and lrs[5] == lrs[10] == 3e-3 and lrs[-1] == pytest.approx(3e-3 / 2)
     state = train.load_checkpoint(tmp_path / "ckpt.pt")
     assert state["step"] == 12 and state["tokenizer"]["sha256"]
 
@@ -1559,7 +1607,7 @@ import sys, torch, torch.distributed as dist
 sys.path.insert(0, {repo!r})
 import train
 from test_mellum2 import SMALL, randomize
-from mellum2 import Mellum2
+from mellum2 import Mellum2, IGNORE_INDEX
 torch.set_num_threads(1)
 rank, world, device = train.setup_distributed("cpu")
 
@@ -1572,6 +1620,7 @@ def run(distributed):
     for step in range(3):
         x = torch.randint(0, SMALL.vocab_size, (8, 24), generator=g)
         y = torch.randint(0, SMALL.vocab_size, (8, 24), generator=g)
+        y[:3, 4:] = IGNORE_INDEX  # as in SFT: the first process holds fewer targets than the second
         if distributed:
             x, y = x[4 * rank:4 * rank + 4], y[4 * rank:4 * rank + 4]
         train.train_step(wrapped, x, y, 2, opts, torch.autocast("cpu", enabled=False))
@@ -1589,9 +1638,10 @@ if rank == 0:
 
 
 def test_two_processes_equal_one(tmp_path):
-    """One torchrun launch of two gloo processes, each on half of every batch, against one process
-    on the whole batch: the same parameters within 1e-6 (fp32 Newton-Schulz, as bf16 would amplify
-    the last-bit difference between a mean of two half-batch means and one full-batch mean)."""
+    """One torchrun launch of two gloo processes, each on half of every batch (with fewer targets on
+    one, as in SFT), against one process on the whole batch: the same parameters within 1e-6
+    (fp32 Newton-Schulz, as bf16 would amplify the last-bit difference between a mean of two
+    half-batch means and one full-batch mean)."""
     repo = os.path.dirname(os.path.abspath(__file__))
     script = tmp_path / "worker.py"
     script.write_text(DIST_WORKER.format(repo=repo))
@@ -2077,7 +2127,7 @@ def test_fim_examples_cut_one_held_out_line(small_built_corpus, enc):
     assert len(examples) == 6
     for prompt, line in examples:   # prefix + line + suffix is a stretch of a held-out file, cut at lines
         assert line.strip() and prompt[-1] == data.FIM_MIDDLE
-        text = enc.decode(data.fim_reassemble(prompt + enc.encode_ordinary(line)))
+        text = enc.decode(fim_reassemble(prompt + enc.encode_ordinary(line)))
         assert f"\n{line}\n" in text and any(text in doc for doc in held_out)
 
 

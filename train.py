@@ -66,8 +66,9 @@ def orthogonalize(G, steps=5, eps=1e-7, dtype=torch.bfloat16):
     """The nearest semi-orthogonal matrix to each matrix in G (..., m, n): U V^T of G's SVD, by a
     Newton-Schulz iteration that only needs matmuls. Leading dimensions are a batch, so a stack of
     experts (E, out, in) is orthogonalised one expert at a time, never flattened into one matrix.
-    The quintic pushes every singular value into about [0.7, 1.2] rather than exactly 1, which
-    trains as well and is much cheaper. bf16 is enough: only the direction of the update matters."""
+    The quintic pushes every singular value above about 1/500 of G's norm into [0.7, 1.2] rather than
+    exactly 1 (smaller ones stay smaller), which trains as well and is much cheaper. bf16 is enough:
+    only the direction of the update matters."""
     a, b, c = NS_COEFFICIENTS
     X = G.to(dtype)
     X = X if X.ndim == 3 else X[None]         # (batch, m, n)
@@ -166,6 +167,13 @@ def lr_multiplier(step, total_steps, warmup_steps, decay_fraction=0.159):
     if step < decay_start:
         return 1.0
     return (total_steps - step) / (total_steps - decay_start)
+
+
+def warmup_within(warmup_steps, total_steps):
+    """A preset's warmup, but at most half the run (the report's Thinking RL warms up for half of its
+    100 steps): a run cut short with --max-steps still warms up, holds and decays, instead of ending
+    mid-warmup."""
+    return min(warmup_steps, total_steps // 2)
 
 
 def cosine_multiplier(step, total_steps, warmup_steps, floor=0.1):
@@ -305,6 +313,7 @@ class Run:
     decay_fraction: float = 0.159  # the final share of steps over which the LR decays to 0 (phase 3)
     ramp_fraction: float = 0.06    # the first share of steps at half batch
     eval_tasks: int = 0            # post-training: held-out tasks per suite at each evaluation
+    thinking_steps: int = 0        # post-training: the Thinking variant's steps, where they differ
 
 
 RUNS = {
@@ -331,24 +340,25 @@ LONG_RUNS = {
 }
 
 
-# SFT (§5.1.2): a tenth of the pre-training LR (3e-5 in the report), 100 warmup iterations, cosine
-# to a tenth of the peak, no batch ramp. Tiny: about 14 minutes. RL needs a model that is sometimes
-# right: the tiny model makes the calculator call early but copies the numbers into it wrongly for
-# a long time (held-out tool accuracy 0% at 150 steps), so it runs the 250 steps after which the
-# call has been learnt.
+# SFT (§5.1.2): a lower LR than pre-training (the report's 3e-5 is a tenth; tiny's 1e-3 a third), 100
+# warmup iterations, cosine to a tenth of the peak, no batch ramp. Tiny: about 14 minutes. RL needs a
+# model that is sometimes right: the tiny model makes the calculator call early but copies the numbers
+# into it wrongly for a long time (held-out tool accuracy 0% at 150 steps), so it runs the 250 steps
+# after which the call has been learnt.
 SFT_RUNS = {
     "tiny": Run(batch_size=32, micro_batch=32, steps=250, lr=1e-3, warmup_steps=10, eval_every=50,
                 eval_batches=0, ckpt_every=50, ramp_fraction=0.0, eval_tasks=64),
     "small": Run(batch_size=64, micro_batch=16, steps=1000, lr=2e-4, warmup_steps=50, eval_every=250,
                  eval_batches=0, ckpt_every=250, ramp_fraction=0.0, eval_tasks=128),
+    # 3 epochs of 119,334 (Instruct) or 425,322 (Thinking) packed sequences, 64 per step.
     "mellum2-12b": Run(batch_size=64, micro_batch=1, steps=5594, lr=3e-5, warmup_steps=100, eval_every=500,
-                       eval_batches=0, ckpt_every=500, ramp_fraction=0.0, eval_tasks=256),
+                       eval_batches=0, ckpt_every=500, ramp_fraction=0.0, eval_tasks=256, thinking_steps=19937),
 }
 
 
 # -----------------------------------------------------------------------------------------------
-# Long context (§4.1 Layer-Selective YaRN, Fig. 7): the four ways of handling positions beyond the
-# pre-training context that the report compares
+# Long context (§4.1 Layer-Selective YaRN, Fig. 7): the report compares three ways of handling positions
+# beyond the pre-training context (selective YaRN, a larger base, unchanged RoPE); we add YaRN everywhere
 
 ROPE_VARIANTS = {
     "selective-yarn": "YaRN on the full-attention layers; sliding layers keep plain RoPE (the report's)",
@@ -361,7 +371,7 @@ ROPE_VARIANTS = {
 def long_context_config(config, context, yarn_factor=None, variant="selective-yarn"):
     """The config for training at `context` tokens, from a pre-trained one. Sliding layers only ever
     look a window back, a distance they were trained on, which is why the report leaves their RoPE
-    alone (selective); the other variants are its ablations."""
+    alone (selective); the other variants are what it is compared with."""
     original = config.max_seq_len
     yarn_factor = context / original if yarn_factor is None else yarn_factor
     if config.yarn_factor != 1.0:
@@ -501,7 +511,7 @@ def describe_os_error(error):
 def load_checkpoint(path, mmap=False):
     """A checkpoint's contents. weights_only: a checkpoint holds tensors, numbers and strings only,
     so loading one cannot run code that came with the file. mmap: map the tensors instead of
-    reading them, for a look at the step and settings (a 12B run's checkpoint is 190 GB)."""
+    reading them, for a look at the step and settings (a 12B run's checkpoint is about 100 GB)."""
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no checkpoint there")
     try:
@@ -739,7 +749,8 @@ def train_step(model, x, y, micro_batch, optimizers, autocast, grad_clip=1.0):
     """One optimizer step on the rows (x, y) this process holds. Micro-batches accumulate gradients,
     each weighted by its share of the targets, so the next-token loss is the mean over all targets
     at once even when SFT rows hold different numbers of them (pre-training rows are all targets);
-    under DDP the gradients are averaged across processes during the last micro-batch's backward.
+    under DDP the gradients are averaged across processes during the last micro-batch's backward,
+    so a share there is of the mean count per process, and a target weighs the same on every one.
     Returns the loss parts (weighted alike, averaged over processes) and the gradient norm before
     clipping. SFT's right padding is passed to the model, which leaves it out of the routing losses."""
     raw = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
@@ -748,6 +759,10 @@ def train_step(model, x, y, micro_batch, optimizers, autocast, grad_clip=1.0):
     starts = range(0, len(x), micro_batch)
     targets = y != mellum2.IGNORE_INDEX
     n_targets = targets.sum().item()
+    if dist.is_initialized():
+        count = torch.tensor(float(n_targets), dtype=torch.float64, device=device)
+        dist.all_reduce(count)
+        n_targets = count.item() / dist.get_world_size()
     parts = {}
     for i, start in enumerate(starts):
         last = i == len(starts) - 1
@@ -772,6 +787,11 @@ def train_step(model, x, y, micro_batch, optimizers, autocast, grad_clip=1.0):
     for opt in optimizers:
         opt.zero_grad(set_to_none=True)
     return dict(zip(parts, stacked.tolist())), grad_norm.item()
+
+
+def preset_steps(run, args):
+    """The run's length in its preset: the Thinking variant's own where it has one."""
+    return run.thinking_steps if args.variant == "thinking" and run.thinking_steps else run.steps
 
 
 def given(flag, default):
@@ -803,10 +823,11 @@ def train(args, stop_after=None):
             settings["micro_batch"] = args.micro_batch
     else:
         run = {"long": LONG_RUNS, "sft": SFT_RUNS}.get(args.stage, RUNS)[args.size]
-        batch_size = given(args.batch_size, run.batch_size)
-        settings = dict(size=args.size, seed=args.seed, steps=given(args.max_steps, run.steps),
+        batch_size, steps = given(args.batch_size, run.batch_size), given(args.max_steps, preset_steps(run, args))
+        settings = dict(size=args.size, seed=args.seed, steps=steps,
                         batch_size=batch_size, micro_batch=given(args.micro_batch, min(run.micro_batch, batch_size)),
-                        lr=given(args.lr, run.lr), warmup_steps=run.warmup_steps, decay_fraction=run.decay_fraction,
+                        lr=given(args.lr, run.lr), warmup_steps=warmup_within(run.warmup_steps, steps),
+                        decay_fraction=run.decay_fraction,
                         ramp_fraction=run.ramp_fraction, eval_every=run.eval_every, eval_batches=run.eval_batches,
                         ckpt_every=run.ckpt_every, optimizer=args.optimizer, mtp=not args.no_mtp, fp8=args.fp8,
                         aux_coef=given(args.aux_coef, 1e-4 if sft else 1e-3), eval_tasks=run.eval_tasks,
@@ -1045,7 +1066,7 @@ def rope_comparison(base_dir):
 # rollout worker.
 
 # Length caps of an answer, all turns together: ours need at most about 55 tokens (Instruct) and 100
-# (Thinking), below the quarter of the cap where the overlong penalty starts; the report
+# (Thinking), before the cap's last quarter, where the overlong penalty starts; the report
 # caps RL rollouts at 16384 and 40960.
 MAX_ANSWER_TOKENS = {"instruct": 96, "thinking": 192}
 MAX_TURNS = 3   # a tool call, its answer, the final reply (the report allows up to 10 turns)
@@ -1179,7 +1200,7 @@ def grpo_loss(logp, logp_old, logp_infer, advantages, mask, n_tokens):
 
 # --- Reward shaping (§5.2.3) ---------------------------------------------------------------------
 
-OVERLONG_BUFFER = 0.25   # the last quarter of the cap (DAPO: 4096 of 20480); the report gives no size
+OVERLONG_BUFFER = 0.25   # the last quarter of the cap (DAPO used a fifth, 4096 of 20480); the report gives none
 OVERLONG_FLOOR = 0.0     # the reward at the cap; the report's floor is not published
 
 
@@ -1294,18 +1315,20 @@ class RLRun:
     ckpt_every: int
     oversample: float = 1.5   # prompts sampled per prompt kept (§5.2.4), to refill dropped groups
     minibatches: int = 2
+    thinking_steps: int = 0   # the Thinking variant's steps, where they differ
 
 
 GRPO_RUNS = {
     # 2.5 (Instruct) to 4.5 (Thinking) minutes on 2 CPU cores. AdamW at 1e-4, a common choice at this size,
-    # made held-out tool accuracy swing by 50 points between evaluations; 3e-5 by at most 17.
+    # made held-out tool accuracy swing by 50 points between evaluations; 3e-5 by up to 33 (README).
     "tiny": RLRun(steps=60, prompts=8, group_size=8, lr=3e-5, warmup_steps=5, eval_every=20, eval_tasks=64,
                   ckpt_every=10),
     "small": RLRun(steps=200, prompts=16, group_size=8, lr=3e-5, warmup_steps=10, eval_every=50, eval_tasks=128,
                    ckpt_every=25),
-    # §5.2.4, Table 8: 256 prompts x 16 answers, AdamW at 1e-6 after 50 warmup steps; Instruct ran 500.
+    # §5.2.4, Table 8: 256 prompts x 16 answers, AdamW at 1e-6 after 50 warmup steps; Instruct ran 500
+    # steps, Thinking 100.
     "mellum2-12b": RLRun(steps=500, prompts=256, group_size=16, lr=1e-6, warmup_steps=50, eval_every=50,
-                         eval_tasks=256, ckpt_every=10),
+                         eval_tasks=256, ckpt_every=10, thinking_steps=100),
 }
 
 
@@ -1328,7 +1351,7 @@ class RolloutWorker:
         self.pending = {}   # batch index -> (policy version, weights, future)
 
     def submit(self, index, version, weights):
-        future = self.pool.submit(self._sample, index, version, weights)
+        future = self.pool.submit(self._sample, index, weights)
         self.pending[index] = (version, weights, future)
 
     def take(self, index):
@@ -1336,12 +1359,14 @@ class RolloutWorker:
         return version, future.result()
 
     @torch.no_grad()
-    def _sample(self, index, version, weights):
+    def _sample(self, index, weights):
         self.policy.load_state_dict(weights)
         rng = random.Random(f"grpo-{self.seed}-{index}")
         n_prompts = math.ceil(self.run.prompts * self.run.oversample)
         prompts = [tasks.make_task(rng.choice(tasks.SUITES), rng) for _ in range(n_prompts)]
         started = time.time()
+        # One sampling seed per (run seed, batch), distinct while a run has fewer than 100,003 batches;
+        # rollout() numbers its turns within it the same way (seed * MAX_TURNS + turn).
         rows = rollout(self.policy, self.enc, [t for t in prompts for _ in range(self.run.group_size)],
                        MAX_ANSWER_TOKENS[self.variant], temperature=1.0, seed=self.seed * 100_003 + index)
         score(rows, self.verifier)
@@ -1365,9 +1390,11 @@ def grpo(args, stop_after=None):
         s = resumed["settings"]
         raw = model_from_checkpoint(resumed)
     else:
-        run = GRPO_RUNS[args.size]
+        steps = given(args.max_steps, preset_steps(GRPO_RUNS[args.size], args))
+        run = dataclasses.replace(GRPO_RUNS[args.size],
+                                  warmup_steps=warmup_within(GRPO_RUNS[args.size].warmup_steps, steps))
         s = dict(stage="grpo", size=args.size, variant=args.variant, seed=args.seed, init_from=args.init_from,
-                 steps=given(args.max_steps, run.steps), group_size=given(args.group_size, run.group_size),
+                 steps=steps, group_size=given(args.group_size, run.group_size),
                  lr=given(args.lr, run.lr), staleness=0 if args.sync else args.max_staleness,
                  concision=not args.no_concision, run=dataclasses.asdict(run))
         if s["group_size"] < 2:
@@ -1435,7 +1462,7 @@ def grpo(args, stop_after=None):
             waited = time.time()
             version, (rows, sample_time) = worker.take(step)
             waited = time.time() - waited
-            lr = s["lr"] * min(1.0, (step + 1) / run.warmup_steps)
+            lr = s["lr"] * min(1.0, (step + 1) / max(1, run.warmup_steps))
             for opt in optimizers:
                 for group in opt.param_groups:
                     group["lr"] = lr
@@ -1557,7 +1584,8 @@ def parse_args(argv=None):
     g.add_argument("--variant", default="instruct", choices=tasks.VARIANTS,
                    help="instruct: answers directly, trained on every assistant turn; thinking: reasons in "
                         "<think> first, trained on the final turn with its reasoning (default: instruct)")
-    g.add_argument("--group-size", type=int, help="GRPO: answers sampled per prompt (default from --size: 8)")
+    g.add_argument("--group-size", type=int,
+                   help="GRPO: answers sampled per prompt (default from --size: 8, 16 for mellum2-12b)")
     g.add_argument("--max-staleness", type=int, default=1,
                    help="GRPO: rollouts come from the policy this many steps old while the learner trains "
                         "(default 1; the report allows 2)")
@@ -1565,7 +1593,9 @@ def parse_args(argv=None):
     g.add_argument("--no-concision", action="store_true",
                    help="GRPO: without the concision penalty on reflection words (Instruct)")
     g = p.add_argument_group("optimization (defaults come from --size)")
-    g.add_argument("--max-steps", type=int, help="optimizer steps in the whole run (the schedule spans them)")
+    g.add_argument("--max-steps", type=int,
+                   help="steps in the whole run, which the schedule spans: optimizer steps (GRPO: batches of "
+                        "rollouts)")
     g.add_argument("--batch-size", type=int, help="sequences per step, all processes together")
     g.add_argument("--micro-batch", type=int, help="sequences per forward pass per process")
     g.add_argument("--lr", type=float, help="peak learning rate of Muon and AdamW")
@@ -1602,7 +1632,8 @@ STAGE_FLAGS = {
     "--allow-over-repetition": ("pretrain", "long"), "--data-report": ("pretrain", "long"),
     "--dense": ("pretrain",), "--no-mtp": ("pretrain",),
     **dict.fromkeys(["--batch-size", "--micro-batch", "--optimizer", "--fp8", "--aux-coef", "--kernels"],
-                    ("pretrain", "long", "sft")),  # GRPO's batches and optimizer are its own (§5.2.4)
+                    ("pretrain", "long", "sft")),  # GRPO's batches and optimizer are its own (§5.2.4), and
+                                                    # it runs PyTorch's attention and MoE
 }
 
 
