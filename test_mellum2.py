@@ -1826,6 +1826,23 @@ def test_top_k_and_top_p_keep_the_right_tokens():
     assert torch.equal(sample.next_token_probs(logits, 0.0)[0], torch.tensor([1.0, 0, 0, 0, 0]))
 
 
+@pytest.mark.parametrize("temperature", [0.3, 1.0, 1.7])
+@pytest.mark.parametrize("top_k,top_p", [(0, 1.0), (1, 1.0), (7, 1.0), (0, 0.9), (0, 0.05), (20, 0.5)])
+def test_sampling_distribution_equals_transformers_warpers(temperature, top_k, top_p):
+    """next_token_probs against the softmax of transformers' temperature, top-k and top-p warpers
+    applied in generate's order, on random rows of varied sharpness."""
+    from transformers.generation import logits_process as lp
+    sharpness = torch.linspace(0.5, 6, 8)[:, None]
+    logits = torch.randn(8, 300, generator=torch.Generator().manual_seed(top_k)) * sharpness
+    warped = lp.TemperatureLogitsWarper(temperature)(None, logits.clone())
+    if top_k:
+        warped = lp.TopKLogitsWarper(top_k)(None, warped)
+    if top_p < 1.0:
+        warped = lp.TopPLogitsWarper(top_p)(None, warped)
+    torch.testing.assert_close(sample.next_token_probs(logits, temperature, top_k, top_p), warped.softmax(-1),
+                               rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--init-from", "{tmp}/nothing"], "no such folder"),
     (["--init-from", "{tmp}"], "no ckpt.pt"),
