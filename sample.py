@@ -147,7 +147,7 @@ def verify_draft(p, q, draft, generator):
     from the leftover max(p - q, 0), renormalised. The kept-or-redrawn token is then distributed
     exactly as p. With one-hot p and q (greedy) this keeps the draft iff both argmaxes agree, and
     otherwise returns the trunk's argmax. Returns (accepted, token)."""
-    u = torch.rand((), generator=generator, device=p.device)
+    u = 1 - torch.rand((), generator=generator, device=p.device)  # in (0, 1]: a p of 0 never keeps the draft
     if u * q[draft] <= p[draft]:
         return True, draft
     return False, int(draw((p - q).clamp(min=0)[None], generator))  # the leftover, renormalised by draw

@@ -173,6 +173,10 @@ def test_kernel_moe_plan_of_the_docstring_example():
     assert sorted_ids.tolist() == [1, 2, 5, 6, 3, 6, 6, 6, 0, 4, 6, 6]
     assert block_expert.tolist() == [0, 1, 2]
     assert segments.tolist() == [0, 4, 8, 12]
+    # An expert with exactly one block of pairs gets no padding, one without pairs no block at all.
+    sorted_ids, block_expert, segments = kernels.moe_plan(torch.tensor([[2, 0], [2, 0], [2, 3], [2, 0]]), 4, 4)
+    assert sorted_ids.tolist() == [1, 3, 7, 8, 0, 2, 4, 6, 5, 8, 8, 8]
+    assert block_expert.tolist() == [0, 2, 3] and segments.tolist() == [0, 4, 4, 8, 12]
 
 
 MOE_CASES = [  # N, D, F, E, K, routing; D and F are not multiples of the 32-wide blocks, N not of 16

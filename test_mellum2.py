@@ -360,9 +360,22 @@ def test_aux_loss_is_one_at_perfect_balance_and_larger_otherwise():
         logits[i, [i % E, (i + 1) % E]] = 5.0
     experts = logits.topk(K, dim=-1).indices
     assert load_balancing_loss(logits, experts, E).item() == pytest.approx(1.0, abs=1e-6)
-    collapsed = torch.zeros(4 * E, E)
-    collapsed[:, :2] = 5.0  # everyone picks experts 0 and 1
-    assert load_balancing_loss(collapsed, collapsed.topk(K, dim=-1).indices, E).item() > 3.0
+    collapsed = torch.zeros(4 * E, E, requires_grad=True)
+    with torch.no_grad():
+        collapsed[:, :2] = 5.0  # everyone picks experts 0 and 1
+    loss = load_balancing_loss(collapsed, collapsed.topk(K, dim=-1).indices, E)
+    assert loss.item() > 3.0
+    # Its gradient, through the mean probabilities alone, lowers the overloaded experts' logits and
+    # raises the others' (descent moves against the gradient).
+    loss.backward()
+    assert (collapsed.grad[:, :2] > 0).all() and (collapsed.grad[:, 2:] < 0).all()
+
+
+def test_router_z_loss_is_the_mean_squared_log_sum_exp():
+    logits = torch.randn(6, 8, generator=torch.Generator().manual_seed(0)) * 3
+    assert mellum2.router_z_loss(torch.zeros(5, 8)).item() == pytest.approx(math.log(8) ** 2)
+    expected = sum(math.log(sum(math.exp(v) for v in row)) ** 2 for row in logits.tolist()) / 6
+    assert mellum2.router_z_loss(logits).item() == pytest.approx(expected, rel=1e-5)
 
 
 def test_padding_is_left_out_of_the_routing_losses():
@@ -1223,6 +1236,12 @@ def test_warmup_hold_decay_at_its_boundaries():
                 assert train.warmup_within(run.warmup_steps, steps) == run.warmup_steps
 
 
+def test_sft_cosine_goes_from_the_peak_to_a_tenth_of_it():
+    m = lambda s: train.cosine_multiplier(s, 111, 10)  # noqa: E731  (after warmup, progress (s - 10) / 100)
+    assert m(0) == pytest.approx(0.1) and m(9) == 1.0 and m(10) == pytest.approx(1.0)
+    assert m(60) == pytest.approx(0.55) and m(110) == pytest.approx(0.1)
+
+
 def test_the_released_thinking_runs_have_their_own_length():
     """§5.1.2: 3 epochs of 119,334 (Instruct) or 425,322 (Thinking) packed sequences at 64 per step;
     Table 8: RL ran 500 steps (Instruct) and 100 (Thinking). The small presets train both alike."""
@@ -1802,6 +1821,13 @@ def test_speculative_sampling_keeps_the_target_distribution():
     assert (q - p).abs().max() * n > 20 * sigma.max()
 
 
+def test_a_draft_the_trunk_rules_out_is_never_kept(monkeypatch):
+    """Even at the edge of the uniform draw (torch.rand returning exactly 0), a draft of probability 0
+    under the trunk is replaced by the trunk's own token."""
+    monkeypatch.setattr(torch, "rand", lambda *size, generator=None, device=None: torch.zeros(*size))
+    assert sample.verify_draft(torch.tensor([0.0, 1.0]), torch.tensor([1.0, 0.0]), 0, None) == (False, 1)
+
+
 def test_draw_follows_the_distribution_and_never_draws_a_zero():
     """Inverse-CDF sampling against the probabilities it was given: frequencies within 5 binomial
     standard deviations on an unnormalised row with zeros at both ends; a one-hot row is its argmax."""
@@ -1824,6 +1850,22 @@ def test_top_k_and_top_p_keep_the_right_tokens():
     nucleus = sample.next_token_probs(logits, 1.0, top_p=float(probs[0] + probs[1]) - 1e-3)[0]
     torch.testing.assert_close(nucleus, torch.cat([top2, torch.zeros(3)]))
     assert torch.equal(sample.next_token_probs(logits, 0.0)[0], torch.tensor([1.0, 0, 0, 0, 0]))
+    # A tie at the threshold: the best token alone holds exactly top_p, so it is the whole nucleus.
+    tie = torch.tensor([[math.log(2.0), 0.0, 0.0]])
+    assert sample.next_token_probs(tie, 1.0, top_p=0.5)[0].tolist() == [1.0, 0.0, 0.0]
+
+
+@torch.no_grad()
+def test_generate_records_the_log_probability_each_token_was_drawn_with():
+    """What a GRPO rollout stores as the engine's log-probs: log p(token) under the tempered,
+    filtered distribution of a full forward pass over the text so far."""
+    model = randomize(Mellum2(SMALL)).eval()
+    prompts, logprobs = [[5, 6, 7], [8, 9, 10, 11, 12]], []
+    out = sample.generate(model, prompts, 6, temperature=0.7, top_k=50, seed=0, logprobs=logprobs)
+    for prompt, new, recorded in zip(prompts, out, logprobs):
+        logits, _ = model(torch.tensor([prompt + new[:-1]]))
+        probs = sample.next_token_probs(logits[0, len(prompt) - 1:], 0.7, top_k=50)  # (6, V)
+        assert recorded == pytest.approx(probs[torch.arange(6), new].log().tolist(), abs=1e-4)
 
 
 @pytest.mark.parametrize("temperature", [0.3, 1.0, 1.7])
@@ -2028,6 +2070,11 @@ def test_layer_selective_yarn_changes_only_the_full_layers():
     selective = train.long_context_config(base, 1024)
     assert selective.yarn_factor == 4.0 and selective.yarn_original_max_seq_len == 256
     assert rope_inv_freq(selective, "full_attention")[1] == pytest.approx(0.1 * math.log(4) + 1)
+    # "NTK-aware" theta: the base grows by s^(d/(d-2)), so the slowest pair turns exactly s times slower
+    # and the fastest (frequency 1) not at all.
+    theta, _ = rope_inv_freq(train.long_context_config(base, 1024, variant="theta"), "full_attention")
+    plain, _ = rope_inv_freq(base, "full_attention")
+    assert (plain[-1] / theta[-1]).item() == pytest.approx(4.0, rel=1e-5) and theta[0] == plain[0] == 1.0
 
 
 @pytest.mark.parametrize("variant", ["selective-yarn", "all-yarn"])

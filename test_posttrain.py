@@ -4,6 +4,7 @@ shaping, the verifiers, the sandbox against hostile programs, and both stages ru
     python -m pytest -q test_posttrain.py
 """
 
+import copy
 import dataclasses
 import json
 import os
@@ -122,6 +123,11 @@ def test_sft_batches_mask_targets_and_repeat(enc):
     inside = trained[:, :-1] & (x[:, 1:] != S["<|pad|>"])
     assert torch.equal(x[:, 1:][inside], y[:, :-1][inside])                        # y is x shifted by one
     assert (x[~trained] != S["<|pad|>"]).any()                                     # prompts are input only
+    # Instruct trains every assistant turn from its first token (the one read after <|assistant|>)
+    # to its <|end|>, and never the role markers that open the next turns.
+    x, y = tasks.SFTSampler("instruct", seed=3, batch_size=16, seq_len=256).get_batch(0)
+    assert (y[x == A] != IGNORE_INDEX).all() and (x == A).sum() > 16
+    assert not (y == U).any() and not (y == A).any()
 
 
 def test_only_instruct_sft_data_has_reflective_answers(enc):
@@ -157,21 +163,23 @@ def test_icepop_keeps_rho_inside_the_band_and_drops_it_outside():
 
 
 def test_grpo_loss_clipping_icepop_and_token_level_mean():
-    # row 0 (A = +1): ratios 1.5 (clipped to 1.28), 0.5 (kept: the min picks it); row 1 (A = -1):
-    # ratio 0.5 (clipped to 0.8), 1.5 (kept), and a token whose engine ratio rho = 6 is dropped.
-    ratio = torch.tensor([[1.5, 0.5, 1.0], [0.5, 1.5, 1.0]])
-    logp_old = torch.full((2, 3), -1.0)
+    # row 0 (A = +1): ratios 1.5 (clipped to 1.28), 0.5 (kept: the min picks it), 1.25 (inside the
+    # asymmetric band, which a band of 1 +- 0.2 would clip); row 1 (A = -1): ratio 0.5 (clipped to
+    # 0.8), 1.5 (kept), and a token whose engine ratio rho = 6 is dropped.
+    ratio = torch.tensor([[1.5, 0.5, 1.0, 1.25], [0.5, 1.5, 1.0, 1.0]])
+    logp_old = torch.full((2, 4), -1.0)
     logp = (logp_old + ratio.log()).requires_grad_()
-    rho = torch.tensor([[1.0, 2.0, 1.0], [1.0, 1.0, 6.0]])
+    rho = torch.tensor([[1.0, 2.0, 1.0, 1.0], [1.0, 1.0, 6.0, 1.0]])
     logp_infer = logp_old - rho.log()
-    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])   # row 0's last token is padding
-    loss, stats = train.grpo_loss(logp, logp_old, logp_infer, torch.tensor([1.0, -1.0]), mask, n_tokens=5)
-    expected = -(1.0 * 1.28 + 2.0 * 0.5 + 1.0 * -0.8 + 1.0 * -1.5 + 0.0) / 5
+    mask = torch.tensor([[1.0, 1.0, 0.0, 1.0], [1.0, 1.0, 1.0, 0.0]])   # a padding token in each row
+    loss, stats = train.grpo_loss(logp, logp_old, logp_infer, torch.tensor([1.0, -1.0]), mask, n_tokens=6)
+    expected = -(1.0 * 1.28 + 2.0 * 0.5 + 1.0 * 1.25 + 1.0 * -0.8 + 1.0 * -1.5 + 0.0) / 6
     assert loss.item() == pytest.approx(expected, abs=1e-6)
     assert stats["icepop_masked"] == 1 and stats["clipped"] == 4
     loss.backward()
     # Clipped tokens pass no gradient; kept ones pass -w * A * r / n_tokens (d r / d logp = r).
-    assert torch.allclose(logp.grad, torch.tensor([[0.0, -2.0 * 0.5 / 5, 0.0], [0.0, 1.5 / 5, 0.0]]), atol=1e-7)
+    expected_grad = torch.tensor([[0.0, -2.0 * 0.5 / 6, 0.0, -1.25 / 6], [0.0, 1.5 / 6, 0.0, 0.0]])
+    assert torch.allclose(logp.grad, expected_grad, atol=1e-7)
 
 
 def test_token_level_aggregation_weights_every_token_equally():
@@ -223,6 +231,7 @@ def test_math_and_tool_verifiers():
     math_task = tasks.Task("math", "What is 40 + 2?", "42", key="40+2", reasoning=("",))
     assert tasks.reward(math_task, "42") == 1.0 and tasks.reward(math_task, "It is 42.") == 1.0
     assert tasks.reward(math_task, "43") == 0.0 and tasks.reward(math_task, "no idea") == 0.0
+    assert tasks.reward(math_task, "-42") == 0.0
     tool = tasks.tool_task(random.Random(1))
     assert tasks.reward(tool, f"{tool.tool_call['arguments']['expression']} = {tool.answer}") == 1.0
     assert tasks.reward(tool, str(int(tool.answer) + 1)) == 0.0
@@ -488,6 +497,50 @@ def test_unknown_stage_or_variant_is_refused(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
         train.main(argv)
     assert exit_info.value.code == 2 and "invalid choice" in capsys.readouterr().err
+
+
+def test_grpo_tensors_train_exactly_the_written_tokens_of_finished_rollouts():
+    task = tasks.math_task(random.Random(0))
+    prompt = [U, 5, 6, E, A]
+    # The model writes a call (7, 8), the tool's reply (20, 21) is appended, the model writes 9 and <|end|>.
+    used_tool = train.Rollout(task, prompt, [7, 8, 20, 21, 9, E], [1, 1, 0, 0, 1, 1], [-0.1, -0.2, -0.3, -0.4],
+                              True, "", 1.0, 1.0)
+    unfinished = train.Rollout(task, prompt, [7, 8, 9], [1, 1, 1], [-0.5, -0.6, -0.7], False, "", 0.0, 0.0)
+    x, targets, mask, logp_infer, advantages = train.grpo_tensors([[used_tool, unfinished]], data.PAD)
+    assert x[0].tolist() == prompt + [7, 8, 20, 21, 9] and targets[0].tolist() == prompt[1:] + used_tool.ids
+    trained = (mask[0] > 0).nonzero().flatten().tolist()
+    assert trained == [4, 5, 8, 9] and targets[0, trained].tolist() == [7, 8, 9, E]   # not the tool's reply
+    assert logp_infer[0, trained].tolist() == pytest.approx(used_tool.logp)
+    assert not mask[1].any()                       # over the cap: dropped from the loss
+    assert advantages.tolist() == [1.0, -1.0]
+
+
+def test_a_rollout_cut_off_by_the_cap_is_unfinished(enc):
+    model = Mellum2(SMALL_TASKS).eval()
+    torch.nn.init.zeros_(model.lm_head.weight)   # every logit 0: greedy writes id 0 forever, never <|end|>
+    row, = train.rollout(model, enc, [tasks.math_task(random.Random(0))], max_tokens=5, temperature=0.0)
+    assert row.ids == [0] * 5 and row.written == [1] * 5 and not row.finished and row.answer == ""
+
+
+def test_grpo_normalises_by_the_mini_batch_however_it_is_split():
+    """The loss is a mean over a mini-batch's tokens: splitting it into micro-batches of one row
+    must give the same update (plain SGD shows the gradients themselves)."""
+    task = tasks.math_task(random.Random(0))
+    prompt = [U, 5, 6, E, A]
+    torch.manual_seed(0)
+    engine = Mellum2(SMALL_TASKS)
+    rows = []
+    for answer, reward in (([40, E], 1.0), ([50, 51, 52, E], 0.0), ([41, 42, E], 1.0), ([50, E], 0.0)):
+        with torch.no_grad():  # the engine's log-probs are the trainer's: IcePop keeps every token
+            logp = train.token_logprobs(engine, torch.tensor([prompt + answer[:-1]]),
+                                        torch.tensor([prompt[1:] + answer]))[0, -len(answer):].tolist()
+        rows.append(train.Rollout(task, prompt, answer, [1] * len(answer), logp, True, "", reward, reward))
+    updated = []
+    for micro_batch in (1, 16):
+        model = copy.deepcopy(engine)
+        train.grpo_update(model, [torch.optim.SGD(model.parameters(), lr=1.0)], [rows], micro_batch=micro_batch)
+        updated.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    assert (updated[0] - updated[1]).abs().max().item() < 1e-6
 
 
 def test_grpo_update_makes_rewarded_answers_more_likely():
