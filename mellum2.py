@@ -559,10 +559,10 @@ class Slots:
     buffer of the last `size` = window + spare positions (slot = position % size): its memory stays
     O(window) however long the text grows. The spare slots (8, a few more than decoding steps need)
     let a step of up to spare + 1 tokens be stored before it attends, and let speculative decoding
-    take back a rejected token without losing keys that are still inside the window. Every trunk layer of one type
-    stores the same positions in the same slots, so they share one Slots: a step's bookkeeping (where
-    the new tokens go, what each may attend to), a dozen small ops, runs once per layer type instead
-    of once per layer."""
+    take back a rejected token without losing keys that are still inside the window. Every trunk
+    layer of one type stores the same positions in the same slots, so they share one Slots: a step's
+    bookkeeping (where the new tokens go, what each may attend to), a dozen small ops, runs once per
+    layer type instead of once per layer."""
 
     def __init__(self, batch_size, size, window, device):
         self.pos = torch.full((batch_size, size), -1, device=device)  # (B, S)
