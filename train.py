@@ -1390,9 +1390,9 @@ def grpo(args, stop_after=None):
         s = resumed["settings"]
         raw = model_from_checkpoint(resumed)
     else:
-        steps = given(args.max_steps, preset_steps(GRPO_RUNS[args.size], args))
-        run = dataclasses.replace(GRPO_RUNS[args.size],
-                                  warmup_steps=warmup_within(GRPO_RUNS[args.size].warmup_steps, steps))
+        preset = GRPO_RUNS[args.size]
+        steps = given(args.max_steps, preset_steps(preset, args))
+        run = dataclasses.replace(preset, warmup_steps=warmup_within(preset.warmup_steps, steps))
         s = dict(stage="grpo", size=args.size, variant=args.variant, seed=args.seed, init_from=args.init_from,
                  steps=steps, group_size=given(args.group_size, run.group_size),
                  lr=given(args.lr, run.lr), staleness=0 if args.sync else args.max_staleness,
