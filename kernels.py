@@ -58,6 +58,14 @@ def _jit(fn):
     return triton.jit(fn) if triton is not None else fn
 
 
+def require_triton():
+    """The kernels themselves need triton. Without it (Windows, macOS) mellum2's PyTorch functions do
+    the same work: install(model, "torch"), or simply never install the kernels."""
+    if triton is None:
+        raise RuntimeError("kernels.py's Triton kernels need triton, which installs on Linux only; "
+                           "mellum2's PyTorch functions run everywhere")
+
+
 def interpreting():
     """True when Triton runs kernels on the CPU with numpy (TRITON_INTERPRET=1): for tests."""
     return os.environ.get("TRITON_INTERPRET") == "1"
@@ -265,6 +273,7 @@ class FusedMoE(torch.autograd.Function):
 def fused_moe(x, weights, experts, gate_proj, up_proj, down_proj):
     """The Triton version of mellum2.MoE.experts_grouped: x (N, D), weights and experts (N, K),
     gate_proj, up_proj (E, F, D) and down_proj (E, D, F) -> (N, D)."""
+    require_triton()
     x, weights, gate_proj, up_proj, down_proj = mellum2.in_compute_dtype(x, weights, gate_proj, up_proj, down_proj)
     return FusedMoE.apply(x.contiguous(), weights.contiguous(), experts, gate_proj, up_proj, down_proj)
 
@@ -429,6 +438,7 @@ def flash_attention(q, k, v, window=None, block_m=None, block_n=None):
     """Causal self-attention, each query seeing at most `window` keys (None: all before it), with
     the scale hd^-0.5: the same numbers as mellum2.sdpa_attend with the training mask.
     q (B, H, T, hd), k, v (B, Hkv, T, hd) -> (B, H, T, hd)."""
+    require_triton()
     q, k, v = mellum2.in_compute_dtype(q, k, v)
     return FlashAttention.apply(q, k, v, window, block_m, block_n)
 
@@ -453,17 +463,21 @@ def resolve_mode(mode=None, device=None):
     model on `device` (None: this machine's best). auto is triton for a model on a CUDA GPU with
     triton installed, else torch (a --device cpu run on a GPU machine included). Asking for triton
     where it cannot run is an error rather than a silent fallback."""
+    from_environment = not mode and os.environ.get("MELLUM2_KERNELS")
     mode = mode or os.environ.get("MELLUM2_KERNELS") or "auto"
+    # An error names where the mode came from: a variable set long ago in a shell profile included.
+    named = f"MELLUM2_KERNELS={mode}" if from_environment else f"kernel mode {mode!r}"
     if mode not in MODES:
-        raise ValueError(f"unknown kernel mode {mode!r}; choose one of {', '.join(MODES)}")
+        raise ValueError(f"unknown {named}; choose one of {', '.join(MODES)}")
     on_gpu = torch.cuda.is_available() if device is None else torch.device(device).type == "cuda"
     if mode == "auto":
         return "triton" if triton is not None and on_gpu else "torch"
     if mode == "triton" and triton is None:
-        raise ValueError("kernel mode 'triton' needs triton (pip install triton; Linux only)")
+        raise ValueError(f"{named} needs triton, which installs on Linux only (pip install triton); "
+                         "auto and torch run everywhere")
     if mode == "triton" and not on_gpu and not interpreting():
-        raise ValueError("kernel mode 'triton' needs a model on a CUDA GPU, or TRITON_INTERPRET=1 (set "
-                         "before importing kernels) to run the kernels slowly on the CPU")
+        raise ValueError(f"{named} needs a model on a CUDA GPU, or TRITON_INTERPRET=1 (set before "
+                         "importing kernels) to run the kernels slowly on the CPU")
     return mode
 
 

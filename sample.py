@@ -313,6 +313,7 @@ def check_args(args):
     for ok, message in problems:
         if not ok:
             raise ValueError(message)
+    kernels.resolve_mode(args.kernels, pick_device(args.device))  # before a model of many GB is loaded
 
 
 def build_prompt(args, vocab):

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 import data
 import evaluate
+import kernels
 import mellum2
 import sample
 import train
@@ -1562,6 +1563,22 @@ def test_resume_notes_changed_data(small_corpus, tmp_path, capsys):
     (corpus / "extra.py").write_text("def extra():\n    return 'new text'\n")
     train.train(run_args(str(corpus), tmp_path / "run", "--resume"))
     assert "note: the data changed since this run started" in capsys.readouterr().out
+
+
+def test_a_kernel_mode_this_machine_cannot_run_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
+    """As on Windows or macOS, where triton does not install: train.py refuses before building the
+    corpus, sample.py before loading a model that may take minutes to read."""
+    monkeypatch.setattr(kernels, "triton", None)
+    monkeypatch.setattr(data, "build_corpus", lambda *a, **k: pytest.fail("the corpus was built"))
+    monkeypatch.setattr(sample, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    for main, argv in [(train.main, ["--size", "tiny", "--out-dir", str(tmp_path / "run"), "--kernels", "triton"]),
+                       (sample.main, ["--init-from", str(tmp_path), "--kernels", "triton"])]:
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        err = capsys.readouterr().err.strip()
+        assert exit_info.value.code == 1 and len(err.splitlines()) == 1
+        assert "kernel mode 'triton' needs triton, which installs on Linux only" in err
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_run_folder_in_use_is_refused(tmp_path, capsys):

@@ -807,6 +807,7 @@ def long_context(settings, config):
 def train(args, stop_after=None):
     """The whole run. stop_after=N stops after N steps as Ctrl-C would (tests use it)."""
     rank, world, device = setup_distributed(args.device)
+    kernels.resolve_mode(args.kernels, device)  # a mode this machine cannot run stops here, before any work
     master = rank == 0
     say = print if master else (lambda *a, **k: None)
     sft = args.stage == "sft"
