@@ -1165,7 +1165,7 @@ def describe_eval(val, stage):
 #   r_it   = pi_train(theta) / pi_train(theta_old)              (the PPO ratio; clip-higher: DAPO)
 #   rho_it = pi_train(theta_old) / pi_infer(theta_old)          (trainer vs rollout engine)
 #   M(rho) = rho inside [0.5, 5], else 0                        (IcePop: drop the token, don't clip)
-#   N_tok  = every valid generated token of the batch           (token-level: DAPO); no KL term
+#   N_tok  = every valid generated token of the mini-batch      (token-level: DAPO); no KL term
 
 CLIP_LOW, CLIP_HIGH = 0.2, 0.28
 ICEPOP_BAND = (0.5, 5.0)
@@ -1185,8 +1185,8 @@ def icepop_weight(rho, band=ICEPOP_BAND):
 def grpo_loss(logp, logp_old, logp_infer, advantages, mask, n_tokens):
     """logp / logp_old / logp_infer (N, T): each sampled token's log-prob under the policy being
     trained, the trainer before this update, and the rollout engine; advantages (N,); mask (N, T)
-    1 on valid generated tokens. n_tokens: valid tokens of the whole batch (the normaliser, also
-    when the batch is split into micro-batches). Returns the loss and its statistics."""
+    1 on valid generated tokens. n_tokens: valid tokens of the optimizer step's whole mini-batch (the
+    normaliser, also when the mini-batch is split into micro-batches). Returns the loss and its statistics."""
     ratio = (logp - logp_old).exp()
     weight = icepop_weight((logp_old - logp_infer).exp()).detach()
     A = advantages[:, None]
@@ -1560,7 +1560,8 @@ def parse_args(argv=None):
     g = p.add_argument_group("run")
     g.add_argument("--size", default="tiny", choices=list(RUNS),
                    help="model preset and its run settings (default: tiny)")
-    g.add_argument("--out-dir", help="folder for ckpt.pt and metrics.jsonl (default: out/SIZE)")
+    g.add_argument("--out-dir", help="folder for ckpt.pt and metrics.jsonl (default: out/SIZE, out/SIZE-long, "
+                   "out/SIZE-sft-VARIANT, out/SIZE-grpo-VARIANT by --stage)")
     g.add_argument("--resume", action="store_true", help="continue the run in --out-dir exactly where it stopped")
     g.add_argument("--init-from", metavar="DIR",
                    help="start from these weights: a run folder of ours or a Hugging Face directory")
