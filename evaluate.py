@@ -127,7 +127,8 @@ def print_table(results, file=None):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--init-from", default="out/tiny", help="a train.py run folder, or a Hugging Face directory of ours (exported with save_pretrained)")
+    p.add_argument("--init-from", default="out/tiny",
+                   help="a train.py run folder, or a Hugging Face directory of ours (exported with save_pretrained)")
     p.add_argument("--json", metavar="PATH", help="also write the results here as JSON")
     p.add_argument("--n", type=int, default=64, help="problems per task (default 64)")
     p.add_argument("--device", help="cpu, cuda, mps (default: the best available)")
