@@ -148,25 +148,30 @@ def main(argv=None):
             if not name.endswith(".json") or name == "config.json" or not os.path.isdir(folder) \
                     or os.path.isdir(args.json):
                 raise ValueError(f"--json {args.json}: give a .json file (not config.json) in an existing folder")
+            if not os.access(folder, os.W_OK):  # found now, not after minutes of evaluation
+                raise ValueError(f"--json {args.json}: cannot write in {folder}")
         model, vocab = sample.load_model(args.init_from, args.device)
         if isinstance(vocab.enc, sample.HFTokenizer):
             raise ValueError("evaluate.py scores models that speak this project's tokenizer")
         corpus = data.build_corpus(progress=False)
         started = time.time()
         results = evaluate(model, corpus, args.n)
-        if args.json is not None:  # first: a failing terminal must not lose the results
-            def write(tmp):
-                with open(tmp, "w") as f:
-                    json.dump(results, f, indent=1)
-            try:
-                data.write_atomically(args.json, write)
-            except OSError as e:
-                raise ValueError(f"cannot write {args.json}: {e.strerror or e}") from None
     except (ValueError, CheckpointError, data.DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
         sys.exit(130)
+    # Each output is tried whatever became of the other: a full disk must not lose the table, nor a
+    # closed terminal the JSON file.
+    failed = None
+    if args.json is not None:
+        def write(tmp):
+            with open(tmp, "w") as f:
+                json.dump(results, f, indent=1)
+        try:
+            data.write_atomically(args.json, write)
+        except OSError as e:
+            failed = f"cannot write {args.json}: {e.strerror or e}"
     try:
         print(f"{args.init_from}: {time.time() - started:.0f} s")
         print_table(results)
@@ -174,7 +179,9 @@ def main(argv=None):
     except BrokenPipeError:
         sample.on_closed_pipe()
     except OSError as e:
-        print(f"error: cannot write the results to the standard output: {e.strerror or e}", file=sys.stderr)
+        failed = failed or f"cannot write the results to the standard output: {e.strerror or e}"
+    if failed:
+        print(f"error: {failed}", file=sys.stderr)
         sys.exit(1)
 
 

@@ -86,6 +86,8 @@ def load_model(init_from, device=None):
     else:
         enc, n_vocab = data.load_tokenizer(), data.VOCAB_SIZE
         vocab = Vocabulary(enc, data.SPECIAL_TOKENS, {data.EOT})
+    if not all(torch.isfinite(p).all() for p in model.parameters()):  # a run that diverged, or a damaged file
+        raise CheckpointError(f"{init_from}: the weights hold NaN or infinite values")
     if n_vocab > model.config.vocab_size:
         raise CheckpointError(f"{init_from}: the tokenizer has {n_vocab} tokens, the model only "
                               f"{model.config.vocab_size}")

@@ -1374,6 +1374,10 @@ def test_a_resumed_run_may_split_its_steps_into_smaller_micro_batches(small_corp
         err = capsys.readouterr().err.strip()
         assert exit_info.value.code == 1 and len(err.splitlines()) == 1
         assert err.startswith("error: out of memory") and "--resume --micro-batch N" in err
+    monkeypatch.setattr(train, "grpo", lambda args: train.train(args))  # GRPO takes none of those flags
+    with pytest.raises(SystemExit):
+        train.main(["--stage", "grpo", "--init-from", str(tmp_path), "--out-dir", str(tmp_path / "oom")])
+    assert capsys.readouterr().err.strip().endswith("): a smaller --group-size needs less")
     monkeypatch.undo()
 
     straight = train.train(run_args(small_corpus, tmp_path / "a", "--max-steps", "4"))
@@ -1483,6 +1487,8 @@ def test_a_stop_request_in_the_last_step_lets_the_run_finish(small_corpus, tmp_p
     (["--resume", "--out-dir", "{tmp}/corrupt"], "unreadable checkpoint"),
     (["--resume", "--out-dir", "{tmp}/foreign"], "not a train.py checkpoint"),
     (["--resume", "--stage", "sft", "--out-dir", "{tmp}/unfinished"], "resume it with --stage pretrain"),
+    (["--resume", "--stage", "sft", "--variant", "thinking", "--out-dir", "{tmp}/instruct"],
+     "holds a run of the instruct variant: resume it with --variant instruct"),
     (["--out-dir", "{tmp}/unfinished"], "holds an unfinished run (step 3 of 10)"),
     (["--out-dir", "{tmp}/a-file"], "is a file"),
     (["--stage", "sft", "--init-from", "{tmp}/nothing", "--out-dir", "{tmp}/sft"], "no such folder"),
@@ -1521,6 +1527,9 @@ def test_bad_input_gives_one_line_and_a_nonzero_exit(argv, message, tmp_path, ca
                           {"stage": "pretrain", "steps": 10})
     (tmp_path / "blocked" / "ckpt.pt").mkdir(parents=True)
     (tmp_path / "a-file").write_text("")
+    (tmp_path / "instruct").mkdir()
+    train.save_checkpoint(tmp_path / "instruct" / "ckpt.pt", Mellum2(SMALL), [], 3,
+                          {"stage": "sft", "variant": "instruct", "steps": 10})
 
     def left():  # a run folder's .lock may stay: it is how train.py tells a folder is in use
         return sorted(p for p in tmp_path.rglob("*") if p.name != ".lock")
@@ -1530,6 +1539,16 @@ def test_bad_input_gives_one_line_and_a_nonzero_exit(argv, message, tmp_path, ca
     err = capsys.readouterr().err.strip()
     assert exit_info.value.code != 0 and message in err and len(err.splitlines()) == 1
     assert left() == before  # not even an empty run folder is left behind
+
+
+@pytest.mark.parametrize("mmap", [False, True])
+def test_a_file_that_is_no_checkpoint_is_called_that(tmp_path, mmap):
+    train.save_checkpoint(tmp_path / "ckpt.pt", Mellum2(SMALL), [], 1, {})
+    whole = (tmp_path / "ckpt.pt").read_bytes()
+    for damaged in (b"", b"step: 12\n", whole[:len(whole) // 2]):  # empty, text, truncated
+        (tmp_path / "ckpt.pt").write_bytes(damaged)
+        with pytest.raises(CheckpointError, match="unreadable checkpoint \\(not a zip archive as torch.save writes"):
+            train.load_checkpoint(tmp_path / "ckpt.pt", mmap=mmap)
 
 
 def test_a_checkpoint_of_another_tokenizer_is_refused(tmp_path):
@@ -1913,6 +1932,7 @@ def test_sampling_distribution_equals_transformers_warpers(temperature, top_k, t
     (["--max-new-tokens", "0"], "--max-new-tokens"),
     (["--init-from", "{tmp}/foreign"], "not a train.py checkpoint"),
     (["--init-from", "{tmp}/mismatch"], "ckpt.pt: its weights do not fit its config"),
+    (["--init-from", "{tmp}/diverged"], "diverged: the weights hold NaN or infinite values"),
     (["--init-from", "{tmp}/bad-config"], "config.json: unreadable"),
     (["--init-from", "{tmp}/bad-tokenizer"], "unreadable tokenizer"),
     (["--chat", "--start", ""], "the prompt is empty"),
@@ -1935,6 +1955,10 @@ def test_sample_bad_input(argv, message, tmp_path, capsys):
     state = torch.load(tmp_path / "mismatch" / "ckpt.pt")
     state["config"]["n_layer"] = 2  # weights of 4 layers under a config of 2
     torch.save(state, tmp_path / "mismatch" / "ckpt.pt")
+    diverged = Mellum2(replace(SMALL, vocab_size=data.VOCAB_SIZE))
+    diverged.lm_head.weight.data[3, 5] = float("nan")
+    (tmp_path / "diverged").mkdir()
+    train.save_checkpoint(tmp_path / "diverged" / "ckpt.pt", diverged, [], 0, {})
     Mellum2(Mellum2Config.from_preset("tiny")).save_pretrained(tmp_path / "model")
     for damaged, name, text in [("bad-config", "config.json", '{"model_type": "mellum", "layer_types": ["x"]}'),
                                 ("bad-tokenizer", "tokenizer.json", "garbage")]:
@@ -2129,23 +2153,34 @@ def test_passkey_prompts_and_scoring():
 def test_long_stage_trains_from_a_checkpoint(small_corpus, tmp_path):
     train.train(run_args(small_corpus, tmp_path / "base", "--max-steps", "2"))
     model = train.train(run_args(small_corpus, tmp_path / "long", "--stage", "long", "--init-from",
-                                 str(tmp_path / "base"), "--max-steps", "2", "--context", "512"))
+                                 str(tmp_path / "base"), "--max-steps", "2", "--context", "512", "--aux-coef", "0.05"))
     assert model.config.max_seq_len == 512 and model.config.yarn_factor == 2.0
+    assert model.config.aux_loss_coef == 0.05  # the run's, not that of the checkpoint it starts from
     assert model.config.yarn_original_max_seq_len == 256 and model.config.yarn_layers == "full"
     last = json.loads((tmp_path / "long" / "metrics.jsonl").read_text().splitlines()[-1])
     assert sorted(map(int, last["long_context_eval"])) == [256, 512, 1024, 2048]
+    # Started with another run's settings (a --compare variant begun on resuming), the flags don't count.
+    settings = train.load_checkpoint(tmp_path / "long" / "ckpt.pt")["settings"]
+    train.train(run_args(small_corpus, tmp_path / "theta", "--stage", "long", "--rope-variant", "theta",
+                         "--max-steps", "5"), stop_after=1, settings_of=settings)
+    assert train.load_checkpoint(tmp_path / "theta" / "ckpt.pt")["settings"] == {**settings, "rope_variant": "theta"}
 
 
 def test_an_interrupted_compare_resumes_the_variants_it_started(tmp_path, monkeypatch):
-    """--compare --resume continues the variants that have a checkpoint and starts the others."""
+    """--compare --resume continues the variants that have a checkpoint and starts the others with
+    their settings, not with the flags of the resuming command."""
     (tmp_path / "selective-yarn").mkdir()
-    (tmp_path / "selective-yarn" / "ckpt.pt").write_bytes(b"")
+    begun = {"stage": "long", "steps": 2, "context": 512, "rope_variant": "selective-yarn"}
+    train.save_checkpoint(tmp_path / "selective-yarn" / "ckpt.pt", Mellum2(SMALL), [], 1, begun)
     calls = []
-    monkeypatch.setattr(train, "train", lambda args: calls.append((args.rope_variant, args.resume)))
+    monkeypatch.setattr(train, "train", lambda args, settings_of: calls.append((args.rope_variant, args.resume,
+                                                                                settings_of)))
     monkeypatch.setattr(train, "rope_comparison", lambda base_dir: {"selective-yarn": {256: (4.0, 0.0)}})
     train.compare_rope_variants(train.parse_args(["--stage", "long", "--compare", "--resume", "--out-dir",
-                                                  str(tmp_path)]))
-    assert calls == [("selective-yarn", True), ("all-yarn", False), ("theta", False), ("unchanged", False)]
+                                                  str(tmp_path), "--max-steps", "1"]))
+    assert [(v, resume) for v, resume, _ in calls] == \
+        [("selective-yarn", True), ("all-yarn", False), ("theta", False), ("unchanged", False)]
+    assert all(settings == begun for _, _, settings in calls)
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -2261,6 +2296,26 @@ def test_evaluate_writes_the_json_even_when_the_terminal_fails(tmp_path, monkeyp
         evaluate.main(["--json", str(tmp_path / "results.json")])
     assert exit_info.value.code == 1 and "standard output" in capsys.readouterr().err
     assert json.loads((tmp_path / "results.json").read_text()) == {"passkey": 0.5}
+
+
+def test_evaluate_prints_the_table_even_when_the_json_cannot_be_written(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(evaluate.sample, "load_model", lambda *a: (None, sample.Vocabulary(None, {}, set())))
+    monkeypatch.setattr(evaluate.data, "build_corpus", lambda **k: None)
+    monkeypatch.setattr(evaluate, "evaluate", lambda *a: {"passkey": 0.5})
+    monkeypatch.setattr(os, "access", lambda path, mode: False)  # a read-only folder: refused before any work
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main(["--json", str(tmp_path / "results.json")])
+    assert exit_info.value.code == 1 and "cannot write in" in capsys.readouterr().err
+    monkeypatch.setattr(os, "access", lambda path, mode: True)
+
+    def full_disk(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(evaluate.data, "write_atomically", full_disk)
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main(["--json", str(tmp_path / "results.json")])
+    out, err = capsys.readouterr()
+    assert exit_info.value.code == 1 and "passkey" in out and "No space left on device" in err
 
 
 def test_plot_series_come_from_the_metrics(tmp_path, capsys, monkeypatch):

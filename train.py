@@ -41,6 +41,7 @@ import random
 import signal
 import sys
 import time
+import zipfile
 
 import torch
 import torch.distributed as dist
@@ -514,6 +515,9 @@ def load_checkpoint(path, mmap=False):
     reading them, for a look at the step and settings (a 12B run's checkpoint is about 100 GB)."""
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no checkpoint there")
+    if not zipfile.is_zipfile(path):  # said plainly: torch.load's own errors for these suggest re-saving the file
+        raise CheckpointError(f"{path}: unreadable checkpoint (not a zip archive as torch.save writes: truncated, "
+                              f"damaged, or another kind of file)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError:
@@ -559,6 +563,9 @@ def resumed_run(args, out_dir, say):
     saved = state["settings"].get("stage", "pretrain")
     if saved != args.stage:
         raise ValueError(f"{out_dir} holds a {saved} run: resume it with --stage {saved}")
+    variant = state["settings"].get("variant")
+    if "--variant" in flags_given(args) and args.variant != variant:
+        raise ValueError(f"{out_dir} holds a run of the {variant} variant: resume it with --variant {variant}")
     say(f"resuming {ckpt_path} at step {state['step']} with the settings it was started with")
     ignored = flags_given(args) - {"--resume", "--out-dir", "--stage", "--variant", "--size", "--device",
                                    "--kernels", "--rope-variant", "--micro-batch"}
@@ -804,8 +811,10 @@ def long_context(settings, config):
     return given(settings["context"], 4 * config.max_seq_len)
 
 
-def train(args, stop_after=None):
-    """The whole run. stop_after=N stops after N steps as Ctrl-C would (tests use it)."""
+def train(args, stop_after=None, settings_of=None):
+    """The whole run. stop_after=N stops after N steps as Ctrl-C would (tests use it). settings_of: the
+    settings of another run to start this one with (--compare --resume: a variant not begun yet
+    takes those of the ones that were, whatever flags the resuming command gives)."""
     rank, world, device = setup_distributed(args.device)
     kernels.resolve_mode(args.kernels, device)  # a mode this machine cannot run stops here, before any work
     master = rank == 0
@@ -822,6 +831,8 @@ def train(args, stop_after=None):
         # loss, taken per micro-batch), and it is how a run that ran out of memory goes on.
         if args.micro_batch is not None:
             settings["micro_batch"] = args.micro_batch
+    elif settings_of:
+        settings = {**settings_of, "rope_variant": args.rope_variant}
     else:
         run = {"long": LONG_RUNS, "sft": SFT_RUNS}.get(args.stage, RUNS)[args.size]
         batch_size, steps = given(args.batch_size, run.batch_size), given(args.max_steps, preset_steps(run, args))
@@ -877,8 +888,9 @@ def train(args, stop_after=None):
                                           s["yarn_factor"], s["rope_variant"]))
         raw.load_state_dict(pretrained.state_dict())
         s["original_context"] = pretrained.config.max_seq_len
-    if sft:  # §5.1.2: the balance loss at a tenth of pre-training's
-        raw.config = dataclasses.replace(raw.config, aux_loss_coef=s["aux_coef"])
+    # The run's balance-loss coefficient, not that of the weights it starts from (§5.1.2: SFT's is a
+    # tenth of pre-training's; --aux-coef sets any stage's).
+    raw.config = dataclasses.replace(raw.config, aux_loss_coef=s["aux_coef"])
     config = raw.config
     if config.vocab_size != data.VOCAB_SIZE:
         raise CheckpointError(f"the model's vocabulary ({config.vocab_size}) is not the tokenizer's "
@@ -1028,14 +1040,17 @@ def compare_rope_variants(args):
     """--stage long --compare: every RoPE variant trained from the same checkpoint on the same tokens,
     then one table, a miniature of the report's Fig. 7."""
     base_dir = run_folder(args)
-    if args.resume and not any(os.path.isfile(os.path.join(base_dir, v, "ckpt.pt")) for v in ROPE_VARIANTS):
+    checkpoints = [os.path.join(base_dir, v, "ckpt.pt") for v in ROPE_VARIANTS]
+    begun = [path for path in checkpoints if os.path.isfile(path)] if args.resume else []
+    if args.resume and not begun:
         raise ValueError(f"{base_dir}: no --compare run to resume there (its variants' folders hold no checkpoint)")
+    # The variants not begun yet start with the settings of those that were, so that all of them
+    # train on the same tokens for the same steps, whatever flags the resuming command gives.
+    settings = load_checkpoint(begun[0], mmap=True)["settings"] if begun else None
     start = time.time()
-    for variant in ROPE_VARIANTS:
-        out_dir = os.path.join(base_dir, variant)
-        resume = args.resume and os.path.isfile(os.path.join(out_dir, "ckpt.pt"))  # the later ones start fresh
-        train(argparse.Namespace(**{**vars(args), "rope_variant": variant, "out_dir": out_dir, "compare": False,
-                                    "resume": resume}))
+    for variant, path in zip(ROPE_VARIANTS, checkpoints):
+        train(argparse.Namespace(**{**vars(args), "rope_variant": variant, "out_dir": os.path.dirname(path),
+                                    "compare": False, "resume": path in begun}), settings_of=settings)
     table = rope_comparison(base_dir)
     lengths = list(next(iter(table.values())))
     print(f"\nlong-context comparison, {time.time() - start:.0f} s: validation loss (code) / passkey accuracy")
@@ -1714,9 +1729,10 @@ def main(argv=None):
             sys.exit(1)
         if not out_of_memory(e):
             raise
-        print(f"error: out of memory ({one_line(e)[:160]}): a smaller --micro-batch or --batch-size needs "
-              f"less; an interrupted run continues from its last checkpoint with --resume --micro-batch N",
-              file=sys.stderr)
+        advice = "a smaller --group-size needs less" if args.stage == "grpo" else \
+            "a smaller --micro-batch or --batch-size needs less; an interrupted run continues from its last " \
+            "checkpoint with --resume --micro-batch N"
+        print(f"error: out of memory ({one_line(e)[:160]}): {advice}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:  # the checkpoint is already written (or no step had run yet)
         sys.exit(130)
