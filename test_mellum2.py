@@ -1346,6 +1346,16 @@ def test_a_data_folder_with_nothing_usable_is_reported(small_corpus, tmp_path, c
     assert "skipped in --data: 1 empty folder" in capsys.readouterr().out
 
 
+def test_a_replacement_stopped_before_its_first_checkpoint_keeps_the_finished_run(small_corpus, tmp_path, capsys):
+    train.train(run_args(small_corpus, tmp_path, "--max-steps", "2"))
+    finished = {name: (tmp_path / name).read_bytes() for name in ("ckpt.pt", "metrics.jsonl")}
+    train.train(run_args(small_corpus, tmp_path, "--max-steps", "8"), stop_after=3)  # as Ctrl-C at step 3
+    assert {name: (tmp_path / name).read_bytes() for name in finished} == finished
+    assert f"before this run's first checkpoint: {tmp_path} keeps the finished run" in capsys.readouterr().err
+    train.train(run_args(small_corpus, tmp_path, "--max-steps", "3"), stop_after=3)  # its last step: done
+    assert train.load_checkpoint(tmp_path / "ckpt.pt")["settings"]["steps"] == 3
+
+
 def test_resume_continues_exactly(small_corpus, tmp_path, capsys):
     straight = train.train(run_args(small_corpus, tmp_path / "a", "--max-steps", "6"))
     train.train(run_args(small_corpus, tmp_path / "b", "--max-steps", "6"), stop_after=3)

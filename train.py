@@ -726,6 +726,19 @@ class MetricsLog:
         self.waiting = None
 
 
+def keeps_the_replaced_run(log, stopping, step, steps, ckpt_every):
+    """Whether a run stopped at `step` (Ctrl-C) writes no checkpoint: it is replacing a finished run
+    and has not reached its first one. The finished model outlives a replacement stopped early,
+    perhaps by someone who read the note that it was being replaced."""
+    return stopping and log.waiting is not None and step % ckpt_every != 0 and step != steps
+
+
+def stopped_message(step, out_dir, kept_replaced):
+    if kept_replaced:
+        return f"stopped at step {step}, before this run's first checkpoint: {out_dir} keeps the finished run"
+    return f"stopped at step {step}; checkpoint {os.path.join(out_dir, 'ckpt.pt')}; continue with --resume"
+
+
 def parsed_jsonl(line):
     """One metrics record, or None for a line that is not one: cut short by a crash in the middle
     of writing it, or edited."""
@@ -996,12 +1009,14 @@ def train(args, stop_after=None, settings_of=None):
                             f"z {parts['z']:.2f} | lr {lr:.2e} | {phase} | load max/mean {balance:.2f} | "
                             f"{speed:,.0f} tok/s", elapsed / (step - start_step) * (s["steps"] - step))
             interrupted = stop.all_agree() and step < s["steps"]  # in the last step: the run is done anyway
-            if master and (step % s["ckpt_every"] == 0 or step == s["steps"] or interrupted or step == stop_after):
+            stopping = interrupted or step == stop_after
+            keep_replaced = master and keeps_the_replaced_run(log, stopping, step, s["steps"], s["ckpt_every"])
+            if master and (step % s["ckpt_every"] == 0 or step == s["steps"] or stopping) and not keep_replaced:
                 save_checkpoint(ckpt_path, raw, optimizers, step, s, tokens=tokens_seen,
                                 corpus=corpus.folder.name if corpus else None)
                 log.checkpoint_written()
-            if interrupted or step == stop_after:
-                progress.message(f"stopped at step {step}; checkpoint {ckpt_path}; continue with --resume")
+            if stopping:
+                progress.message(stopped_message(step, out_dir, keep_replaced))
                 if interrupted:
                     raise KeyboardInterrupt
                 return raw
@@ -1513,12 +1528,14 @@ def grpo(args, stop_after=None):
                             f"{record['rollouts_per_s']:.1f} rollouts/s", elapsed / (step - step_at_start) *
                             (s["steps"] - step))
             interrupted = stop.requested and step < s["steps"]
-            if step % run.ckpt_every == 0 or step == s["steps"] or interrupted or step == stop_after:
+            stopping = interrupted or step == stop_after
+            keep_replaced = keeps_the_replaced_run(log, stopping, step, s["steps"], run.ckpt_every)
+            if (step % run.ckpt_every == 0 or step == s["steps"] or stopping) and not keep_replaced:
                 policies = {i: (v, w) for i, (v, w, _) in worker.pending.items()}
                 save_checkpoint(ckpt_path, raw, optimizers, step, s, rollout_policies=policies)
                 log.checkpoint_written()
-            if interrupted or step == stop_after:
-                progress.message(f"stopped at step {step}; checkpoint {ckpt_path}; continue with --resume")
+            if stopping:
+                progress.message(stopped_message(step, out_dir, keep_replaced))
                 if interrupted:
                     raise KeyboardInterrupt
                 return raw
