@@ -346,6 +346,18 @@ def main(argv=None):
     except (ValueError, mellum2.CheckpointError, data.DataError) as e:  # bad counts, a missing checkpoint or tokenizer
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    except (RuntimeError, MemoryError) as e:
+        import train
+        if not train.out_of_memory(e):
+            raise
+        print(f"error: out of memory ({train.one_line(e)[:160]}): a smaller --batch or --size needs less",
+              file=sys.stderr)
+        sys.exit(1)
+    except BrokenPipeError:  # python bench.py params | head
+        import sample
+        sample.on_closed_pipe()
+    except KeyboardInterrupt:
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -2411,6 +2411,23 @@ def test_bench_bad_input(argv, message, capsys):
     assert exit_info.value.code == 1 and message in err and len(err.splitlines()) == 1
 
 
+@pytest.mark.parametrize("error,code,message", [
+    (RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 9 GB"), 1,
+     "error: out of memory (RuntimeError: DefaultCPUAllocator"),
+    (KeyboardInterrupt(), 130, ""),
+])
+def test_bench_stops_with_one_line(error, code, message, monkeypatch, capsys):
+    import bench
+
+    def fail():
+        raise error
+    monkeypatch.setattr(bench, "params", fail)
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["params"])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == code and err.startswith(message) and len(err.splitlines()) <= 1
+
+
 def test_readme_line_anchors_point_at_what_they_name():
     here = os.path.dirname(os.path.abspath(__file__))
     links = re.findall(r"\[`(\w+\.py): (\w+)`\]\((\w+\.py)#L(\d+)\)", open(os.path.join(here, "README.md")).read())
