@@ -1561,6 +1561,15 @@ def test_a_file_that_is_no_checkpoint_is_called_that(tmp_path, mmap):
             train.load_checkpoint(tmp_path / "ckpt.pt", mmap=mmap)
 
 
+def test_a_resumed_run_restores_every_optimizer_or_stops():
+    model = Mellum2(SMALL)
+    saved = [opt.state_dict() for opt in train.build_optimizers(model, 1e-3)]
+    with pytest.raises(CheckpointError, match="holds 0 optimizer states, this run has 2"):
+        train.restore_optimizers(train.build_optimizers(model, 1e-3), {"optimizers": []})
+    with pytest.raises(CheckpointError, match="optimizer state does not fit this run"):  # AdamW's for Muon's
+        train.restore_optimizers(train.build_optimizers(model, 1e-3), {"optimizers": saved[::-1]})
+
+
 def test_a_checkpoint_of_another_tokenizer_is_refused(tmp_path):
     train.save_checkpoint(tmp_path / "ckpt.pt", Mellum2(SMALL), [], 1, {})
     state = torch.load(tmp_path / "ckpt.pt")

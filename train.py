@@ -542,6 +542,19 @@ def load_checkpoint(path, mmap=False):
     return state
 
 
+def restore_optimizers(optimizers, state):
+    """Each optimizer's state from a checkpoint being resumed; one missing or of another shape would
+    make the run go on with fresh moments, no longer exactly as it would have."""
+    saved = state["optimizers"]
+    if len(saved) != len(optimizers):
+        raise CheckpointError(f"the checkpoint holds {len(saved)} optimizer states, this run has {len(optimizers)}")
+    for optimizer, optimizer_state in zip(optimizers, saved):
+        try:
+            optimizer.load_state_dict(optimizer_state)
+        except (ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"the checkpoint's optimizer state does not fit this run ({one_line(e)})") from None
+
+
 def model_from_checkpoint(state):
     """The model of a checkpoint from load_checkpoint, which made sure its weights fit its config."""
     model = Mellum2(Mellum2Config(**state["config"]))
@@ -926,8 +939,7 @@ def train(args, stop_after=None, settings_of=None):
     optimizers = build_optimizers(raw, s["lr"], optimizer=s["optimizer"])
     start_step = 0
     if resumed:
-        for opt, state in zip(optimizers, resumed["optimizers"]):
-            opt.load_state_dict(state)
+        restore_optimizers(optimizers, resumed)
         rng = resumed["rng"]
         torch.set_rng_state(rng["torch"])
         random.setstate(rng["python"])
@@ -1452,8 +1464,7 @@ def grpo(args, stop_after=None):
     optimizers = build_optimizers(raw, s["lr"], weight_decay=0.01, optimizer="adamw", betas=(0.9, 0.999))
     step = 0
     if resumed:
-        for opt, state in zip(optimizers, resumed["optimizers"]):
-            opt.load_state_dict(state)
+        restore_optimizers(optimizers, resumed)
         step = resumed["step"]
     if step >= s["steps"]:  # --resume of a finished run: it gave its summary when it finished
         print(f"the run in {out_dir} had finished all {step} GRPO batches: nothing to do")
