@@ -163,7 +163,7 @@ def dense_config(config):
 
 def pick_device(requested=None):
     """The device to run on: the one asked for, else CUDA, then Apple's MPS, then the CPU."""
-    if requested:
+    if requested is not None:  # an empty --device "" is a mistake, not a request for the default
         try:
             device = torch.device(requested)
         except RuntimeError:

@@ -1962,6 +1962,7 @@ def test_sampling_distribution_equals_transformers_warpers(temperature, top_k, t
     (["--stop", ""], "--stop needs"),
     (["--seed", "99999999999999999999999"], "--seed"),
     (["--device", "nonsense"], "unknown device"),
+    (["--device", ""], "unknown device ''"),
     (["--device", "cuda:64"], "not available"),
 ])
 def test_sample_bad_input(argv, message, tmp_path, capsys):
