@@ -1626,6 +1626,11 @@ def test_a_run_folder_in_use_is_refused(tmp_path, capsys):
     assert exit_info.value.code == 1 and "in use by another train.py run" in capsys.readouterr().err
     with train.run_folder_lock(str(tmp_path)):  # released when the holder is done
         pass
+    # A checkpoint half written by a killed process is cleared away by the next run; other files stay.
+    for name in ("ckpt.pt.tmp4242", "metrics.jsonl.tmp17", "notes.tmp", "ckpt.pt"):
+        (tmp_path / name).write_text("x")
+    with train.run_folder_lock(str(tmp_path)):
+        assert sorted(os.listdir(tmp_path)) == [".lock", "ckpt.pt", "notes.tmp"]
 
 
 def test_micro_batches_add_up_to_one_step_when_rows_hold_different_numbers_of_targets():

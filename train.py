@@ -1725,6 +1725,12 @@ def run_folder_lock(out_dir):
                     fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
                 raise ValueError(f"{out_dir} is in use by another train.py run") from None
+            # What a process killed while writing left (SIGKILL skips data.write_atomically's clean-up);
+            # with the lock held, no other run is writing them.
+            for name in os.listdir(out_dir):
+                before, tmp, pid = name.rpartition(".tmp")
+                if before and tmp and pid.isdigit():
+                    os.remove(os.path.join(out_dir, name))
             yield
     finally:
         if created and os.listdir(out_dir) == [".lock"]:  # refused before writing anything: leave no trace
