@@ -1412,7 +1412,8 @@ def test_a_checkpoint_that_cannot_be_written_leaves_the_last_one(tmp_path, monke
         raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64")
 
     monkeypatch.setattr(torch, "save", disk_full)
-    with pytest.raises(CheckpointError, match="cannot write the checkpoint"):
+    monkeypatch.setattr(shutil, "disk_usage", lambda folder: types.SimpleNamespace(free=2**21))
+    with pytest.raises(CheckpointError, match="cannot write the checkpoint .*unexpected pos 64; 2 MiB free there"):
         train.save_checkpoint(path, Mellum2(SMALL), [], 2, {"stage": "pretrain", "steps": 2})
     assert os.listdir(tmp_path) == ["ckpt.pt"] and train.load_checkpoint(path)["step"] == 1
 

@@ -38,6 +38,7 @@ import math
 import os
 import pickle
 import random
+import shutil
 import signal
 import sys
 import time
@@ -492,8 +493,10 @@ def save_checkpoint(path, model, optimizers, step, settings, tokens=0, **extra):
     try:
         data.write_atomically(path, lambda tmp: torch.save(state, tmp))
     except (OSError, RuntimeError) as e:  # a full disk; torch.save reports it as a RuntimeError
-        raise CheckpointError(f"{path}: cannot write the checkpoint ({one_line(e)}); the previous one, if "
-                              f"any, is intact") from None
+        # whose words ("unexpected pos ...") do not say so: the free space there does.
+        free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
+        raise CheckpointError(f"{path}: cannot write the checkpoint ({one_line(e)}; {free / 2**20:,.0f} MiB free "
+                              f"there); the previous one, if any, is intact") from None
 
 
 CHECKPOINT_KEYS = {"model", "optimizers", "step", "config", "settings"}
