@@ -1516,7 +1516,7 @@ def test_a_stop_request_in_the_last_step_lets_the_run_finish(small_corpus, tmp_p
     (["--lr", "inf"], "--lr must be positive and finite"),
     (["--aux-coef", "nan"], "--aux-coef"),
     (["--yarn-factor", "inf", "--stage", "long", "--init-from", "{tmp}/finished"], "--yarn-factor"),
-    (["--stage", "long", "--init-from", "{tmp}/finished", "--context", "1000000"], "too long for a vocabulary of"),
+    (["--stage", "long", "--init-from", "{tmp}/finished", "--context", "1000000"], "too long for a vocabulary of 4096"),
     (["--out-dir", ""], "--out-dir needs a folder name"),
     (["--init-from", "{tmp}/finished", "--dense"], "--dense and --no-mtp shape a fresh model"),
     (["--data", ""], "--data needs a folder name"),

@@ -380,9 +380,6 @@ def long_context_config(config, context, yarn_factor=None, variant="selective-ya
         raise ValueError("this model's context was extended already (its config has YaRN)")
     if context <= original:
         raise ValueError(f"--context {context} must be longer than the model's pre-training context ({original})")
-    if data.min_unique_tokens(context) > config.vocab_size:  # no sequence could pass the §3.3 filter
-        raise ValueError(f"--context {context} is too long for a vocabulary of {config.vocab_size}: the data filter "
-                         f"keeps sequences with 1% distinct tokens, here {data.min_unique_tokens(context):,}")
     if yarn_factor < 1.0:
         raise ValueError(f"--yarn-factor must be at least 1, got {yarn_factor}")
     longer = dataclasses.replace(config, max_seq_len=context)
@@ -1598,6 +1595,9 @@ def check_settings(s, world):
          f"--micro-batch {s['micro_batch']}"),
         (s["batch_size"] % (2 * world) == 0,
          f"--batch-size {s['batch_size']} must split evenly over {world} process(es), also at half size while ramping"),
+        (not s.get("context") or data.min_unique_tokens(s["context"]) <= data.VOCAB_SIZE,  # no text could pass §3.3
+         f"--context {s.get('context')} is too long for a vocabulary of {data.VOCAB_SIZE}: the data filter keeps "
+         f"sequences with 1% distinct tokens"),
     ]
     for ok, message in problems:
         if not ok:
