@@ -1563,6 +1563,18 @@ def test_a_file_that_is_no_checkpoint_is_called_that(tmp_path, mmap):
             train.load_checkpoint(tmp_path / "ckpt.pt", mmap=mmap)
 
 
+def test_a_checkpoint_with_a_part_missing_or_of_another_type_is_refused(tmp_path):
+    train.save_checkpoint(tmp_path / "ckpt.pt", Mellum2(SMALL), [], 1, {})
+    whole = torch.load(tmp_path / "ckpt.pt")
+    for key, value in [("step", "1"), ("settings", None), ("rng", None), ("optimizers", {})]:
+        state = {k: v for k, v in whole.items() if k != key}
+        if value is not None:
+            state[key] = value
+        torch.save(state, tmp_path / "ckpt.pt")
+        with pytest.raises(CheckpointError, match="not a train.py checkpoint .*step \\(int\\)"):
+            train.load_checkpoint(tmp_path / "ckpt.pt")
+
+
 def test_a_resumed_run_restores_every_optimizer_or_stops():
     model = Mellum2(SMALL)
     saved = [opt.state_dict() for opt in train.build_optimizers(model, 1e-3)]

@@ -499,7 +499,8 @@ def save_checkpoint(path, model, optimizers, step, settings, tokens=0, **extra):
                               f"there); the previous one, if any, is intact") from None
 
 
-CHECKPOINT_KEYS = {"model", "optimizers", "step", "config", "settings"}
+# What save_checkpoint writes that every reader relies on, and its type.
+CHECKPOINT_KEYS = {"model": dict, "optimizers": list, "step": int, "config": dict, "settings": dict, "rng": dict}
 
 
 def one_line(error):
@@ -528,8 +529,9 @@ def load_checkpoint(path, mmap=False):
                               f"and strings: an older train.py's, or not ours; loading those could run code)") from None
     except Exception as e:  # torch.load raises many types for truncated or foreign files
         raise CheckpointError(f"{path}: unreadable checkpoint ({one_line(e)})") from None
-    if not isinstance(state, dict) or not CHECKPOINT_KEYS <= set(state):
-        raise CheckpointError(f"{path}: not a train.py checkpoint (those hold {', '.join(sorted(CHECKPOINT_KEYS))})")
+    if not isinstance(state, dict) or not all(isinstance(state.get(k), t) for k, t in CHECKPOINT_KEYS.items()):
+        raise CheckpointError(f"{path}: not a train.py checkpoint (those hold "
+                              f"{', '.join(f'{k} ({t.__name__})' for k, t in CHECKPOINT_KEYS.items())})")
     data.load_tokenizer(data.TOKENIZER_FILE)  # a missing or damaged file is named as that, not as a mismatch
     here = tokenizer_reference()
     if state.get("tokenizer", here) != here:  # its ids would mean other text
