@@ -20,11 +20,11 @@ import train
 def read_metrics(folder):
     path = os.path.join(folder, "metrics.jsonl")
     if not os.path.isfile(path):
-        raise ValueError(f"{folder}: no metrics.jsonl (a train.py run folder has one)")
+        raise ValueError("no metrics.jsonl in it (a train.py run folder has one)")
     with open(path) as f:
         records = [r for r in map(train.parsed_jsonl, f) if r]  # a line cut short by a crash is skipped
     if not records:
-        raise ValueError(f"{path} holds no step's record yet")
+        raise ValueError("its metrics.jsonl holds no step's record yet")
     return records
 
 
@@ -105,8 +105,9 @@ def main(argv=None):
             fig.tight_layout()
             fig.savefig(path, dpi=110)
             print(path)
-    except (ValueError, KeyError, IndexError, TypeError) as e:  # an edited or foreign metrics file
-        print(f"error: {args.folder}: cannot plot it ({train.one_line(e)})", file=sys.stderr)
+    except (ValueError, KeyError, IndexError, TypeError) as e:  # not a run folder, or an edited or foreign metrics file
+        why = " ".join(str(e).split()) if isinstance(e, ValueError) else train.one_line(e)
+        print(f"error: {args.folder}: cannot plot it ({why})", file=sys.stderr)
         sys.exit(1)
     except OSError as e:  # a file where the plots folder goes, no permission, a full disk
         print(f"error: {train.describe_os_error(e)}", file=sys.stderr)

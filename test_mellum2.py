@@ -2391,6 +2391,11 @@ def test_plot_series_come_from_the_metrics(tmp_path, capsys, monkeypatch):
         plots.main([str(tmp_path)])
     err = capsys.readouterr().err.strip()
     assert exit_info.value.code == 1 and err.startswith("error: ") and "plots" in err and len(err.splitlines()) == 1
+    (tmp_path / "nothing-here").mkdir()  # and a folder that is not a run names itself once
+    with pytest.raises(SystemExit) as exit_info:
+        plots.main([str(tmp_path / "nothing-here")])
+    assert capsys.readouterr().err.strip() == \
+        f"error: {tmp_path / 'nothing-here'}: cannot plot it (no metrics.jsonl in it (a train.py run folder has one))"
 
 
 # -----------------------------------------------------------------------------------------------
