@@ -814,7 +814,7 @@ class Mellum2(nn.Module):
     def from_pretrained(cls, path, device=None, dtype=None):
         """Load a local Hugging Face directory: the released checkpoint, or one we exported. Raises
         CheckpointError naming the missing, unexpected or mis-shaped tensors (state_mismatch)."""
-        config = config_from_hf(read_hf_config(path))
+        config = read_hf_config(path)
         tensors = read_safetensors(path)
         # The MTP layer is optional in released checkpoints, and config.json may leave out its count
         # (transformers' MellumForCausalLM skips mtp.* either way): it has the layers whose tensors are there.
@@ -876,14 +876,19 @@ class CheckpointError(Exception):
 
 
 def read_hf_config(path):
+    """The Mellum2Config of a Hugging Face directory's config.json; an error names the file."""
     file = os.path.join(path, "config.json")
     if not os.path.isfile(file):
         raise CheckpointError(f"{path}: no config.json (expected a Hugging Face model directory)")
     try:
         with open(file) as f:
-            return json.load(f)
+            hf = json.load(f)
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{file}: unreadable config ({e})") from None
+    try:
+        return config_from_hf(hf)
+    except CheckpointError as e:  # its message starts "config.json: "
+        raise CheckpointError(os.path.join(path, str(e))) from None
 
 
 def read_safetensors(path):

@@ -1971,7 +1971,7 @@ def test_sampling_distribution_equals_transformers_warpers(temperature, top_k, t
     (["--init-from", "{tmp}/foreign"], "not a train.py checkpoint"),
     (["--init-from", "{tmp}/mismatch"], "ckpt.pt: its weights do not fit its config"),
     (["--init-from", "{tmp}/diverged"], "diverged: the weights hold NaN or infinite values"),
-    (["--init-from", "{tmp}/bad-config"], "config.json: unreadable"),
+    (["--init-from", "{tmp}/bad-config"], "bad-config/config.json: unreadable"),
     (["--init-from", "{tmp}/bad-tokenizer"], "unreadable tokenizer"),
     (["--chat", "--start", ""], "the prompt is empty"),
     (["--prefix", "", "--suffix", ""], "the prompt is empty"),

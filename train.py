@@ -634,7 +634,7 @@ def init_config(init_from):
         raise CheckpointError(f"--init-from {init_from}: no such folder")
     if os.path.isfile(os.path.join(init_from, "ckpt.pt")):
         return Mellum2Config(**load_checkpoint(os.path.join(init_from, "ckpt.pt"), mmap=True)["config"])
-    return mellum2.config_from_hf(mellum2.read_hf_config(init_from))
+    return mellum2.read_hf_config(init_from)
 
 
 def init_model(config, init_from, after=()):
