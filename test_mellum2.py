@@ -2189,15 +2189,23 @@ def test_passkey_prompts_and_scoring():
     assert not train.passkey_correct(logits, 5, answer)
 
 
-def test_long_stage_trains_from_a_checkpoint(small_corpus, tmp_path):
+def test_long_stage_trains_from_a_checkpoint(small_corpus, tmp_path, capsys):
     train.train(run_args(small_corpus, tmp_path / "base", "--max-steps", "2"))
     model = train.train(run_args(small_corpus, tmp_path / "long", "--stage", "long", "--init-from",
                                  str(tmp_path / "base"), "--max-steps", "2", "--context", "512", "--aux-coef", "0.05"))
     assert model.config.max_seq_len == 512 and model.config.yarn_factor == 2.0
     assert model.config.aux_loss_coef == 0.05  # the run's, not that of the checkpoint it starts from
     assert model.config.yarn_original_max_seq_len == 256 and model.config.yarn_layers == "full"
-    last = json.loads((tmp_path / "long" / "metrics.jsonl").read_text().splitlines()[-1])
-    assert sorted(map(int, last["long_context_eval"])) == [256, 512, 1024, 2048]
+    metrics = tmp_path / "long" / "metrics.jsonl"
+    lines = metrics.read_text().splitlines()
+    assert sorted(map(int, json.loads(lines[-1])["long_context_eval"])) == [256, 512, 1024, 2048]
+    # Resumed when finished it has nothing to do; stopped during its final evaluation, it evaluates.
+    capsys.readouterr()
+    for metrics_before, evaluates in ((lines, False), (lines[:-1], True)):
+        metrics.write_text("".join(line + "\n" for line in metrics_before))
+        train.train(run_args(small_corpus, tmp_path / "long", "--stage", "long", "--resume"))
+        assert ("nothing to do" in capsys.readouterr().out) != evaluates
+        assert metrics.read_text().splitlines()[:-1] == lines[:-1] and "long_context_eval" in metrics.read_text()
     # Started with another run's settings (a --compare variant begun on resuming), the flags don't count.
     settings = train.load_checkpoint(tmp_path / "long" / "ckpt.pt")["settings"]
     train.train(run_args(small_corpus, tmp_path / "theta", "--stage", "long", "--rope-variant", "theta",

@@ -1049,15 +1049,17 @@ def train(args, stop_after=None, settings_of=None):
         stop.release()
 
     # 7. Summary.
-    # --resume of a finished run: it gave its summary when it finished. A long-context run stopped
-    # during its final evaluation has none yet, so that stage always evaluates.
-    if step == start_step and s["stage"] != "long":
+    # --resume of a finished run: it gave its summary when it finished, unless it is a long-context
+    # run stopped during its final evaluation, which then evaluates.
+    trained_now = step > start_step
+    if not trained_now and (s["stage"] != "long" or last_long_context_eval(out_dir) is not None):
         say(f"the run in {out_dir} had finished all {step} steps: nothing to do")
         return raw
-    elapsed = time.time() - t_start
-    say(f"\ndone: {step} steps, {tokens_seen:,} tokens, {elapsed:.0f} s, "
-        f"{(tokens_seen - tokens_at_start) / elapsed:,.0f} tokens/s")
-    say(describe_eval(val, s["stage"]))
+    if trained_now:
+        elapsed = time.time() - t_start
+        say(f"\ndone: {step} steps, {tokens_seen:,} tokens, {elapsed:.0f} s, "
+            f"{(tokens_seen - tokens_at_start) / elapsed:,.0f} tokens/s")
+        say(describe_eval(val, s["stage"]))
     if s["stage"] == "long":
         results = long_context_eval(raw, corpus, s["original_context"], device)
         say(f"long context ({s['rope_variant']}): " + ", ".join(
@@ -1098,13 +1100,21 @@ def rope_comparison(base_dir):
     training has none yet and is left out)."""
     table = {}
     for variant in ROPE_VARIANTS:
-        path = os.path.join(base_dir, variant, "metrics.jsonl")
-        if os.path.isfile(path):
-            with open(path) as f:
-                evaluations = [r["long_context_eval"] for r in map(parsed_jsonl, f) if r and "long_context_eval" in r]
-            if evaluations:
-                table[variant] = {int(n): tuple(v) for n, v in evaluations[-1].items()}
+        evaluation = last_long_context_eval(os.path.join(base_dir, variant))
+        if evaluation is not None:
+            table[variant] = {int(n): tuple(v) for n, v in evaluation.items()}
     return table
+
+
+def last_long_context_eval(run_dir):
+    """The last long-context evaluation ({length: [loss, passkey accuracy]}) in a run folder's
+    metrics, or None: none yet, or no such run."""
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        evaluations = [r["long_context_eval"] for r in map(parsed_jsonl, f) if r and "long_context_eval" in r]
+    return evaluations[-1] if evaluations else None
 
 
 # -----------------------------------------------------------------------------------------------
