@@ -350,8 +350,8 @@ def main(argv=None):
         import train
         if not train.out_of_memory(e):
             raise
-        print(f"error: out of memory ({train.one_line(e)[:160]}): a smaller --batch or --size needs less",
-              file=sys.stderr)
+        advice = ": a smaller --batch or --size needs less" if args.what in ("model", "train") else ""
+        print(f"error: out of memory ({train.one_line(e)[:160]}){advice}", file=sys.stderr)
         sys.exit(1)
     except BrokenPipeError:  # python bench.py params | head
         import sample

@@ -177,6 +177,8 @@ def main(argv=None):
         print_table(results)
         sys.stdout.flush()
     except BrokenPipeError:
+        if failed:
+            print(f"error: {failed}", file=sys.stderr)
         sample.on_closed_pipe()
     except OSError as e:
         failed = failed or f"cannot write the results to the standard output: {e.strerror or e}"

@@ -1016,12 +1016,14 @@ def test_data_report_prints_plan(tiny, capsys):
         assert needle in out
 
 
-def test_the_long_stage_data_report_plans_its_own_sequences(small_corpus, tmp_path, capsys):
+def test_the_long_stage_data_report_plans_its_own_sequences(small_corpus, tmp_path, capsys, monkeypatch):
     # Its token budget counts sequences of the long context (4x the context of the model it starts
     # from, not of the --size preset), read from phase 3.
     (tmp_path / "base").mkdir()
     base = replace(SMALL, max_seq_len=48)
     train.save_checkpoint(tmp_path / "base" / "ckpt.pt", Mellum2(base), [], 10, {"stage": "pretrain", "steps": 10})
+    monkeypatch.setenv("MELLUM2_KERNELS", "triton")  # a setting the report never uses does not stop it
+    monkeypatch.setattr(kernels, "triton", None)
     train.train(run_args(small_corpus, tmp_path / "long", "--stage", "long", "--init-from", str(tmp_path / "base"),
                          "--max-steps", "3", "--data-report"))
     out = capsys.readouterr().out
@@ -1346,6 +1348,23 @@ def test_a_data_folder_with_nothing_usable_is_reported(small_corpus, tmp_path, c
     assert "skipped in --data: 1 empty folder" in capsys.readouterr().out
 
 
+def test_only_a_stop_by_hand_spares_the_run_being_replaced():
+    stop = train.StopRequest()
+    try:
+        stop(signal.SIGTERM, None)  # a scheduler taking the machine back: that run goes on later
+        assert stop.requested and not stop.by_hand
+        stop(signal.SIGINT, None)
+        assert stop.by_hand
+    finally:
+        stop.release()
+    replacing, fresh = train.MetricsLog.__new__(train.MetricsLog), train.MetricsLog.__new__(train.MetricsLog)
+    replacing.waiting, fresh.waiting = [], None
+    assert train.keeps_the_replaced_run(replacing, True, 3, 8, 5)
+    assert not train.keeps_the_replaced_run(replacing, False, 3, 8, 5)  # SIGTERM: it saves
+    assert not train.keeps_the_replaced_run(replacing, True, 5, 8, 5)   # a checkpoint was due anyway
+    assert not train.keeps_the_replaced_run(fresh, True, 3, 8, 5)       # nothing to spare
+
+
 def test_a_replacement_stopped_before_its_first_checkpoint_keeps_the_finished_run(small_corpus, tmp_path, capsys):
     train.train(run_args(small_corpus, tmp_path, "--max-steps", "2"))
     finished = {name: (tmp_path / name).read_bytes() for name in ("ckpt.pt", "metrics.jsonl")}
@@ -1416,6 +1435,9 @@ def test_a_checkpoint_that_cannot_be_written_leaves_the_last_one(tmp_path, monke
     with pytest.raises(CheckpointError, match="cannot write the checkpoint .*unexpected pos 64; 2 MiB free there"):
         train.save_checkpoint(path, Mellum2(SMALL), [], 2, {"stage": "pretrain", "steps": 2})
     assert os.listdir(tmp_path) == ["ckpt.pt"] and train.load_checkpoint(path)["step"] == 1
+    monkeypatch.undo()
+    with pytest.raises(CheckpointError, match="gone/ckpt.pt: cannot write the checkpoint \\(.*\\); the previous one"):
+        train.save_checkpoint(tmp_path / "gone" / "ckpt.pt", Mellum2(SMALL), [], 2, {})  # its folder removed
 
 
 def test_fp8_training_runs(small_corpus, tmp_path):
@@ -1563,6 +1585,20 @@ def test_a_file_that_is_no_checkpoint_is_called_that(tmp_path, mmap):
             train.load_checkpoint(tmp_path / "ckpt.pt", mmap=mmap)
 
 
+def test_a_checkpoint_that_cannot_be_opened_says_why(tmp_path, monkeypatch):
+    import builtins
+    train.save_checkpoint(tmp_path / "ckpt.pt", Mellum2(SMALL), [], 1, {})
+    real_open = builtins.open
+
+    def no_permission(file, *args, **kwargs):
+        if str(file) == str(tmp_path / "ckpt.pt"):
+            raise PermissionError(13, "Permission denied", str(file))
+        return real_open(file, *args, **kwargs)
+    monkeypatch.setattr(builtins, "open", no_permission)
+    with pytest.raises(CheckpointError, match="ckpt.pt: unreadable checkpoint \\(Permission denied\\)$"):
+        train.load_checkpoint(tmp_path / "ckpt.pt")
+
+
 def test_a_checkpoint_with_a_part_missing_or_of_another_type_is_refused(tmp_path):
     train.save_checkpoint(tmp_path / "ckpt.pt", Mellum2(SMALL), [], 1, {})
     whole = torch.load(tmp_path / "ckpt.pt")
@@ -1641,10 +1677,13 @@ def test_a_run_folder_in_use_is_refused(tmp_path, capsys):
     with train.run_folder_lock(str(tmp_path)):  # released when the holder is done
         pass
     # A checkpoint half written by a killed process is cleared away by the next run; other files stay.
-    for name in ("ckpt.pt.tmp4242", "metrics.jsonl.tmp17", "notes.tmp", "ckpt.pt"):
+    (tmp_path / "theta").mkdir()  # a --compare run's variant
+    for name in ("ckpt.pt.tmp4242", "metrics.jsonl.tmp17", "notes.tmp", "ckpt.pt", "results.json.tmp99",
+                 "theta/ckpt.pt.tmp5"):
         (tmp_path / name).write_text("x")
     with train.run_folder_lock(str(tmp_path)):
-        assert sorted(os.listdir(tmp_path)) == [".lock", "ckpt.pt", "notes.tmp"]
+        assert sorted(os.listdir(tmp_path)) == [".lock", "ckpt.pt", "notes.tmp", "results.json.tmp99", "theta"]
+        assert os.listdir(tmp_path / "theta") == []
 
 
 def test_micro_batches_add_up_to_one_step_when_rows_hold_different_numbers_of_targets():
@@ -2209,8 +2248,9 @@ def test_long_stage_trains_from_a_checkpoint(small_corpus, tmp_path, capsys):
     # Started with another run's settings (a --compare variant begun on resuming), the flags don't count.
     settings = train.load_checkpoint(tmp_path / "long" / "ckpt.pt")["settings"]
     train.train(run_args(small_corpus, tmp_path / "theta", "--stage", "long", "--rope-variant", "theta",
-                         "--max-steps", "5"), stop_after=1, settings_of=settings)
-    assert train.load_checkpoint(tmp_path / "theta" / "ckpt.pt")["settings"] == {**settings, "rope_variant": "theta"}
+                         "--max-steps", "5", "--micro-batch", "2"), stop_after=1, settings_of=settings)
+    assert train.load_checkpoint(tmp_path / "theta" / "ckpt.pt")["settings"] == \
+        {**settings, "rope_variant": "theta", "micro_batch": 2}  # but the micro-batch, as a resumed run takes it
 
 
 def test_an_interrupted_compare_resumes_the_variants_it_started(tmp_path, monkeypatch):

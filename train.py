@@ -444,15 +444,17 @@ def setup_distributed(requested_device):
 class StopRequest:
     """From its creation until release(), Ctrl-C (SIGINT) or SIGTERM only raises a flag; the loop
     stops at the next step boundary, where model and optimizer are consistent, and writes a
-    checkpoint first. Released, the handlers before are back: an interrupt during the final
-    evaluation ends it at once (the checkpoint is written by then)."""
+    checkpoint first (see keeps_the_replaced_run for the one exception). Released, the handlers
+    before are back: an interrupt during the final evaluation ends it at once (the checkpoint is
+    written by then)."""
 
     def __init__(self):
-        self.requested = False
+        self.requested = self.by_hand = False
         self.before = {sig: signal.signal(sig, self) for sig in (signal.SIGINT, signal.SIGTERM)}
 
     def __call__(self, signum, frame):
         self.requested = True
+        self.by_hand = self.by_hand or signum == signal.SIGINT  # SIGTERM: a scheduler taking the machine back
 
     def release(self):
         for sig, handler in self.before.items():
@@ -494,9 +496,12 @@ def save_checkpoint(path, model, optimizers, step, settings, tokens=0, **extra):
         data.write_atomically(path, lambda tmp: torch.save(state, tmp))
     except (OSError, RuntimeError) as e:  # a full disk; torch.save reports it as a RuntimeError
         # whose words ("unexpected pos ...") do not say so: the free space there does.
-        free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
-        raise CheckpointError(f"{path}: cannot write the checkpoint ({one_line(e)}; {free / 2**20:,.0f} MiB free "
-                              f"there); the previous one, if any, is intact") from None
+        try:
+            free = f"; {shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free / 2**20:,.0f} MiB free there"
+        except OSError:  # the folder itself has gone
+            free = ""
+        raise CheckpointError(f"{path}: cannot write the checkpoint ({one_line(e)}{free}); the previous one, if "
+                              f"any, is intact") from None
 
 
 # What save_checkpoint writes that every reader relies on, and its type.
@@ -519,7 +524,12 @@ def load_checkpoint(path, mmap=False):
     reading them, for a look at the step and settings (a 12B run's checkpoint is about 100 GB)."""
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no checkpoint there")
-    if not zipfile.is_zipfile(path):  # said plainly: torch.load's own errors for these suggest re-saving the file
+    try:
+        with open(path, "rb") as f:
+            is_zip = zipfile.is_zipfile(f)  # which would take a file it cannot open for a damaged one
+    except OSError as e:
+        raise CheckpointError(f"{path}: unreadable checkpoint ({e.strerror or one_line(e)})") from None
+    if not is_zip:  # said plainly: torch.load's own errors for these suggest re-saving the file
         raise CheckpointError(f"{path}: unreadable checkpoint (not a zip archive as torch.save writes: truncated, "
                               f"damaged, or another kind of file)")
     try:
@@ -744,11 +754,12 @@ class MetricsLog:
         self.waiting = None
 
 
-def keeps_the_replaced_run(log, stopping, step, steps, ckpt_every):
-    """Whether a run stopped at `step` (Ctrl-C) writes no checkpoint: it is replacing a finished run
-    and has not reached its first one. The finished model outlives a replacement stopped early,
-    perhaps by someone who read the note that it was being replaced."""
-    return stopping and log.waiting is not None and step % ckpt_every != 0 and step != steps
+def keeps_the_replaced_run(log, by_hand, step, steps, ckpt_every):
+    """Whether a run stopped by hand (Ctrl-C) at `step` writes no checkpoint: it is replacing a
+    finished run and has not reached its first one. The finished model outlives a replacement
+    stopped early, perhaps by someone who read the note that it was being replaced. SIGTERM (a
+    scheduler's pre-emption) still saves: that run is meant to go on with --resume."""
+    return by_hand and log.waiting is not None and step % ckpt_every != 0 and step != steps
 
 
 def stopped_message(step, out_dir, kept_replaced):
@@ -845,9 +856,10 @@ def long_context(settings, config):
 def train(args, stop_after=None, settings_of=None):
     """The whole run. stop_after=N stops after N steps as Ctrl-C would (tests use it). settings_of: the
     settings of another run to start this one with (--compare --resume: a variant not begun yet
-    takes those of the ones that were, whatever flags the resuming command gives)."""
+    takes those of the ones that were, whatever flags the resuming command gives but --micro-batch)."""
     rank, world, device = setup_distributed(args.device)
-    kernels.resolve_mode(args.kernels, device)  # a mode this machine cannot run stops here, before any work
+    if not args.data_report:  # a mode this machine cannot run stops here, before any work
+        kernels.resolve_mode(args.kernels, device)
     master = rank == 0
     say = print if master else (lambda *a, **k: None)
     sft = args.stage == "sft"
@@ -856,14 +868,12 @@ def train(args, stop_after=None, settings_of=None):
 
     # 1. Settings: the size's defaults and the flags, or exactly those of the run being resumed.
     resumed = resumed_run(args, out_dir, say) if args.resume else None
-    if resumed:
-        settings = resumed["settings"]
+    if resumed or settings_of:
+        settings = resumed["settings"] if resumed else {**settings_of, "rope_variant": args.rope_variant}
         # Taken: it changes how a step is split, not what it computes (up to rounding and the balance
         # loss, taken per micro-batch), and it is how a run that ran out of memory goes on.
         if args.micro_batch is not None:
             settings["micro_batch"] = args.micro_batch
-    elif settings_of:
-        settings = {**settings_of, "rope_variant": args.rope_variant}
     else:
         run = {"long": LONG_RUNS, "sft": SFT_RUNS}.get(args.stage, RUNS)[args.size]
         batch_size, steps = given(args.batch_size, run.batch_size), given(args.max_steps, preset_steps(run, args))
@@ -1027,7 +1037,8 @@ def train(args, stop_after=None, settings_of=None):
                             f"{speed:,.0f} tok/s", elapsed / (step - start_step) * (s["steps"] - step))
             interrupted = stop.all_agree() and step < s["steps"]  # in the last step: the run is done anyway
             stopping = interrupted or step == stop_after
-            keep_replaced = master and keeps_the_replaced_run(log, stopping, step, s["steps"], s["ckpt_every"])
+            by_hand = (interrupted and stop.by_hand) or step == stop_after
+            keep_replaced = master and keeps_the_replaced_run(log, by_hand, step, s["steps"], s["ckpt_every"])
             if master and (step % s["ckpt_every"] == 0 or step == s["steps"] or stopping) and not keep_replaced:
                 save_checkpoint(ckpt_path, raw, optimizers, step, s, tokens=tokens_seen,
                                 corpus=corpus.folder.name if corpus else None)
@@ -1555,7 +1566,8 @@ def grpo(args, stop_after=None):
                             (s["steps"] - step))
             interrupted = stop.requested and step < s["steps"]
             stopping = interrupted or step == stop_after
-            keep_replaced = keeps_the_replaced_run(log, stopping, step, s["steps"], run.ckpt_every)
+            by_hand = (interrupted and stop.by_hand) or step == stop_after
+            keep_replaced = keeps_the_replaced_run(log, by_hand, step, s["steps"], run.ckpt_every)
             if (step % run.ckpt_every == 0 or step == s["steps"] or stopping) and not keep_replaced:
                 policies = {i: (v, w) for i, (v, w, _) in worker.pending.items()}
                 save_checkpoint(ckpt_path, raw, optimizers, step, s, rollout_policies=policies)
@@ -1743,12 +1755,14 @@ def run_folder_lock(out_dir):
                     fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
                 raise ValueError(f"{out_dir} is in use by another train.py run") from None
-            # What a process killed while writing left (SIGKILL skips data.write_atomically's clean-up);
-            # with the lock held, no other run is writing them.
-            for name in os.listdir(out_dir):
-                before, tmp, pid = name.rpartition(".tmp")
-                if before and tmp and pid.isdigit():
-                    os.remove(os.path.join(out_dir, name))
+            # What a process killed while writing a checkpoint or log left (SIGKILL skips the clean-up
+            # in data.write_atomically), here or in a --compare run's variant folders; with the lock
+            # held, no other run is writing them.
+            for folder, _, names in os.walk(out_dir):
+                for name in names:
+                    written, tmp, pid = name.rpartition(".tmp")
+                    if written in ("ckpt.pt", "metrics.jsonl") and tmp and pid.isdigit():
+                        os.remove(os.path.join(folder, name))
             yield
     finally:
         if created and os.listdir(out_dir) == [".lock"]:  # refused before writing anything: leave no trace
@@ -1786,7 +1800,7 @@ def main(argv=None):
             "checkpoint with --resume --micro-batch N"
         print(f"error: out of memory ({one_line(e)[:160]}): {advice}", file=sys.stderr)
         sys.exit(1)
-    except KeyboardInterrupt:  # the checkpoint is already written (or no step had run yet)
+    except KeyboardInterrupt:  # the checkpoint is written (unless none was due: keeps_the_replaced_run)
         sys.exit(130)
     finally:
         leave_process_group()
