@@ -163,7 +163,7 @@ def main(argv=None):
         sys.exit(130)
     # Each output is tried whatever became of the other: a full disk must not lose the table, nor a
     # closed terminal the JSON file.
-    failed = None
+    failed, reader_gone = None, False
     if args.json is not None:
         def write(tmp):
             with open(tmp, "w") as f:
@@ -176,14 +176,15 @@ def main(argv=None):
         print(f"{args.init_from}: {time.time() - started:.0f} s")
         print_table(results)
         sys.stdout.flush()
-    except BrokenPipeError:
-        if failed:
-            print(f"error: {failed}", file=sys.stderr)
-        sample.on_closed_pipe()
+    except BrokenPipeError:  # `| head`: not an error of ours, but the JSON's still is
+        reader_gone = True
     except OSError as e:
         failed = failed or f"cannot write the results to the standard output: {e.strerror or e}"
     if failed:
         print(f"error: {failed}", file=sys.stderr)
+    if reader_gone:
+        sample.on_closed_pipe()
+    if failed:
         sys.exit(1)
 
 

@@ -591,11 +591,12 @@ def resumed_run(args, out_dir, say):
     saved = state["settings"].get("stage", "pretrain")
     if saved != args.stage:
         raise ValueError(f"{out_dir} holds a {saved} run: resume it with --stage {saved}")
+    given_flags = flags_given(args)
     variant = state["settings"].get("variant")
-    if "--variant" in flags_given(args) and args.variant != variant:
+    if "--variant" in given_flags and args.variant != variant:
         raise ValueError(f"{out_dir} holds a run of the {variant} variant: resume it with --variant {variant}")
     say(f"resuming {ckpt_path} at step {state['step']} with the settings it was started with")
-    ignored = flags_given(args) - {"--resume", "--out-dir", "--stage", "--variant", "--size", "--device",
+    ignored = given_flags - {"--resume", "--out-dir", "--stage", "--variant", "--size", "--device",
                                    "--kernels", "--rope-variant", "--micro-batch"}
     if ignored:
         say(f"note: {', '.join(sorted(ignored))} ignored: a resumed run keeps its own settings")
