@@ -1178,7 +1178,7 @@ def step_with_grads(params_and_optimizers, steps, seed=1):
 def test_muon_equals_torch_muon_on_matrices():
     shapes = [(64, 256), (256, 64), (128, 128), (96, 200)]
     ours, theirs = muon_pair(shapes)
-    opt = train.Muon(ours, lr=0.02, weight_decay=0.1)
+    opt = train.Muon(ours, lr=0.02, weight_decay=0.1, ns_dtype=torch.bfloat16)  # torch's Muon iterates in bf16
     ref = torch.optim.Muon(theirs, lr=0.02, weight_decay=0.1, adjust_lr_fn="match_rms_adamw")
     step_with_grads([(ours, opt), (theirs, ref)], steps=5)
     for a, b in zip(ours, theirs):
@@ -1188,7 +1188,7 @@ def test_muon_equals_torch_muon_on_matrices():
 def test_muon_orthogonalises_each_expert_on_its_own():
     experts = torch.nn.Parameter(torch.randn(6, 48, 32))
     slices = [torch.nn.Parameter(experts.detach()[e].clone()) for e in range(6)]
-    opt = train.Muon([experts], lr=0.01, weight_decay=0.1)
+    opt = train.Muon([experts], lr=0.01, weight_decay=0.1, ns_dtype=torch.bfloat16)
     ref = torch.optim.Muon(slices, lr=0.01, weight_decay=0.1, adjust_lr_fn="match_rms_adamw")
     g = torch.Generator().manual_seed(2)
     for _ in range(4):
@@ -1202,6 +1202,22 @@ def test_muon_orthogonalises_each_expert_on_its_own():
     # Flattening the stack into one (E*out, in) matrix would be a different, wrong update.
     flat = train.orthogonalize(torch.randn(6 * 48, 32)).view(6, 48, 32)
     assert not torch.allclose(flat, train.orthogonalize(flat.float()), atol=1e-2)
+
+
+def test_muon_iterates_in_the_models_compute_dtype():
+    # On a CPU the model computes in fp32, and so does Newton-Schulz: bf16 matmuls are emulated, and
+    # slow, on CPUs without bf16 instructions. An explicit ns_dtype still wins.
+    def update(**kwargs):
+        p = torch.nn.Parameter(torch.zeros(48, 32))
+        p.grad = torch.randn(48, 32, generator=torch.Generator().manual_seed(3))
+        train.Muon([p], lr=1.0, weight_decay=0.0, momentum=0.0, **kwargs).step()
+        return -p.detach() / (0.2 * math.sqrt(48))
+    grad = torch.randn(48, 32, generator=torch.Generator().manual_seed(3))
+    assert train.pick_dtype("cpu") == torch.float32
+    in_fp32, in_bf16 = train.orthogonalize(grad, dtype=torch.float32), train.orthogonalize(grad).float()
+    assert (in_fp32 - in_bf16).abs().max() > 1e-3  # the two are told apart
+    assert (update() - in_fp32).abs().max() < 1e-6
+    assert (update(ns_dtype=torch.bfloat16) - in_bf16).abs().max() < 1e-6
 
 
 def test_muon_rejects_vectors():
@@ -1746,7 +1762,7 @@ rank, world, device = train.setup_distributed("cpu")
 def run(distributed):
     torch.manual_seed(0)
     model = randomize(Mellum2(SMALL))
-    opts = train.build_optimizers(model, 1e-3, ns_dtype=torch.float32)
+    opts = train.build_optimizers(model, 1e-3)
     wrapped = torch.nn.parallel.DistributedDataParallel(model) if distributed else model
     g = torch.Generator().manual_seed(1)
     for step in range(3):

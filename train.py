@@ -97,6 +97,11 @@ class Muon(torch.optim.Optimizer):
     so Muon and the AdamW that trains the other parameters can share one learning rate and schedule;
     the report found Megatron's unscaled default (1.0) diverged on dense models.
 
+    The Newton-Schulz iteration runs in bf16 where the model computes in bf16 (GPUs, as in the report)
+    and in fp32 elsewhere (ns_dtype=None; pick_dtype decides): a CPU without bf16 matrix instructions,
+    which is most laptops, emulates bf16 matmuls: 40x slower than fp32 on an AVX2 CPU we measured,
+    where `--size tiny` took hours instead of 10 minutes.
+
     Distributed (torch.distributed initialised, gradients already averaged by DDP): momentum is kept
     on every rank (cheap, element-wise), but matrix i is orthogonalised only by rank i % world_size,
     which broadcasts O to the others; every rank then applies the same update, so replicas stay
@@ -104,7 +109,7 @@ class Muon(torch.optim.Optimizer):
     """
 
     def __init__(self, params, lr, momentum=0.95, nesterov=True, weight_decay=0.1, ns_steps=5,
-                 ns_dtype=torch.bfloat16, eps=1e-7):
+                 ns_dtype=None, eps=1e-7):
         super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
                                       ns_steps=ns_steps, ns_dtype=ns_dtype, eps=eps))
         for group in self.param_groups:
@@ -122,10 +127,11 @@ class Muon(torch.optim.Optimizer):
             buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
             buf.lerp_(p.grad, 1 - group["momentum"])                   # buf = mu buf + (1 - mu) grad
             u = p.grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf
+            ns_dtype = group["ns_dtype"] or pick_dtype(p.device)
             if i % world == rank:  # contiguous: a broadcast sends raw memory, so the layouts must agree
-                updates.append(orthogonalize(u, group["ns_steps"], group["eps"], group["ns_dtype"]).contiguous())
+                updates.append(orthogonalize(u, group["ns_steps"], group["eps"], ns_dtype).contiguous())
             else:
-                updates.append(torch.empty(p.shape, dtype=group["ns_dtype"], device=p.device))
+                updates.append(torch.empty(p.shape, dtype=ns_dtype, device=p.device))
         if world > 1:
             for handle in [dist.broadcast(o, src=i % world, async_op=True) for i, o in enumerate(updates)]:
                 handle.wait()
@@ -135,7 +141,7 @@ class Muon(torch.optim.Optimizer):
             p.add_(o, alpha=-group["lr"] * scale)
 
 
-def build_optimizers(model, lr, weight_decay=0.1, optimizer="muon", ns_dtype=torch.bfloat16, betas=(0.9, 0.95)):
+def build_optimizers(model, lr, weight_decay=0.1, optimizer="muon", ns_dtype=None, betas=(0.9, 0.95)):
     """Muon for every hidden matrix and expert stack; AdamW for the rest (App. B: Adam betas (0.9,
     0.95), eps 1e-8). Embedding and head rows are per-token vectors rather than linear maps between
     hidden spaces, and the router's rows are per-expert score directions: orthogonalising those would
@@ -319,7 +325,7 @@ class Run:
 
 
 RUNS = {
-    # About 7 minutes on 2 laptop CPU cores: 200 steps of 16 x 256 tokens, 0.8M tokens in all.
+    # About 10 minutes on 2 CPU cores: 200 steps of 16 x 256 tokens, 0.8M tokens in all.
     "tiny": Run(batch_size=16, micro_batch=16, steps=200, lr=3e-3, warmup_steps=10, eval_every=50,
                 eval_batches=4, ckpt_every=50),
     "small": Run(batch_size=64, micro_batch=16, steps=5000, lr=2e-3, warmup_steps=100, eval_every=250,
@@ -343,10 +349,10 @@ LONG_RUNS = {
 
 
 # SFT (§5.1.2): a lower LR than pre-training (the report's 3e-5 is a tenth; tiny's 1e-3 a third), 100
-# warmup iterations, cosine to a tenth of the peak, no batch ramp. Tiny: about 14 minutes. RL needs a
-# model that is sometimes right: the tiny model makes the calculator call early but copies the numbers
-# into it wrongly for a long time (held-out tool accuracy 0% at 150 steps), so it runs the 250 steps
-# after which the call has been learnt.
+# warmup iterations, cosine to a tenth of the peak, no batch ramp. Tiny: 22 (Instruct) to 25 (Thinking)
+# minutes on 2 CPU cores. RL needs a model that is sometimes right: the tiny model makes the calculator
+# call early but copies the numbers into it wrongly for a long time (Instruct's held-out tool accuracy:
+# 8% at 150 steps, 58% at 250), so it runs 250 steps.
 SFT_RUNS = {
     "tiny": Run(batch_size=32, micro_batch=32, steps=250, lr=1e-3, warmup_steps=10, eval_every=50,
                 eval_batches=0, ckpt_every=50, ramp_fraction=0.0, eval_tasks=64),
@@ -1389,8 +1395,8 @@ class RLRun:
 
 
 GRPO_RUNS = {
-    # 2.5 (Instruct) to 4.5 (Thinking) minutes on 2 CPU cores. AdamW at 1e-4, a common choice at this size,
-    # made held-out tool accuracy swing by 50 points between evaluations; 3e-5 by up to 33 (README).
+    # 4 (Instruct) to 7.5 (Thinking) minutes on 2 CPU cores. AdamW at 1e-4, a common choice at this size,
+    # made held-out tool accuracy swing by 50 points between evaluations; 3e-5 by up to 27 (README).
     "tiny": RLRun(steps=60, prompts=8, group_size=8, lr=3e-5, warmup_steps=5, eval_every=20, eval_tasks=64,
                   ckpt_every=10),
     "small": RLRun(steps=200, prompts=16, group_size=8, lr=3e-5, warmup_steps=10, eval_every=50, eval_tasks=128,
