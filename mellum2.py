@@ -193,8 +193,9 @@ def pick_dtype(device):
 # -----------------------------------------------------------------------------------------------
 # Matrix products of a single row (decoding on a CPU)
 
-# Where the batched form below was measured to pay: MKL, the BLAS of PyTorch's x86 builds. Other
-# BLAS libraries (Apple's Accelerate, OpenBLAS) keep F.linear.
+# Where the batched form below was measured to pay: MKL, the BLAS of PyTorch's x86 builds (on one x86
+# CPU; on an AVX2 AMD EPYC it was about even). Other BLAS libraries (Apple's Accelerate, OpenBLAS) keep
+# F.linear.
 BATCHED_FEW_ROWS = torch.backends.mkl.is_available()
 
 
@@ -203,8 +204,9 @@ def linear(x, weight):
     or two rows on a CPU. That is decoding: a step multiplies one vector (two when it verifies a
     draft) by every matrix it meets, so reading the matrices from memory is most of its cost.
     F.linear hands such a product to BLAS as a matrix-vector product, which MKL ran at half the
-    memory speed of a batched matmul over the matrix's two halves of rows on the CPU we measured:
-    decoding was 1.2x faster this way. The result is F.linear's up to fp32 rounding
+    memory speed of a batched matmul over the matrix's two halves of rows on the CPU we measured
+    first: decoding was 1.2x faster this way (about as fast on a second, an AVX2 AMD EPYC). The
+    result is F.linear's up to fp32 rounding
     (test_linear_of_one_or_two_rows_equals_f_linear)."""
     out_features, in_features = weight.shape
     rows = x.numel() // in_features

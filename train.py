@@ -352,7 +352,8 @@ LONG_RUNS = {
 # warmup iterations, cosine to a tenth of the peak, no batch ramp. Tiny: 22 (Instruct) to 25 (Thinking)
 # minutes on 2 CPU cores. RL needs a model that is sometimes right: the tiny model makes the calculator
 # call early but copies the numbers into it wrongly for a long time (Instruct's held-out tool accuracy:
-# 8% at 150 steps, 58% at 250), so it runs 250 steps.
+# 8% at 150 steps, 58% at 250), so it runs 250 steps. (Thinking, with its longer answers, may still
+# not have learnt it by then: README, Post-training.)
 SFT_RUNS = {
     "tiny": Run(batch_size=32, micro_batch=32, steps=250, lr=1e-3, warmup_steps=10, eval_every=50,
                 eval_batches=0, ckpt_every=50, ramp_fraction=0.0, eval_tasks=64),
