@@ -191,46 +191,6 @@ def pick_dtype(device):
 
 
 # -----------------------------------------------------------------------------------------------
-# Matrix products of a single row (decoding on a CPU)
-
-# Where the batched form below was measured to pay: MKL, the BLAS of PyTorch's x86 builds (on one x86
-# CPU; on an AVX2 AMD EPYC it was about even). Other BLAS libraries (Apple's Accelerate, OpenBLAS) keep
-# F.linear.
-BATCHED_FEW_ROWS = torch.backends.mkl.is_available()
-
-
-def linear(x, weight):
-    """x (..., in) @ weight.T for weight (out, in), as nn.Linear stores it: F.linear, except for one
-    or two rows on a CPU. That is decoding: a step multiplies one vector (two when it verifies a
-    draft) by every matrix it meets, so reading the matrices from memory is most of its cost.
-    F.linear hands such a product to BLAS as a matrix-vector product, which MKL ran at half the
-    memory speed of a batched matmul over the matrix's two halves of rows on the CPU we measured
-    first: decoding was 1.2x faster this way (about as fast on a second, an AVX2 AMD EPYC). The
-    result is F.linear's up to fp32 rounding
-    (test_linear_of_one_or_two_rows_equals_f_linear)."""
-    out_features, in_features = weight.shape
-    rows = x.numel() // in_features
-    if rows > 2 or out_features % 2 or not x.is_cpu or not BATCHED_FEW_ROWS:
-        return F.linear(x, weight)
-    halves = weight.view(2, out_features // 2, in_features)  # no copy
-    columns = x.reshape(rows, in_features).mT.expand(2, in_features, rows)  # the same rows for both halves
-    y = torch.bmm(halves, columns)  # (2, out/2, rows)
-    if rows == 2:
-        y = y.permute(2, 0, 1)  # (rows, 2, out/2); one row is already in order
-    return y.reshape(*x.shape[:-1], out_features)
-
-
-class Linear(nn.Linear):
-    """A bias-free nn.Linear (same weight, same name in the checkpoint) that multiplies through linear()."""
-
-    def __init__(self, in_features, out_features):
-        super().__init__(in_features, out_features, bias=False)
-
-    def forward(self, x):
-        return linear(x, self.weight)
-
-
-# -----------------------------------------------------------------------------------------------
 # RMSNorm (Table 2: RMSNorm, eps 1e-6)
 
 class RMSNorm(nn.Module):
@@ -338,10 +298,10 @@ class Attention(nn.Module):
         self.config = config
         self.layer_type = layer_type
         D, H, Hkv, hd = config.n_embd, config.n_head, config.n_kv_head, config.head_dim
-        self.q_proj = Linear(D, H * hd)
-        self.k_proj = Linear(D, Hkv * hd)
-        self.v_proj = Linear(D, Hkv * hd)
-        self.o_proj = Linear(H * hd, D)
+        self.q_proj = nn.Linear(D, H * hd, bias=False)
+        self.k_proj = nn.Linear(D, Hkv * hd, bias=False)
+        self.v_proj = nn.Linear(D, Hkv * hd, bias=False)
+        self.o_proj = nn.Linear(H * hd, D, bias=False)
         # QK-norm normalises each head's query and key to unit RMS (times a learned gain) so attention
         # logits cannot grow without bound, the usual source of loss spikes in long training runs.
         # It acts on one head's hd dims, and before RoPE: rotating first would mix in the position.
@@ -399,7 +359,7 @@ class MoE(nn.Module):
         super().__init__()
         self.config = config
         E, D, F_ = config.n_expert, config.n_embd, config.expert_dim
-        self.gate = Linear(D, E)  # the router: one logit per expert, no bias
+        self.gate = nn.Linear(D, E, bias=False)  # the router: one logit per expert
         # Expert weights stacked on a leading expert axis, [out, in] per expert like nn.Linear.
         self.gate_proj = nn.Parameter(torch.empty(E, F_, D))
         self.up_proj = nn.Parameter(torch.empty(E, F_, D))
@@ -415,7 +375,7 @@ class MoE(nn.Module):
         if torch.is_autocast_enabled(x.device.type):  # it would run the matmul in bf16 whatever its inputs
             with torch.autocast(x.device.type, enabled=False):
                 return self.route(x)
-        logits = linear(x.float(), self.gate.weight.float())        # (N, E)
+        logits = F.linear(x.float(), self.gate.weight.float())       # (N, E)
         probs = logits.softmax(dim=-1)                               # softmax over all E experts
         top_probs, top_experts = probs.topk(self.config.n_expert_active, dim=-1)  # (N, K)
         # Renormalise the K chosen probabilities to sum to 1 (norm_topk_prob): the expert mix keeps
@@ -460,8 +420,8 @@ class MoE(nn.Module):
         for x_t, w_t, chosen in zip(x.split(1), weights, experts.tolist()):  # x_t (1, D), w_t (K,)
             y = 0
             for w, e in zip(w_t.unbind(), chosen):
-                h = F.silu(linear(x_t, gate_proj[e])) * linear(x_t, up_proj[e])  # (1, F)
-                y = y + w * linear(h, down_proj[e])  # (1, D)
+                h = F.silu(F.linear(x_t, gate_proj[e])) * F.linear(x_t, up_proj[e])  # (1, F)
+                y = y + w * F.linear(h, down_proj[e])  # (1, D)
             rows.append(y)
         return torch.cat(rows)  # (N, D)
 
@@ -538,7 +498,7 @@ class MTP(nn.Module):
         D = config.n_embd
         self.pre_fc_norm_embedding = RMSNorm(D, config.rms_norm_eps)
         self.pre_fc_norm_hidden = RMSNorm(D, config.rms_norm_eps)
-        self.fc = Linear(2 * D, D)
+        self.fc = nn.Linear(2 * D, D, bias=False)
         self.layers = nn.ModuleList([Block(config, "sliding_attention")])
         self.norm = RMSNorm(D, config.rms_norm_eps)
 
@@ -687,7 +647,7 @@ class Mellum2(nn.Module):
         self.norm = RMSNorm(config.n_embd, config.rms_norm_eps)
         # Untied: with a 98K vocabulary the input and output roles of a token differ enough that
         # separate matrices pay for their 226M parameters (Table 2).
-        self.lm_head = Linear(config.n_embd, config.vocab_size)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.mtp = MTP(config) if config.n_mtp else None
         self.loss_parts = {}  # the last forward's loss parts and expert load, detached, for logging
         self.init_weights()

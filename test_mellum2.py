@@ -260,37 +260,6 @@ def test_moe_loop_and_grouped_agree_forward_and_backward():
         assert torch.allclose(grads_a[name], grads_b[name], atol=1e-5), name
 
 
-def test_linear_of_one_or_two_rows_equals_f_linear(monkeypatch):
-    """mellum2.linear multiplies one or two rows on a CPU through a batched matmul over the weight's
-    two halves (decoding's fast path), anything else through F.linear: every shape of input, views
-    that are not contiguous and gradients included, the result is F.linear's. (The batched path is
-    switched on here even where the BLAS is not MKL, so that it is tested everywhere.)"""
-    monkeypatch.setattr(mellum2, "BATCHED_FEW_ROWS", True)
-    g = torch.Generator().manual_seed(0)
-    weight = torch.randn(96, 64, generator=g, requires_grad=True)
-    batched = []
-    real_bmm = torch.bmm
-    monkeypatch.setattr(torch, "bmm", lambda *a: batched.append(1) or real_bmm(*a))
-    cases = {(64,): True, (1, 64): True, (1, 1, 64): True, (2, 64): True, (1, 2, 64): True, (2, 1, 64): True,
-             (3, 64): False, (2, 5, 64): False}
-    for shape, fast in cases.items():
-        x = torch.randn(*shape, generator=g, requires_grad=True)
-        batched.clear()
-        got = mellum2.linear(x, weight)
-        assert bool(batched) == fast, shape
-        expected = F.linear(x, weight)
-        assert got.shape == expected.shape and torch.allclose(got, expected, atol=1e-5), shape
-        cotangent = torch.randn(expected.shape, generator=g)
-        for a, b in zip(torch.autograd.grad(got, [x, weight], cotangent),
-                        torch.autograd.grad(expected, [x, weight], cotangent)):
-            assert torch.allclose(a, b, atol=1e-4), shape
-    rows = torch.randn(2, 3, 64, generator=g)[:, -1]  # two rows 3 * 64 apart in memory
-    assert torch.allclose(mellum2.linear(rows, weight), F.linear(rows, weight), atol=1e-5)
-    odd = torch.randn(7, 64, generator=g)  # an odd number of outputs has no two halves: F.linear
-    batched.clear()
-    assert torch.equal(mellum2.linear(rows, odd), F.linear(rows, odd)) and not batched
-
-
 def test_moe_decoding_path_matches_the_loop_forward_and_backward(monkeypatch):
     """With fewer (token, expert) pairs than experts, as in decoding, the MoE runs each token's
     experts one by one (experts_per_token): same outputs and gradients as the reference loop, the
