@@ -1,6 +1,7 @@
 """
 Benchmarks. Speed is reported as ratios measured in one run (ours against a reference on the same
-machine, the two interleaved step by step so background load hits both alike), with medians.
+machine, the two interleaved step by step, or prompt by prompt, so background load hits both alike),
+with medians.
 
   python bench.py params          # total and active parameter counts of every preset
   python bench.py model           # forward+backward tokens/s of a preset: ours vs transformers
@@ -127,6 +128,14 @@ def train_steps(args):
           f"{seconds['moe_adamw'] / seconds['dense_adamw']:.2f}x with AdamW everywhere")
 
 
+def paired_speedup(reference, candidate):
+    """How many times faster `candidate` is: the median over prompts of reference / candidate seconds
+    on the same prompt. Each prompt's runs follow one another, so a burst of load from elsewhere on
+    the machine lands on one pair, and the median over prompts drops that pair; a ratio of medians
+    would compare runs minutes apart, and with speed varying from prompt to prompt, different prompts."""
+    return statistics.median(r / c for r, c in zip(reference, candidate))
+
+
 @torch.inference_mode()  # as sample.py decodes
 def speculative_pass_costs(model, prompt, text):
     """Seconds of each pass speculative decoding is made of, replayed along `text` (the
@@ -170,37 +179,48 @@ def decoding(args):
     export = tempfile.TemporaryDirectory()
     hf = as_transformers(model, export.name).eval()
     n = args.new_tokens
-    times = {"transformers": [], "transformers_mtp": [], "ours": [], "ours_speculative": []}
     drafts = accepted = 0
-    passes = {"plain": [], "verify": [], "draft": []}
-    for prompt in prompts:
-        ids = torch.tensor([prompt])
-        outputs = {}
-        for name, use_mtp in (("transformers", False), ("transformers_mtp", True)):
-            start = time.perf_counter()
+
+    def with_transformers(use_mtp):
+        def run(prompt):
             with torch.no_grad():
-                outputs[name] = hf.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0,
-                                            use_mtp=use_mtp)[0, len(prompt):].tolist()
-            times[name].append(time.perf_counter() - start)
-        start = time.perf_counter()
-        plain = sample.generate(model, [prompt], n, temperature=0)[0]
-        times["ours"].append(time.perf_counter() - start)
-        start = time.perf_counter()
-        fast, d, a = sample.generate_speculative(model, prompt, n, temperature=0)
-        times["ours_speculative"].append(time.perf_counter() - start)
+                return hf.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                   pad_token_id=0, use_mtp=use_mtp)[0, len(prompt):].tolist()
+        return run
+
+    def speculative(prompt):
+        nonlocal drafts, accepted
+        new, d, a = sample.generate_speculative(model, prompt, n, temperature=0)
         drafts, accepted = drafts + d, accepted + a
-        assert plain == fast == outputs["transformers"][:len(plain)] == outputs["transformers_mtp"][:len(plain)], \
-            "outputs differ"
+        return new
+
+    decoders = {"transformers": with_transformers(False), "transformers_mtp": with_transformers(True),
+                "ours": lambda prompt: sample.generate(model, [prompt], n, temperature=0)[0],
+                "ours_speculative": speculative}
+    times = {name: [] for name in decoders}
+    passes = {"plain": [], "verify": [], "draft": []}
+    for i, prompt in enumerate(prompts):
+        # Each decoder takes each place in the order in turn: whichever runs first after another one's
+        # weights went through the caches starts colder, and a fixed order would favour the others.
+        order = list(decoders)[i % len(decoders):] + list(decoders)[:i % len(decoders)]
+        outputs = {}
+        for name in order:
+            start = time.perf_counter()
+            outputs[name] = decoders[name](prompt)
+            times[name].append(time.perf_counter() - start)
+        plain = outputs["ours"]
+        assert all(out[:len(plain)] == plain for out in outputs.values()), "outputs differ"
         for name, seconds in speculative_pass_costs(model, prompt, plain).items():
             passes[name] += seconds
     export.cleanup()
     print(f"{len(prompts)} held-out code prompts of {args.prompt_len} tokens, {n} new tokens each, greedy, "
           f"batch 1, {torch.get_num_threads()} threads (outputs identical across all four)")
-    medians = {k: statistics.median(v) for k, v in times.items()}
-    for name, s in medians.items():
-        print(f"  {name:<18} {n / s:>8.1f} tokens/s   {medians['transformers'] / s:5.2f}x transformers")
-    print(f"  speculative vs plain: ours {medians['ours'] / medians['ours_speculative']:.2f}x, transformers "
-          f"{medians['transformers'] / medians['transformers_mtp']:.2f}x; {accepted}/{drafts} of our drafts "
+    for name, seconds in times.items():
+        print(f"  {name:<18} {n / statistics.median(seconds):>8.1f} tokens/s   "
+              f"{paired_speedup(times['transformers'], seconds):5.2f}x transformers")
+    print(f"  speculative vs plain: ours {paired_speedup(times['ours'], times['ours_speculative']):.2f}x, "
+          f"transformers {paired_speedup(times['transformers'], times['transformers_mtp']):.2f}x; "
+          f"{accepted}/{drafts} of our drafts "
           f"accepted ({accepted / drafts:.0%})")
     # A speculative step costs a verify and a draft and yields 1 + (acceptance) tokens; a plain step
     # yields 1. In a MoE the verify's second token brings K experts of its own to read from memory.
@@ -215,16 +235,16 @@ def decoding(args):
     long_context = Mellum2(replace(model.config, max_seq_len=131072)).eval()
     long_context.load_state_dict(model.state_dict())
     seconds = {"trained": [], "long": []}
-    for prompt in prompts:
+    for i, prompt in enumerate(prompts):
         outputs = []
-        for name, m in (("trained", model), ("long", long_context)):
+        for name, m in (("trained", model), ("long", long_context))[::1 if i % 2 else -1]:  # in turn, as above
             start = time.perf_counter()
             outputs.append(sample.generate(m, [prompt], n, temperature=0)[0])
             seconds[name].append(time.perf_counter() - start)
         assert outputs[0] == outputs[1], "outputs differ"
-    trained, long = (statistics.median(seconds[k]) for k in ("trained", "long"))
-    print(f"  configured for 131072 positions instead of {model.config.max_seq_len}: {n / long:.1f} tokens/s, "
-          f"{trained / long:.2f}x the speed (identical outputs)")
+    print(f"  configured for 131072 positions instead of {model.config.max_seq_len}: "
+          f"{n / statistics.median(seconds['long']):.1f} tokens/s, "
+          f"{paired_speedup(seconds['trained'], seconds['long']):.2f}x the speed (identical outputs)")
 
 
 def kernel_speed(args):

@@ -472,9 +472,14 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.n_embd, config.rms_norm_eps)
         self.mlp = MoE(config)
 
-    def forward(self, x, rope, masks, cache=None, positions=None):
+    def forward(self, x, rope, masks, cache=None, positions=None, last_only=False):
+        """x (B, T, D) -> (B, T, D), or (B, 1, D) with last_only: when only the last position's output
+        is wanted (drafting), the others have done their part once their keys and values are in the
+        cache, and skip the MoE, a decoding step's costliest part."""
         cos, sin = rope[self.layer_type]
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, masks[self.layer_type], cache, positions)
+        if last_only:
+            x = x[:, -1:]
         moe_out, router_logits, experts = self.mlp(self.post_attention_layernorm(x))
         return x + moe_out, router_logits, experts
 
@@ -502,12 +507,13 @@ class MTP(nn.Module):
         self.layers = nn.ModuleList([Block(config, "sliding_attention")])
         self.norm = RMSNorm(D, config.rms_norm_eps)
 
-    def forward(self, next_token_emb, hidden, rope, masks, cache=None, positions=None):
+    def forward(self, next_token_emb, hidden, rope, masks, cache=None, positions=None, last_only=False):
         """next_token_emb, hidden: (B, T', D), aligned so that position t holds embed(token_{t+1})
-        and h_t. Returns the normalised output (B, T', D) and the block's router logits and experts."""
+        and h_t. Returns the normalised output (B, T', D), or (B, 1, D) for the last position alone
+        (last_only, see Block), and the block's router logits and experts."""
         x = self.fc(torch.cat([self.pre_fc_norm_embedding(next_token_emb),
                                self.pre_fc_norm_hidden(hidden)], dim=-1))  # (B, T', D)
-        x, router_logits, experts = self.layers[0](x, rope, masks, cache, positions)
+        x, router_logits, experts = self.layers[0](x, rope, masks, cache, positions, last_only)
         return self.norm(x), router_logits, experts
 
 
@@ -749,10 +755,11 @@ class Mellum2(nn.Module):
     def draft(self, h, next_idx, cache, positions):
         """Inference with the MTP layer: h (B, T', D), the trunk's final states at positions p - 1,
         and next_idx (B, T'), the tokens at p (positions (B, T')) -> logits (B, V) for the token after
-        the last one. The MTP block's own LayerCache (the KVCache's last) keeps the earlier pairs."""
+        the last one. The MTP block's own LayerCache (the KVCache's last) keeps the earlier pairs; of
+        several new pairs only the last goes through the block's MoE (last_only)."""
         masks = {"sliding_attention": None}
         y, _, _ = self.mtp(self.embed_tokens(next_idx), h, self.rope(positions, h.dtype), masks,
-                           cache.layers[-1], positions)
+                           cache.layers[-1], positions, last_only=True)
         return self.lm_head(y[:, -1])
 
     def num_params(self, active=False, include_mtp=False):

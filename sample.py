@@ -108,7 +108,8 @@ def trained_stage(init_from):
 
 def next_token_probs(logits, temperature, top_k=0, top_p=1.0):
     """logits (B, V) -> the distribution to sample from (B, V). Temperature 0 is greedy decoding,
-    written as a one-hot distribution so the speculative rule below needs no special case."""
+    written as a one-hot distribution so that it is a distribution like any other (a rollout records
+    log-probabilities from it). The decoding loops take the argmax directly when that is all they need."""
     logits = logits.float()
     if temperature == 0:
         return torch.nn.functional.one_hot(logits.argmax(dim=-1), logits.shape[-1]).float()
@@ -147,8 +148,9 @@ def verify_draft(p, q, draft, generator):
     """The speculative-sampling rule for one drafted token: p (V,) the trunk's distribution, q (V,)
     the draft's, draft the drafted id. Keep the draft with probability min(1, p/q); otherwise draw
     from the leftover max(p - q, 0), renormalised. The kept-or-redrawn token is then distributed
-    exactly as p. With one-hot p and q (greedy) this keeps the draft iff both argmaxes agree, and
-    otherwise returns the trunk's argmax. Returns (accepted, token)."""
+    exactly as p. Greedy decoding is the case of one-hot p and q: the draft is kept iff both argmaxes
+    agree, else the trunk's argmax replaces it, the exact match generate_speculative checks directly.
+    Returns (accepted, token)."""
     u = 1 - torch.rand((), generator=generator, device=p.device)  # in (0, 1]: a p of 0 never keeps the draft
     if u * q[draft] <= p[draft]:
         return True, draft
@@ -216,21 +218,31 @@ def generate_speculative(model, prompt, max_new_tokens, temperature=0.0, top_k=0
     in); its state h_{n-1} is known. One step:
       draft   the MTP layer reads (h_{n-1}, x_n) and proposes d for position n+1
       verify  the trunk reads [x_n, d]: its logits at n say what n+1 should be, at n+1 what n+2 is
-      accept  d is kept by verify_draft: then the logits at n+1 give a bonus token, two tokens per
-              trunk pass; rejected: verify_draft's token replaces d and d's cache entry is dropped
+      accept  greedy: d is kept iff it is the trunk's own choice (exact match); sampled: by
+              verify_draft. Kept: the logits at n+1 give a bonus token, two tokens per trunk pass;
+              rejected: the trunk's token replaces d and d's cache entry is dropped
     The MTP layer only ever reads confirmed (state, token) pairs, which it catches up on in its next
     call, so its own cache never needs rolling back."""
     if model.mtp is None:
         raise ValueError("this model has no MTP layer to draft with; run without --speculative")
     device = next(model.parameters()).device
     generator = seeded_generator(seed, device)
-    adjust = lambda logits: next_token_probs(logits, temperature, top_k, top_p)  # noqa: E731
+    greedy = temperature == 0
+
+    def choose(logits):
+        """logits (1, V) -> a token and the distribution it came from (None when greedy: exact match
+        needs no distribution, and an argmax costs a fraction of building and drawing from a one-hot)."""
+        if greedy:
+            return int(logits.argmax()), None
+        probs = next_token_probs(logits, temperature, top_k, top_p)
+        return int(draw(probs, generator)), probs[0]
+
     max_new_tokens = min(max_new_tokens, model.config.max_seq_len - len(prompt))
     cache = KVCache(model.config, 1, len(prompt) + max_new_tokens, device, next(model.parameters()).dtype)
     idx = torch.tensor([prompt], device=device)
     h, _ = model.trunk(idx, cache)                               # (1, n, D): positions 0..n-1
     n = len(prompt)
-    x_n = int(draw(adjust(model.lm_head(h[:, -1])), generator))
+    x_n, _ = choose(model.lm_head(h[:, -1]))
     out = [x_n]
     stopped = bool(on_token and on_token(0, x_n))
     # Confirmed (state at p-1, token at p) pairs the MTP layer has not read yet, p = 1..n.
@@ -239,15 +251,18 @@ def generate_speculative(model, prompt, max_new_tokens, temperature=0.0, top_k=0
     while len(out) < max_new_tokens and x_n not in stop_ids and not stopped:
         k = mtp_tokens.shape[1]
         positions = torch.arange(n - k + 1, n + 1, device=device)[None]
-        q = adjust(model.draft(mtp_states, mtp_tokens, cache, positions))[0]
-        d = int(draw(q[None], generator))
+        d, q = choose(model.draft(mtp_states, mtp_tokens, cache, positions))
         h2, _ = model.trunk(torch.tensor([[x_n, d]], device=device), cache)  # positions n, n+1
-        logits = model.lm_head(h2)                                            # (1, 2, V)
-        ok, token = verify_draft(adjust(logits[:, 0])[0], q, d, generator)
+        logits = model.lm_head(h2[0])                                         # (2, V)
+        if greedy:  # exact match: the draft stays iff it is the trunk's own choice
+            token, bonus = logits.argmax(dim=-1).tolist()
+            ok = token == d
+        else:
+            ok, token = verify_draft(next_token_probs(logits[:1], temperature, top_k, top_p)[0], q, d, generator)
+            bonus = choose(logits[1:])[0] if ok else None
         drafts, accepted = drafts + 1, accepted + ok
         new = [token]
         if ok and token not in stop_ids and len(out) + 1 < max_new_tokens:
-            bonus = int(draw(adjust(logits[:, 1]), generator))
             new.append(bonus)
             mtp_states, mtp_tokens = h2, torch.tensor([[d, bonus]], device=device)
             n += 2

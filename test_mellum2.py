@@ -399,6 +399,19 @@ def naive_block(block, x, window):
     return x + out
 
 
+@torch.no_grad()
+def naive_final_states_and_mtp_logits(model, idx):
+    """By hand, for a text idx (T,): the trunk's final normalised states h (T, D), and the MTP
+    head's logits (T-1, V), which at position t read h_t and the embedding of token t+1."""
+    cfg, mtp = model.config, model.mtp
+    rms = lambda v, w: w * F.rms_norm(v, (cfg.n_embd,), eps=cfg.rms_norm_eps)  # noqa: E731
+    h = rms(naive_trunk_states(model, idx), model.norm.weight)
+    e = model.embed_tokens.weight[idx[1:]]
+    x = torch.cat([rms(e, mtp.pre_fc_norm_embedding.weight), rms(h[:-1], mtp.pre_fc_norm_hidden.weight)], -1)
+    y = rms(naive_block(mtp.layers[0], x @ mtp.fc.weight.T, cfg.sliding_window), mtp.norm.weight)
+    return h, y @ model.lm_head.weight.T
+
+
 def test_mtp_loss_matches_hand_computation():
     """The MTP head at position t reads h_t (the trunk's final normalised state) and the embedding of
     token t+1, and is scored on token t+2."""
@@ -409,13 +422,8 @@ def test_mtp_loss_matches_hand_computation():
     targets[0, 4] = IGNORE_INDEX  # an ignored target is skipped by both heads
     with torch.no_grad():
         logits, loss = model(idx, targets)
-        h = model.norm.weight * F.rms_norm(naive_trunk_states(model, idx[0]), (cfg.n_embd,), eps=cfg.rms_norm_eps)
-        mtp = model.mtp
-        rms = lambda v, w: w * F.rms_norm(v, (cfg.n_embd,), eps=cfg.rms_norm_eps)  # noqa: E731
-        e = model.embed_tokens.weight[idx[0, 1:]]
-        x = torch.cat([rms(e, mtp.pre_fc_norm_embedding.weight), rms(h[:-1], mtp.pre_fc_norm_hidden.weight)], -1)
-        y = rms(naive_block(mtp.layers[0], x @ mtp.fc.weight.T, cfg.sliding_window), mtp.norm.weight)
-        expected_mtp = F.cross_entropy(y @ model.lm_head.weight.T, targets[0, 1:], ignore_index=IGNORE_INDEX)
+        h, mtp_logits = naive_final_states_and_mtp_logits(model, idx[0])
+        expected_mtp = F.cross_entropy(mtp_logits, targets[0, 1:], ignore_index=IGNORE_INDEX)
         expected_ntp = F.cross_entropy(h @ model.lm_head.weight.T, targets[0], ignore_index=IGNORE_INDEX)
     assert torch.allclose(logits[0], h @ model.lm_head.weight.T, atol=1e-4)
     assert model.loss_parts["ntp"].item() == pytest.approx(expected_ntp.item(), abs=1e-5)
@@ -1899,6 +1907,56 @@ def test_greedy_speculative_output_equals_plain(seed):
         fast, drafts, accepted = sample.generate_speculative(model, prompt, 30, temperature=0)
         assert fast == plain
         assert drafts > 0 and (accepted > drafts // 2 if seed % 2 else accepted < drafts)
+
+
+def test_every_draft_equals_the_mtp_head_over_the_whole_text(monkeypatch):
+    """The MTP layer's cache stays in step with the text through accepted drafts (after which it
+    reads two pairs) and rejected ones, in a window shorter than the text: each draft's logits equal,
+    within fp32 rounding, the hand-computed MTP logits of the final text at the draft's position."""
+    cfg = replace(SMALL, max_seq_len=48, sliding_window=5)
+    model = randomize(Mellum2(cfg), seed=2)
+    pattern = torch.arange(48)[None] % 11
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(6):  # a few steps on a repeating pattern: some drafts right, some wrong
+        model(pattern[:, :-1], pattern[:, 1:])[1].backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    drafted, draft = [], model.draft
+    monkeypatch.setattr(model, "draft", lambda h, ids, cache, positions: drafted.append(
+        (int(positions[0, -1]), draft(h, ids, cache, positions))) or drafted[-1][1])
+    prompt = [3, 4, 5, 6, 7, 8, 9]
+    new, drafts, accepted = sample.generate_speculative(model, prompt, 36, temperature=0)
+    assert 0 < accepted < drafts
+    _, expected = naive_final_states_and_mtp_logits(model, torch.tensor(prompt + new))
+    for position, logits in drafted:  # a draft reads (h at position - 1, the token at position)
+        torch.testing.assert_close(logits[0], expected[position - 1], atol=1e-4, rtol=1e-4)
+
+
+def test_sampled_speculative_decoding_keeps_the_model_distribution():
+    """Whole sampled generations: the first three new tokens, drawn with MTP drafts kept or redrawn by
+    the speculative rule, follow the trunk's own joint distribution (each of the 64 outcomes on a
+    4-token vocabulary within 5 binomial standard deviations), while the drafts alone do not."""
+    cfg = replace(SMALL, vocab_size=4, max_seq_len=16)
+    model = randomize(Mellum2(cfg), seed=7).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(2)  # sharper: drafts differ from the trunk's choice about half the time
+        prompt = [1, 2, 3]
+        texts = torch.tensor([prompt + [a, b] for a in range(4) for b in range(4)])  # (16, 5)
+        probs = model(texts)[0].softmax(-1)  # (16, 5, V)
+        first, second, third = probs[0, 2], probs[::4, 3], probs[:, 4].view(4, 4, 4)  # (V,), (V, V), (V, V, V)
+        expected = first[:, None, None] * second[:, :, None] * third  # p(a, b, c)
+        # What keeping every draft would give: the second token from the MTP head instead of the trunk.
+        _, mtp_logits = zip(*(naive_final_states_and_mtp_logits(model, t) for t in texts[::4]))
+        drafts_only = first[:, None, None] * torch.stack(mtp_logits)[:, 2].softmax(-1)[:, :, None] * third
+    n = 800
+    counts = torch.zeros(4, 4, 4)
+    for seed in range(n):
+        a, b, c = sample.generate_speculative(model, prompt, 3, temperature=1.0, seed=seed)[0]
+        counts[a, b, c] += 1
+    sigma = (n * expected * (1 - expected)).sqrt()
+    assert ((counts - n * expected).abs() <= 5 * sigma + 1).all()
+    assert ((counts - n * drafts_only).abs() > 5 * sigma + 1).any()
 
 
 def test_speculative_sampling_keeps_the_target_distribution():
