@@ -142,7 +142,8 @@ def speculative_pass_costs(model, prompt, text):
     greedy continuation of `prompt`) so that each pass meets the experts real decoding meets: a plain
     step (the trunk over 1 new token, then the head), a verify step (over 2 tokens, the head on both)
     and a draft (the MTP layer over one (state, token) pair, and the head). After an accepted draft
-    the speculative loop's MTP layer reads two pairs, which costs more: these are lower bounds."""
+    the speculative loop's MTP layer reads two pairs, which costs a little more (the first only leaves
+    its keys and values): these are lower bounds."""
     costs = {"plain": [], "verify": [], "draft": []}
     for width, name in ((1, "plain"), (2, "verify")):
         cache = mellum2.KVCache(model.config, 1, model.config.max_seq_len)

@@ -228,13 +228,14 @@ def generate_speculative(model, prompt, max_new_tokens, temperature=0.0, top_k=0
     device = next(model.parameters()).device
     generator = seeded_generator(seed, device)
     greedy = temperature == 0
+    adjust = lambda logits: next_token_probs(logits, temperature, top_k, top_p)  # noqa: E731
 
     def choose(logits):
         """logits (1, V) -> a token and the distribution it came from (None when greedy: exact match
         needs no distribution, and an argmax costs a fraction of building and drawing from a one-hot)."""
         if greedy:
             return int(logits.argmax()), None
-        probs = next_token_probs(logits, temperature, top_k, top_p)
+        probs = adjust(logits)
         return int(draw(probs, generator)), probs[0]
 
     max_new_tokens = min(max_new_tokens, model.config.max_seq_len - len(prompt))
@@ -258,7 +259,7 @@ def generate_speculative(model, prompt, max_new_tokens, temperature=0.0, top_k=0
             token, bonus = logits.argmax(dim=-1).tolist()
             ok = token == d
         else:
-            ok, token = verify_draft(next_token_probs(logits[:1], temperature, top_k, top_p)[0], q, d, generator)
+            ok, token = verify_draft(adjust(logits[:1])[0], q, d, generator)
             bonus = choose(logits[1:])[0] if ok else None
         drafts, accepted = drafts + 1, accepted + ok
         new = [token]
