@@ -269,7 +269,7 @@ CODE_SUFFIXES = {".py", ".pyi", ".c", ".h", ".cc", ".cpp", ".hpp", ".cu", ".java
 @dataclasses.dataclass(frozen=True)
 class InputFile:
     source: str   # "web" | "code" | "math"
-    kind: str     # "text": the whole text is one document; "docstrings": its docstrings are one document each
+    kind: str     # "text": the whole text is one document; "docstrings": its docstrings, joined, are one
     key: str      # stable name, e.g. "stdlib/json/decoder.py"; decides the split (see _val_keys)
     text: str
 
@@ -528,7 +528,7 @@ def passkey_example(enc, length, depth, key):
 # hash(): Python salts hash() per process. Code files and their docstrings share a key, so the
 # docstrings of a held-out module are held out too: the "web" validation text never appeared inside
 # a training code file. In a tiny corpus the rule is clamped so each source with 2+ documents has at
-# least one validation document and at least one training document.
+# least one validation document and at least one training document; a source of one document trains.
 VAL_FRACTION = 0.05
 
 
@@ -540,8 +540,7 @@ def key_hash(key, salt=""):
 def _val_keys(keys):
     keys = sorted(keys, key=key_hash)
     n_val = sum(key_hash(k) < VAL_FRACTION for k in keys)
-    if len(keys) >= 2:
-        n_val = min(max(n_val, 1), len(keys) - 1)
+    n_val = min(max(n_val, 1), len(keys) - 1)  # 0 for a single document: training needs it more
     return set(keys[:n_val])
 
 
@@ -738,7 +737,7 @@ class Phase:
     name: str
     share: float             # % of all training tokens (Table 3)
     mixture: dict            # % web / code / math (Table 3)
-    fim_rate: float          # fraction of documents turned into FIM examples (§3.2.2)
+    fim_rate: float          # fraction of documents turned into FIM examples (§3.2.2; ours: of pieces)
     fim_code_only: bool      # phase 3 applies FIM to source-code files only
 
 
@@ -911,9 +910,11 @@ class BatchSampler:
     Long documents: a row holds seq_len + 1 tokens (x plus the one extra target), so every document
     is cut into pieces of at most seq_len - 3 tokens (room for 3 FIM sentinels and <|endoftext|>).
     The report's 8192-token sequences hold most files whole; at seq_len 256 a stdlib file is ~18
-    pieces. FIM is applied per piece, so a FIM example is never split across rows. Pieces are drawn
-    uniformly; a row's last piece is cut to fit, so a piece's first tokens are read a little more
-    often than its last ones.
+    pieces. FIM is applied per piece, so a FIM example is never split across rows. <|endoftext|>
+    follows a plain piece only where its document ends: a cut inside a file is not an end, and a
+    model taught that it is would learn to stop mid-file (a FIM example always ends with it, which
+    is where its middle ends). Pieces are drawn uniformly; a row's last piece is cut to fit, so a
+    piece's first tokens are read a little more often than its last ones.
     """
 
     def __init__(self, corpus, seed, batch_size, seq_len, total_steps, allow_over_repetition=False, phase=None):
@@ -929,24 +930,24 @@ class BatchSampler:
 
     @staticmethod
     def _piece_table(offsets, cap):
-        """(P, 2) [start, end) of every piece: each document cut on a grid of `cap` tokens."""
+        """(P, 3) [start, end) of every piece, each document cut on a grid of `cap` tokens, and 1
+        where the piece ends its document."""
         lengths = np.diff(offsets)
         n_pieces = -(-lengths // cap)                                    # (D,) ceil(length / cap)
         doc = np.repeat(np.arange(len(lengths)), n_pieces)               # (P,) document of each piece
         first = np.repeat(np.cumsum(n_pieces) - n_pieces, n_pieces)      # (P,) its document's first piece
         starts = offsets[doc] + (np.arange(len(doc)) - first) * cap
-        return np.stack([starts, np.minimum(starts + cap, offsets[doc + 1])], axis=1)
-
-    def _piece(self, rng, source):
-        start, end = self.pieces[source][rng.integers(len(self.pieces[source]))]
-        return self.corpus.train[source].tokens[start:end].astype(np.int64)
+        ends = np.minimum(starts + cap, offsets[doc + 1])
+        return np.stack([starts, ends, ends == offsets[doc + 1]], axis=1)
 
     def _item(self, rng, source, fim_rate):
-        """One document piece as it goes into a row: plain or FIM, ending in <|endoftext|>."""
-        piece = self._piece(rng, source)
+        """One document piece as it goes into a row: FIM or plain, then <|endoftext|> after a FIM
+        example or the last piece of a document."""
+        start, end, ends_document = self.pieces[source][rng.integers(len(self.pieces[source]))]
+        piece = self.corpus.train[source].tokens[start:end].astype(np.int64)
         if rng.random() < fim_rate:
             return np.append(fim_transform(piece, rng, spm=rng.random() < 0.5), EOT)
-        return np.append(piece, EOT)
+        return np.append(piece, EOT) if ends_document else piece
 
     def _pack(self, rng, source, phase, n_rows):
         """Best-fit packing: n_rows rows of seq_len + 1 tokens from documents of one source.

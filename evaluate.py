@@ -92,7 +92,7 @@ def synthetic_math_accuracy(model, enc, corpus, n, max_new_tokens=96):
     if not problems:
         return math.nan
     outputs = sample.generate(model, [p for p, _ in problems], max_new_tokens, stop_ids={data.EOT})
-    found = [re.search(r"#### (-?\d+)", enc.decode([t for t in out if t < data.N_RANKS])) for out in outputs]
+    found = [re.search(r"#### (-?\d+(?:\.\d+)?)", enc.decode([t for t in out if t < data.N_RANKS])) for out in outputs]
     return sum(bool(f) and f.group(1) == answer for f, (_, answer) in zip(found, problems)) / len(problems)
 
 

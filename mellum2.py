@@ -79,7 +79,7 @@ class Mellum2Config:
     init_std: float = 0.02        # the released config's initializer_range
     moe_impl: str = "grouped"     # "grouped" (sorted tokens, grouped matmuls) or "loop" (reference)
     bos_token_id: int | None = None
-    eos_token_id: int | None = None
+    eos_token_id: int | tuple | None = None  # a chat model's config.json may list several ids
 
     def __post_init__(self):
         # The types first: a config.json or a checkpoint may hold 256.0 for a size or a list for an id.
@@ -111,12 +111,20 @@ class Mellum2Config:
              f"yarn_attention_factor must be positive and finite, got {self.yarn_attention_factor}"),
             (self.yarn_layers in ("full", "all"), f"yarn_layers must be 'full' or 'all', got {self.yarn_layers!r}"),
             (self.moe_impl in ("grouped", "loop"), f"moe_impl must be 'grouped' or 'loop', got {self.moe_impl!r}"),
+            (type(self.eos_token_id) is not tuple or all(type(i) is int for i in self.eos_token_id),
+             f"eos_token_id must be an id or ids, got {self.eos_token_id!r}"),
             (min(self.vocab_size, self.n_layer, self.n_embd, self.n_head, self.n_kv_head, self.head_dim,
                  self.n_expert, self.expert_dim, self.max_seq_len) >= 1, "all sizes must be positive"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ValueError(f"invalid Mellum2Config: {message}")
+
+    @property
+    def eos_ids(self):
+        """The end-of-text ids as a tuple (empty when the config names none)."""
+        eos = self.eos_token_id
+        return eos if type(eos) is tuple else () if eos is None else (eos,)
 
     @property
     def layer_types(self):
@@ -229,7 +237,7 @@ def rope_inv_freq(config, layer_type):
     """
     hd = config.head_dim
     # Written as transformers writes it, so the frequencies agree to the bit: one unit in the last
-    # place is 0.01 radians at position 131072.
+    # place is 0.016 radians at position 131072.
     wavelengths = config.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd)  # (hd/2,), over 2 pi
     base = 1.0 / wavelengths
     if not stretched_by_yarn(config, layer_type):
@@ -865,6 +873,16 @@ def read_safetensors(path):
     files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
     if not files:
         raise CheckpointError(f"{path}: no *.safetensors files")
+    index = os.path.join(path, "model.safetensors.index.json")  # a sharded checkpoint lists its shards
+    if os.path.isfile(index):
+        try:
+            with open(index) as f:
+                listed = set(json.load(f)["weight_map"].values())
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: unreadable ({type(e).__name__}: {e})") from None
+        if missing := sorted(listed - set(files)):
+            raise CheckpointError(f"{path}: missing {', '.join(missing)}, listed in model.safetensors.index.json "
+                                  f"(a download not finished?)")
     tensors = {}
     for name in files:
         try:
@@ -924,6 +942,7 @@ def config_to_hf(config, dtype=torch.float32):
             full["attention_factor"] = config.yarn_attention_factor
         if config.yarn_layers == "all":
             sliding = dict(full)
+    eos = config.eos_token_id
     hf = {
         "architectures": ["MellumForCausalLM"], "model_type": "mellum",
         "vocab_size": config.vocab_size, "hidden_size": config.n_embd,
@@ -940,7 +959,7 @@ def config_to_hf(config, dtype=torch.float32):
         "max_position_embeddings": config.max_seq_len,
         "rope_parameters": {"full_attention": full, "sliding_attention": sliding},
         "router_aux_loss_coef": config.aux_loss_coef,
-        "bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id,
+        "bos_token_id": config.bos_token_id, "eos_token_id": list(eos) if type(eos) is tuple else eos,
         "dtype": str(dtype).removeprefix("torch."),
         # Our own training settings, kept so a round trip through this file loses nothing.
         "mellum2": {"mtp_loss_weight": config.mtp_loss_weight, "z_loss_coef": config.z_loss_coef,
@@ -968,10 +987,16 @@ def settings_from_hf(hf):
     def unsupported(what):
         return CheckpointError(f"config.json: unsupported {what}")
 
+    if not isinstance(hf, dict):
+        raise CheckpointError(f"config.json: unreadable (a JSON object was expected, got {type(hf).__name__})")
     if hf.get("model_type") != "mellum":
         raise unsupported(f"model_type {hf.get('model_type')!r} (expected 'mellum')")
     defaults = Mellum2Config()  # the released model, as are MellumConfig's defaults
     n_layer = hf.get("num_hidden_layers", defaults.n_layer)
+    for key in ("layer_types", "mlp_layer_types"):  # checked first: a count that differs is the whole story
+        if isinstance(hf.get(key), list) and len(hf[key]) != n_layer:
+            raise CheckpointError(f"config.json: unreadable ({key} lists {len(hf[key])} layers, "
+                                  f"num_hidden_layers is {n_layer})")
     for key, wanted in [("norm_topk_prob", True), ("attention_bias", False), ("hidden_act", "silu"),
                         ("tie_word_embeddings", False)]:
         if hf.get(key, wanted) != wanted:
@@ -997,6 +1022,8 @@ def settings_from_hf(hf):
     rope = hf.get("rope_parameters") or {  # MellumConfig's default: base 10000 on sliding layers
         "full_attention": {"rope_type": "default", "rope_theta": defaults.rope_theta},
         "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}
+    if not set(rope) <= {"full_attention", "sliding_attention"}:  # as transformers, which reads it per layer type
+        raise unsupported("rope_parameters not keyed by layer type (full_attention, sliding_attention)")
     full, sliding = rope.get("full_attention", {}), rope.get("sliding_attention", {})
     theta = full.get("rope_theta", defaults.rope_theta)
     if slides and sliding.get("rope_theta", theta) != theta:
@@ -1006,12 +1033,14 @@ def settings_from_hf(hf):
     if full.get("rope_type", "default") not in ("default", "yarn") or \
             (sliding.get("rope_type", "default") != "default" and not yarn_everywhere):
         raise unsupported("RoPE type (plain RoPE, and YaRN on the full layers or the same YaRN on all)")
-    for key, plain in [("partial_rotary_factor", 1.0), ("mscale", None), ("mscale_all_dim", None),
-                       ("truncate", True)]:
-        if full.get(key, plain) != plain:
-            raise unsupported(f"RoPE parameter {key}={full[key]!r}")
+    for params in (full, sliding):
+        for key, plain in [("partial_rotary_factor", 1.0), ("mscale", None), ("mscale_all_dim", None),
+                           ("truncate", True)]:
+            if params.get(key, plain) != plain:
+                raise unsupported(f"RoPE parameter {key}={params[key]!r}")
     if yarn and full.get("factor") == 1.0 and full.get("attention_factor", 1.0) != 1.0:
         raise unsupported("YaRN with factor 1 and an attention_factor (factor 1 means no YaRN here)")
+    eos = hf.get("eos_token_id")  # an id, or a list of them (a chat model stops at its turn's end too)
     return dict(
         vocab_size=hf.get("vocab_size", defaults.vocab_size), n_layer=n_layer,
         n_embd=hf.get("hidden_size", defaults.n_embd), n_head=hf.get("num_attention_heads", defaults.n_head),
@@ -1030,5 +1059,5 @@ def settings_from_hf(hf):
         aux_loss_coef=hf.get("router_aux_loss_coef", defaults.aux_loss_coef),
         z_loss_coef=ours.get("z_loss_coef", defaults.z_loss_coef),
         init_std=hf.get("initializer_range", defaults.init_std), moe_impl=ours.get("moe_impl", "grouped"),
-        bos_token_id=hf.get("bos_token_id"), eos_token_id=hf.get("eos_token_id"),
+        bos_token_id=hf.get("bos_token_id"), eos_token_id=tuple(eos) if type(eos) is list else eos,
     )

@@ -53,7 +53,9 @@ class HFTokenizer:
         except Exception as e:  # the library raises a bare Exception for a damaged file
             raise CheckpointError(f"{path}: unreadable tokenizer ({e})") from None
         self.tokenizer.encode_special_tokens = True  # a special token's spelling in a prompt stays text
-        self.special = {t.content: i for i, t in self.tokenizer.get_added_tokens_decoder().items()}
+        # Only tokens flagged special are control tokens; an added token that is not (a run of spaces,
+        # say) is ordinary text that the vocabulary keeps whole, printed like any other.
+        self.special = {t.content: i for i, t in self.tokenizer.get_added_tokens_decoder().items() if t.special}
 
     def encode_ordinary(self, text):
         return self.tokenizer.encode(text, add_special_tokens=False).ids
@@ -68,9 +70,10 @@ def load_model(init_from, device=None):
     vocabulary; anything else speaks the project's tokenizer."""
     hf_tokenizer = os.path.join(init_from, "tokenizer.json")
     if not os.path.isdir(init_from):
-        raise CheckpointError(f"{init_from}: no such folder")
+        raise train.missing_folder(init_from)
     if os.path.isfile(os.path.join(init_from, "ckpt.pt")):
-        model = train.model_from_checkpoint(train.load_checkpoint(os.path.join(init_from, "ckpt.pt")))
+        # Mapped, not read: of a run's checkpoint only the weights are needed, not the optimizer's state.
+        model = train.model_from_checkpoint(train.load_checkpoint(os.path.join(init_from, "ckpt.pt"), mmap=True))
         device = pick_device(device)
         model.to(device=device, dtype=pick_dtype(device))
         hf_tokenizer = None
@@ -81,7 +84,7 @@ def load_model(init_from, device=None):
     if hf_tokenizer and os.path.isfile(hf_tokenizer):
         enc = HFTokenizer(hf_tokenizer)
         n_vocab = len(enc.tokenizer.get_vocab())
-        stop_ids = {model.config.eos_token_id, enc.special.get("<|endoftext|>")} - {None}
+        stop_ids = {*model.config.eos_ids, enc.special.get("<|endoftext|>")} - {None}
         vocab = Vocabulary(enc, enc.special, stop_ids)
     else:
         enc, n_vocab = data.load_tokenizer(), data.VOCAB_SIZE
@@ -157,6 +160,13 @@ def verify_draft(p, q, draft, generator):
     return False, int(draw((p - q).clamp(min=0)[None], generator))  # the leftover, renormalised by draw
 
 
+def room_after(model, prompt_len, max_new_tokens):
+    """How many of max_new_tokens fit in the context after a prompt (0 when it fills it)."""
+    if prompt_len > model.config.max_seq_len:
+        raise ValueError(f"the prompt is {prompt_len} tokens; this model's context is {model.config.max_seq_len}")
+    return min(max_new_tokens, model.config.max_seq_len - prompt_len)
+
+
 # -----------------------------------------------------------------------------------------------
 # Plain decoding: a batch of prompts of different lengths, left-padded
 #
@@ -173,7 +183,7 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0
     device = next(model.parameters()).device
     generator = seeded_generator(seed, device)
     B, longest = len(prompts), max(len(p) for p in prompts)
-    max_new_tokens = min(max_new_tokens, model.config.max_seq_len - longest)
+    max_new_tokens = room_after(model, longest, max_new_tokens)
     idx = torch.zeros(B, longest, dtype=torch.long, device=device)
     pad = torch.ones(B, longest, dtype=torch.bool, device=device)
     for row, prompt in enumerate(prompts):  # left padding: every row's last prompt token is at the end
@@ -238,7 +248,9 @@ def generate_speculative(model, prompt, max_new_tokens, temperature=0.0, top_k=0
         probs = adjust(logits)
         return int(draw(probs, generator)), probs[0]
 
-    max_new_tokens = min(max_new_tokens, model.config.max_seq_len - len(prompt))
+    max_new_tokens = room_after(model, len(prompt), max_new_tokens)
+    if max_new_tokens < 1:  # no room, as in generate(): not even the first token
+        return [], 0, 0
     cache = KVCache(model.config, 1, len(prompt) + max_new_tokens, device, next(model.parameters()).dtype)
     idx = torch.tensor([prompt], device=device)
     h, _ = model.trunk(idx, cache)                               # (1, n, D): positions 0..n-1
@@ -282,15 +294,21 @@ def generate_speculative(model, prompt, max_new_tokens, temperature=0.0, top_k=0
 # -----------------------------------------------------------------------------------------------
 # The command line
 
+MAX_PROMPT_CHARS = 2**24  # far beyond any context (131072 tokens of code are about half a million)
+
+
 def read_text(value):
     """A flag's text, or the contents of a file when it is written FILE:path."""
     if value is None or not value.startswith("FILE:"):
         return value
     try:
         with open(value[5:], encoding="utf-8") as f:
-            return f.read()
+            text = f.read(MAX_PROMPT_CHARS + 1)  # not all of /dev/zero
     except (OSError, UnicodeDecodeError) as e:
         raise ValueError(f"cannot read {value[5:]}: {e}") from None
+    if len(text) > MAX_PROMPT_CHARS:
+        raise ValueError(f"{value[5:]} holds over {MAX_PROMPT_CHARS:,} characters, more than any context")
+    return text
 
 
 def parse_args(argv=None):
@@ -307,7 +325,8 @@ def parse_args(argv=None):
     p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens only (0 = all)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (default: 1.0 = off)")
     p.add_argument("--seed", type=int, default=1337, help="random seed (default: 1337)")
-    p.add_argument("--stop", action="append", default=[], help="stop when this text appears (repeatable)")
+    p.add_argument("--stop", action="append", default=[],
+                   help="stop when this text appears in what is printed (repeatable)")
     p.add_argument("--speculative", action="store_true", help="draft with the MTP layer, verify with the trunk")
     p.add_argument("--device", help="cpu, cuda, mps (default: the best available)")
     p.add_argument("--kernels", choices=kernels.MODES,
@@ -360,9 +379,10 @@ def build_prompt(args, vocab):
 
 
 class Printer:
-    """Streams decoded text to stdout as tokens arrive, hides a <think> block if asked, and notices
-    stop strings. What may still change waits for the next token: a character whose UTF-8 bytes
-    have not all arrived, and an ending that could be the start of a stop string."""
+    """Streams decoded text to stdout as tokens arrive, hides <think> blocks if asked, and notices
+    stop strings in what it prints (not in hidden reasoning). What may still change waits for the
+    next token: a character whose UTF-8 bytes have not all arrived, and an ending that could be the
+    start of a stop string."""
 
     def __init__(self, vocab, stops, hide_thinking):
         self.enc, self.stops, self.hide_thinking = vocab.enc, stops, hide_thinking
@@ -376,10 +396,8 @@ class Printer:
         self.ids.append(token)
         # "replace" marks an unfinished character with U+FFFD, as a tokenizer.json's decoder does
         text = self.enc.decode_bytes(self.ids).decode("utf-8", errors="replace")
-        if self.hide_thinking and "</think>" in text:
-            text = text.split("</think>", 1)[1]
-        elif self.hide_thinking and "<think>" in text:
-            text = ""
+        if self.hide_thinking:
+            text = without_thinking(text)
         for stop in self.stops:
             if stop in text:
                 text, self.stopped = text[:text.index(stop)], True
@@ -404,6 +422,18 @@ class Printer:
         self.show(self.text)
 
 
+def without_thinking(text):
+    """text without its <think>...</think> blocks, cut at a block still open (its end has not come)."""
+    shown = []
+    while "<think>" in text:
+        before, text = text.split("<think>", 1)
+        shown.append(before)
+        if "</think>" not in text:
+            return "".join(shown)
+        text = text.split("</think>", 1)[1]
+    return "".join(shown) + text
+
+
 def on_closed_pipe():
     """The reader of our output has gone (`python sample.py | head`): stop quietly, and point stdout
     at nothing so Python's own flush at exit does not raise again."""
@@ -422,11 +452,11 @@ def main(argv=None):
             print(f"note: {args.init_from} is a pre-trained base model; chat is what --stage sft teaches it",
                   file=sys.stderr)
         context = model.config.max_seq_len
-        if len(ids) >= context:
-            raise ValueError(f"the prompt is {len(ids)} tokens; this model's context is {context}")
-        if len(ids) + args.max_new_tokens > context:
-            print(f"note: {context - len(ids)} new tokens fit in this model's {context}-token context",
-                  file=sys.stderr)
+        room = room_after(model, len(ids), args.max_new_tokens)
+        if room == 0:
+            raise ValueError(f"the prompt is {len(ids)} tokens and fills this model's {context}-token context")
+        if room < args.max_new_tokens:
+            print(f"note: {room} new tokens fit in this model's {context}-token context", file=sys.stderr)
         options = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, stop_ids=stop_ids,
                        seed=args.seed)
         start, written, drafts, accepted = time.time(), 0, 0, 0

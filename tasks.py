@@ -300,12 +300,12 @@ def parse_turn(enc, ids):
     """Generated ids of one assistant turn (after <|assistant|>, up to <|end|>) -> its parts."""
     special = data.SPECIAL_TOKENS
     text = lambda part: enc.decode([i for i in part if i < data.N_RANKS])  # noqa: E731
-    if special["</think>"] in ids:
-        ids = ids[ids.index(special["</think>"]) + 1:]
+    if special["</think>"] in ids:  # the answer is what follows the last reasoning block
+        ids = ids[len(ids) - ids[::-1].index(special["</think>"]):]
     tool_call = None
     if special["<tool_call>"] in ids:
         start = ids.index(special["<tool_call>"])
-        end = ids.index(special["</tool_call>"]) if special["</tool_call>"] in ids[start:] else len(ids)
+        end = ids.index(special["</tool_call>"], start) if special["</tool_call>"] in ids[start:] else len(ids)
         tool_call, ids = text(ids[start + 1:end]), ids[:start] + ids[end + 1:]
     return Turn(text(ids), tool_call)
 
@@ -368,6 +368,7 @@ SANDBOX_PRELUDE = r"""
 import json, os, resource, sys
 settings = json.loads(sys.argv[1])
 source = sys.stdin.read()
+os.dup2(os.open(os.devnull, os.O_RDONLY), 0)  # the harness (its secret tag too) cannot be read again
 for name, value in settings["rlimits"].items():
     try:
         resource.setrlimit(getattr(resource, name), (value, value))
@@ -441,6 +442,7 @@ def run_sandboxed(source, timeout=2.0, memory_mb=256, max_output=65536, max_proc
             f.write(source)
         with open(paths["stdin"], "rb") as stdin, open(paths["stdout"], "wb") as stdout, \
                 open(paths["stderr"], "wb") as stderr:
+            os.remove(paths["stdin"])  # open, it is still read; gone, the program cannot find it
             process = subprocess.Popen([sys.executable, "-I", "-S", "-B", "-c", SANDBOX_PRELUDE, settings],
                                        stdin=stdin, stdout=stdout, stderr=stderr, cwd=workdir, env={},
                                        start_new_session=True, close_fds=True)
@@ -471,9 +473,10 @@ class VerifierError(Exception):
     """Our side failed (not the answer): retried, and never scored as a wrong answer."""
 
 
-def last_integer(text):
-    numbers = re.findall(r"-?\d+", text.replace(",", ""))
-    return int(numbers[-1]) if numbers else None
+def last_number(text):
+    """The last number in text, decimals whole ("2.5" is not a 5), thousands' commas dropped."""
+    numbers = re.findall(r"-?\d+(?:\.\d+)?", text.replace(",", ""))
+    return float(numbers[-1]) if numbers else None
 
 
 def extract_code(text):
@@ -514,7 +517,7 @@ def reward(task, text):
     fraction of test cases passed (code); an unparseable answer scores 0."""
     if task.suite == "code":
         return code_reward(task, text)
-    return float(last_integer(text) == int(task.answer))
+    return float(last_number(text) == int(task.answer))
 
 
 class Verifier:

@@ -232,9 +232,21 @@ def test_math_and_tool_verifiers():
     assert tasks.reward(math_task, "42") == 1.0 and tasks.reward(math_task, "It is 42.") == 1.0
     assert tasks.reward(math_task, "43") == 0.0 and tasks.reward(math_task, "no idea") == 0.0
     assert tasks.reward(math_task, "-42") == 0.0
+    assert tasks.reward(math_task, "4.2") == 0.0 and tasks.reward(math_task, "42.0") == 1.0  # a decimal is whole
+    assert tasks.reward(math_task, "1,042") == 0.0 and tasks.reward(math_task, "2 * 21 = 42") == 1.0
     tool = tasks.tool_task(random.Random(1))
     assert tasks.reward(tool, f"{tool.tool_call['arguments']['expression']} = {tool.answer}") == 1.0
     assert tasks.reward(tool, str(int(tool.answer) + 1)) == 0.0
+
+
+def test_a_turn_is_parsed_into_its_answer_and_its_call():
+    enc, S = data.load_tokenizer(), data.SPECIAL_TOKENS
+    t = enc.encode_ordinary
+    turn = [S["<think>"], *t("7"), S["</think>"], *t("so "), S["<think>"], *t("8"), S["</think>"], *t("9")]
+    assert tasks.parse_turn(enc, turn) == tasks.Turn("9", None)  # what follows the last reasoning block
+    call = [*t("ok "), S["</tool_call>"], *t("a"), S["<tool_call>"], *t('{"x": 1}'), S["</tool_call>"], *t("b")]
+    assert tasks.parse_turn(enc, call) == tasks.Turn("ok a" + "b", '{"x": 1}')  # a stray closing tag stays text
+    assert tasks.parse_turn(enc, [S["<tool_call>"], *t("{")]) == tasks.Turn("", "{")  # a call never closed
 
 
 def test_calculator_tool_answers_or_explains():
@@ -263,6 +275,14 @@ CHEATS = {
     "a float for an int": "def f(x):\n    return 2.0 * x + 1",
     "a list of such objects": "class Yes:\n    __eq__ = lambda self, other: True\ndef f(x):\n    return [Yes()]",
     "its own output removed": "import os\ndef f(x):\n    return 2 * x + 1\nos.remove('.stdout')",
+    # The harness, tag included, is the sandbox's input: neither its file nor stdin gives it back.
+    "the harness read from its file": "import os, re\nfor name in os.listdir('.'):\n    try:\n"
+                                      "        text = open(name).read()\n    except OSError:\n        continue\n"
+                                      "    tag = re.search(r\"__print\\('(\\w+)'\", text)\n"
+                                      "    if tag:\n        print(tag.group(1), 3)\n        raise SystemExit",
+    "the harness read again from stdin": "import os, re\nos.lseek(0, 0, 0)\ntext = os.read(0, 1 << 16).decode()\n"
+                                         "print(re.search(r\"__print\\('(\\w+)'\", text).group(1), 3)\n"
+                                         "raise SystemExit",
 }
 
 
@@ -520,6 +540,22 @@ def test_a_rollout_cut_off_by_the_cap_is_unfinished(enc):
     torch.nn.init.zeros_(model.lm_head.weight)   # every logit 0: greedy writes id 0 forever, never <|end|>
     row, = train.rollout(model, enc, [tasks.math_task(random.Random(0))], max_tokens=5, temperature=0.0)
     assert row.ids == [0] * 5 and row.written == [1] * 5 and not row.finished and row.answer == ""
+
+
+def test_a_tool_call_that_reaches_the_cap_is_unfinished(enc, monkeypatch):
+    """Its answer would need tokens past the cap: it leaves the loss like any rollout cut off there,
+    rather than staying in it as a finished answer that said nothing."""
+    import sample
+    call = [S["<tool_call>"], *enc.encode_ordinary('{"name": "calculator", "arguments": {"expression": "2"}}'),
+            S["</tool_call>"], E]
+
+    def scripted(model, prompts, max_new_tokens, temperature, logprobs, **options):
+        logprobs[:] = [[0.0] * len(call) for _ in prompts]
+        return [list(call) for _ in prompts]
+
+    monkeypatch.setattr(sample, "generate", scripted)
+    row, = train.rollout(Mellum2(SMALL_TASKS).eval(), enc, [tasks.math_task(random.Random(0))], max_tokens=len(call))
+    assert row.ids == call and not row.finished and row.answer == ""
 
 
 def test_grpo_normalises_by_the_mini_batch_however_it_is_split():

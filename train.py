@@ -599,9 +599,10 @@ def resumed_run(args, out_dir, say):
     if saved != args.stage:
         raise ValueError(f"{out_dir} holds a {saved} run: resume it with --stage {saved}")
     given_flags = flags_given(args)
-    variant = state["settings"].get("variant")
-    if "--variant" in given_flags and args.variant != variant:
-        raise ValueError(f"{out_dir} holds a run of the {variant} variant: resume it with --variant {variant}")
+    for flag, key, kind in (("--variant", "variant", "variant"), ("--rope-variant", "rope_variant", "RoPE variant")):
+        saved_value = state["settings"].get(key)  # these decide what the run is: they cannot change midway
+        if flag in given_flags and getattr(args, key) != saved_value:
+            raise ValueError(f"{out_dir} holds a run of the {saved_value} {kind}: resume it with {flag} {saved_value}")
     say(f"resuming {ckpt_path} at step {state['step']} with the settings it was started with")
     ignored = given_flags - {"--resume", "--out-dir", "--stage", "--variant", "--size", "--device",
                                    "--kernels", "--rope-variant", "--micro-batch"}
@@ -620,7 +621,10 @@ def check_out_dir(out_dir, stage, say):
     if os.path.exists(ckpt_path) and not os.path.isfile(ckpt_path):
         raise ValueError(f"{ckpt_path} is in the way: the run's checkpoint goes there")
     if os.path.isfile(ckpt_path):
-        state = load_checkpoint(ckpt_path, mmap=True)
+        try:
+            state = load_checkpoint(ckpt_path, mmap=True)
+        except CheckpointError as e:  # neither this run nor --resume can use it; only its owner may drop it
+            raise CheckpointError(f"{e}: move it away, or choose another --out-dir") from None
         step, steps = state["step"], state["settings"]["steps"]
         if step < steps:
             raise ValueError(f"{out_dir} holds an unfinished run (step {step} of {steps}): continue it with "
@@ -645,13 +649,23 @@ def flags_given(args):
 START_STAGES = {"pretrain": (), "long": ("pretrain",), "sft": ("pretrain", "long"), "grpo": ("sft",)}
 
 
+def missing_folder(path):
+    """The error for a model folder that is not one: a file (the run's ckpt.pt, say), or nothing."""
+    if os.path.isfile(path):
+        return CheckpointError(f"{path} is a file: give the folder that holds it (a train.py run or a Hugging "
+                               f"Face directory)")
+    return CheckpointError(f"{path}: no such folder")
+
+
 def init_config(init_from):
     """The config of the model in `init_from` (a run folder or a Hugging Face directory), read
     without loading its weights."""
     if not os.path.isdir(init_from):
-        raise CheckpointError(f"--init-from {init_from}: no such folder")
+        raise missing_folder(init_from)
     if os.path.isfile(os.path.join(init_from, "ckpt.pt")):
         return Mellum2Config(**load_checkpoint(os.path.join(init_from, "ckpt.pt"), mmap=True)["config"])
+    if os.path.isfile(os.path.join(init_from, "tokenizer.json")):  # the released model's, say: another vocabulary
+        raise CheckpointError(f"{init_from} brings its own tokenizer.json; train.py trains with this project's")
     return mellum2.read_hf_config(init_from)
 
 
@@ -1188,7 +1202,9 @@ def rollout(model, enc, task_list, max_tokens, temperature=1.0, seed=None):
             if not ids or ids[-1] not in (end, data.EOT):
                 continue   # cut off by the cap (or the context): unfinished
             said = tasks.parse_turn(enc, ids[:-1])
-            if said.tool_call is not None and turn + 1 < MAX_TURNS and sum(r.written) < max_tokens:
+            if said.tool_call is not None and sum(r.written) >= max_tokens:
+                continue   # a call that reaches the cap leaves no room for an answer: unfinished too
+            if said.tool_call is not None and turn + 1 < MAX_TURNS:
                 reply = tasks.tool_reply(enc, said.tool_call)
                 r.ids, r.written = r.ids + reply, r.written + [0] * len(reply)
                 if len(r.prompt) + len(r.ids) < model.config.max_seq_len:   # else: out of context, unfinished
@@ -1232,6 +1248,8 @@ def describe_eval(val, stage):
     if stage in ("sft", "grpo"):
         return "held-out accuracy " + ", ".join(f"{k} {val[k]:.0%}" for k in tasks.SUITES) + \
             f" | reflection words per answer {val['reflection_words']:.2f}"
+    if not val:  # every source's documents went to training (a one-file --data folder, say)
+        return "validation loss: no held-out text"
     return "validation loss " + ", ".join(f"{k} {v:.3f}" for k, v in val.items())
 
 
@@ -1625,8 +1643,9 @@ def check_settings(s, world):
         (0 < s["micro_batch"] <= s["batch_size"],
          f"batch sizes must be positive, --micro-batch at most --batch-size, got --batch-size {s['batch_size']} "
          f"--micro-batch {s['micro_batch']}"),
-        (s["batch_size"] % (2 * world) == 0,
-         f"--batch-size {s['batch_size']} must split evenly over {world} process(es), also at half size while ramping"),
+        (s["batch_size"] % ((2 if s["ramp_fraction"] else 1) * world) == 0,
+         f"--batch-size {s['batch_size']} must split evenly over {world} process(es)"
+         + (", also at half size while ramping" if s["ramp_fraction"] else "")),
         (not s.get("context") or data.min_unique_tokens(s["context"]) <= data.VOCAB_SIZE,  # no text could pass §3.3
          f"--context {s.get('context')} is too long for a vocabulary of {data.VOCAB_SIZE}: the data filter keeps "
          f"sequences with 1% distinct tokens"),
