@@ -1936,6 +1936,16 @@ def test_greedy_generation_equals_transformers_generate(tmp_path):
     assert got == expected[0, 20:].tolist()
 
 
+def test_no_room_gives_no_tokens_and_a_prompt_past_the_context_is_an_error():
+    model = Mellum2(SMALL).eval()
+    full = [i % SMALL.vocab_size for i in range(SMALL.max_seq_len)]
+    assert sample.generate(model, [full], 5) == [[]] and sample.generate_speculative(model, full, 5) == ([], 0, 0)
+    assert sample.generate_speculative(model, [1, 2], 0) == ([], 0, 0)
+    for decode in (lambda p: sample.generate(model, [p], 5), lambda p: sample.generate_speculative(model, p, 5)):
+        with pytest.raises(ValueError, match="the prompt is 65 tokens; this model's context is 64"):
+            decode(full + [1])
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_greedy_speculative_output_equals_plain(seed):
     """Half the models are trained a little on a repetitive pattern so most drafts are accepted;
