@@ -123,8 +123,9 @@ class Mellum2Config:
     @property
     def eos_ids(self):
         """The end-of-text ids as a tuple (empty when the config names none)."""
-        eos = self.eos_token_id
-        return eos if type(eos) is tuple else () if eos is None else (eos,)
+        if self.eos_token_id is None:
+            return ()
+        return self.eos_token_id if type(self.eos_token_id) is tuple else (self.eos_token_id,)
 
     @property
     def layer_types(self):
@@ -487,7 +488,7 @@ class Block(nn.Module):
         cos, sin = rope[self.layer_type]
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, masks[self.layer_type], cache, positions)
         if last_only:
-            x = x[:, -1:]
+            x = x[:, -1:]  # (B, 1, D)
         moe_out, router_logits, experts = self.mlp(self.post_attention_layernorm(x))
         return x + moe_out, router_logits, experts
 

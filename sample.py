@@ -20,6 +20,7 @@ Decoding, step by step:
 import argparse
 import dataclasses
 import os
+import re
 import sys
 import time
 
@@ -424,14 +425,7 @@ class Printer:
 
 def without_thinking(text):
     """text without its <think>...</think> blocks, cut at a block still open (its end has not come)."""
-    shown = []
-    while "<think>" in text:
-        before, text = text.split("<think>", 1)
-        shown.append(before)
-        if "</think>" not in text:
-            return "".join(shown)
-        text = text.split("</think>", 1)[1]
-    return "".join(shown) + text
+    return re.sub(r"<think>.*?</think>", "", text, flags=re.DOTALL).split("<think>", 1)[0]
 
 
 def on_closed_pipe():
