@@ -642,7 +642,9 @@ def _progress(items, label, enabled):
 
 
 def _fingerprint(inputs, tokenizer_bytes):
-    h = hashlib.sha256(repr((CACHE_VERSION, MIN_DOCSTRING_WORDS, VAL_FRACTION)).encode("utf-8"))
+    """What the token files depend on: the inputs, how documents are cut from them, and the tokenizer,
+    which is its rank file and the pattern that splits text before the merges."""
+    h = hashlib.sha256(repr((CACHE_VERSION, MIN_DOCSTRING_WORDS, VAL_FRACTION, SPLIT_PATTERN)).encode("utf-8"))
     h.update(hashlib.sha256(tokenizer_bytes).digest())
     for f in inputs:
         h.update(f"{f.source}\0{f.kind}\0{f.key}\0".encode("utf-8"))

@@ -928,6 +928,20 @@ def test_cache_reused_and_rebuilt_on_change(tmp_path, enc):
     assert enc.decode(doc.tolist()) == "def changed():\n    return 'new text'\n"
 
 
+def test_cache_rebuilt_when_the_split_pattern_changes(tmp_path, monkeypatch):
+    """The same rank file with another pre-tokenization pattern encodes differently: the cached
+    tokens of the old pattern must not be reused."""
+    root = write_tiny_corpus(tmp_path / "src", seed=5, n=4)
+    first = data.build_corpus([root], cache_dir=tmp_path / "cache", progress=False, default_sources=False)
+    monkeypatch.setattr(data, "SPLIT_PATTERN", r"\S+|\s+")  # whole words with their punctuation
+    changed = data.build_corpus([root], cache_dir=tmp_path / "cache", progress=False, default_sources=False)
+    assert not changed.from_cache and changed.folder != first.folder
+    split = changed.train["code"]
+    assert split.doc(0).tolist() == data.load_tokenizer().encode_ordinary(
+        (root.parent / split.keys[0]).read_text())
+    assert split.doc(0).tolist() != first.train["code"].doc(first.train["code"].keys.index(split.keys[0])).tolist()
+
+
 
 @pytest.mark.parametrize("damage", ["truncated tokens", "empty offsets", "garbled offsets", "torn manifest",
                                     "shortened tokens"])
