@@ -1540,7 +1540,19 @@ def test_ctrl_c_writes_a_checkpoint_and_resume_continues(small_corpus, tmp_path)
     assert proc.returncode == 130, err[-2000:]
     step = train.load_checkpoint(tmp_path / "ckpt.pt")["step"]
     assert step >= 2 and len(metrics.read_text().splitlines()) == step
-    assert f"stopped at step {step}" in err and "Traceback" not in err
+    assert f"stopped at step {step}" in err and "Traceback" not in err and "interrupted" not in err
+
+
+def test_ctrl_c_outside_the_loop_says_so(tmp_path, monkeypatch, capsys):
+    """Between steps the loop stops itself and says where its checkpoint is; a Ctrl-C elsewhere
+    (building the corpus, the final evaluation) still ends with a line saying what happened."""
+    def interrupted(args, settings_of=None):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(train, "train", interrupted)
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--size", "tiny", "--out-dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 130 and err == "error: interrupted; checkpoints written before are kept"
 
 
 def test_a_stop_request_in_the_last_step_lets_the_run_finish(small_corpus, tmp_path, monkeypatch, capsys):

@@ -448,6 +448,10 @@ def setup_distributed(requested_device):
     return dist.get_rank(), dist.get_world_size(), device
 
 
+class Stopped(KeyboardInterrupt):
+    """A run that stopped on request at a step boundary, having said where its checkpoint is."""
+
+
 class StopRequest:
     """From its creation until release(), Ctrl-C (SIGINT) or SIGTERM only raises a flag; the loop
     stops at the next step boundary, where model and optimizer are consistent, and writes a
@@ -1068,7 +1072,7 @@ def train(args, stop_after=None, settings_of=None):
             if stopping:
                 progress.message(stopped_message(step, out_dir, keep_replaced))
                 if interrupted:
-                    raise KeyboardInterrupt
+                    raise Stopped
                 return raw
     except NonFiniteLoss as e:
         if master and log.waiting is not None:
@@ -1601,7 +1605,7 @@ def grpo(args, stop_after=None):
             if stopping:
                 progress.message(stopped_message(step, out_dir, keep_replaced))
                 if interrupted:
-                    raise KeyboardInterrupt
+                    raise Stopped
                 return raw
     except NonFiniteLoss as e:
         raise NonFiniteLoss(f"non-finite GRPO step {step + 1} ({e}); stopped before taking it, "
@@ -1827,7 +1831,10 @@ def main(argv=None):
             "checkpoint with --resume --micro-batch N"
         print(f"error: out of memory ({one_line(e)[:160]}): {advice}", file=sys.stderr)
         sys.exit(1)
-    except KeyboardInterrupt:  # the checkpoint is written (unless none was due: keeps_the_replaced_run)
+    except Stopped:  # the checkpoint is written (unless none was due: keeps_the_replaced_run)
+        sys.exit(130)
+    except KeyboardInterrupt:  # before the loop, or in the final evaluation after its last checkpoint
+        print("error: interrupted; checkpoints written before are kept", file=sys.stderr)
         sys.exit(130)
     finally:
         leave_process_group()
