@@ -30,6 +30,8 @@ Triton exists for Linux only (no Windows or macOS wheels), so this file imports 
 the "torch" mode is the model's own code. Without a GPU the kernels still run under Triton's
 interpreter (TRITON_INTERPRET=1 set before this file is imported: Triton reads it when the kernels
 are decorated), which executes each program with numpy: slow, but exact enough to test them on a CPU.
+On a GPU, fp32 inputs reach tl.dot as TF32 (Triton's default), about 1e-3 from the fallbacks; the
+model runs in bf16 there.
 
 Shapes: B batch, T time, H query heads, Hkv key/value heads, G = H // Hkv, hd head dim, N = B*T
 tokens, K experts per token, E experts, D hidden size, F expert width; "pair" = one (token, slot).
@@ -66,15 +68,16 @@ def require_triton():
                            "mellum2's PyTorch functions run everywhere")
 
 
-def interpreting():
-    """True when Triton runs kernels on the CPU with numpy (TRITON_INTERPRET=1): for tests."""
-    return os.environ.get("TRITON_INTERPRET") == "1"
+# True when Triton runs kernels on the CPU with numpy (TRITON_INTERPRET=1): for tests. Read once, here:
+# Triton chooses between interpreting and compiling as the kernels below are decorated, and a later
+# change of the variable would make the block sizes and bf16 handling disagree with that choice.
+INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _upcast(dtype):
     """The interpreter computes bf16 on raw uint16 bit patterns (wrong numbers), so there the kernels
     convert bf16 tiles to fp32 right after loading them. On a GPU bf16 tiles go to the tensor cores."""
-    return interpreting() and dtype == torch.bfloat16
+    return INTERPRETING and dtype == torch.bfloat16
 
 
 # -----------------------------------------------------------------------------------------------
@@ -193,13 +196,14 @@ def _moe_blocks():
     """(BLOCK_M, BLOCK_N, BLOCK_K). GPU: 64-row blocks suit training batches (N*K/E ~ thousands of
     pairs per expert, so padding wastes < 2%); for small decoding batches 16 would waste less.
     Interpreter: small blocks keep the CPU tests fast and still GPU-legal (every dim >= 16)."""
-    return (16, 32, 32) if interpreting() else (64, 64, 64)
+    return (16, 32, 32) if INTERPRETING else (64, 64, 64)
 
 
 def _moe_gemm(a, a_div, w, plan, transposed=False, w_up=None, row_scale=None):
     """Per pair p of expert e: a[p // a_div] @ w[e].T (w (E, out, in), as nn.Linear stores it), or
     a[...] @ w[e] when transposed (w (E, in, out), the backward's direction) -> (n_pairs, out).
-    With w_up: the SwiGLU silu(a @ w[e].T) * (a @ w_up[e].T); with row_scale (n_pairs,): rows scaled."""
+    With w_up: the SwiGLU silu(a @ w[e].T) * (a @ w_up[e].T), w_up laid out like w (the kernel reads
+    both through w's strides); with row_scale (n_pairs,): rows scaled."""
     sorted_ids, block_expert, _ = plan
     block_m, block_n, block_k = _moe_blocks()
     n_pairs = a.shape[0] * a_div
@@ -275,6 +279,9 @@ def fused_moe(x, weights, experts, gate_proj, up_proj, down_proj):
     gate_proj, up_proj (E, F, D) and down_proj (E, D, F) -> (N, D)."""
     require_triton()
     x, weights, gate_proj, up_proj, down_proj = mellum2.in_compute_dtype(x, weights, gate_proj, up_proj, down_proj)
+    # Contiguous, as the model's parameters already are: the gate+up launch reads both through one
+    # set of strides.
+    gate_proj, up_proj, down_proj = (w.contiguous() for w in (gate_proj, up_proj, down_proj))
     return FusedMoE.apply(x.contiguous(), weights.contiguous(), experts, gate_proj, up_proj, down_proj)
 
 
@@ -363,12 +370,14 @@ def _attention_fwd_kernel(
 
 def _attention_blocks():
     """(BLOCK_M, BLOCK_N): 64 x 64 tiles of hd = 128 fit a GPU's shared memory with two pipeline
-    stages even in fp32; the interpreter's cost is per program and per op, so 32 x 32 there."""
-    return (32, 32) if interpreting() else (64, 64)
+    stages in bf16 (what the model runs in on a GPU), and in fp32 on A100/H100-class GPUs, not on
+    consumer ones; the interpreter's cost is per program and per op, so 32 x 32 there."""
+    return (32, 32) if INTERPRETING else (64, 64)
 
 
 def attention_forward(q, k, v, window, block_m=None, block_n=None):
     """q (B, H, T, hd), k, v (B, Hkv, T, hd) -> o (B, H, T, hd), lse (B, H, T) fp32."""
+    require_triton()
     B, H, T, hd = q.shape
     block_m, block_n = block_m or _attention_blocks()[0], block_n or _attention_blocks()[1]
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
@@ -379,7 +388,8 @@ def attention_forward(q, k, v, window, block_m=None, block_n=None):
     _attention_fwd_kernel[grid](
         q, k, v, o, lse, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
         H, T, H // k.shape[1], window or T, hd ** -0.5 * math.log2(math.e),
-        HEAD_DIM=hd, BLOCK_D=triton.next_power_of_2(hd), UPCAST=_upcast(q.dtype),
+        # A power of two, and at least 16: tl.dot on 16-bit inputs needs 16 along its inner dimension.
+        HEAD_DIM=hd, BLOCK_D=max(16, triton.next_power_of_2(hd)), UPCAST=_upcast(q.dtype),
         BLOCK_M=block_m, BLOCK_N=block_n, num_stages=2)
     return o, lse
 
@@ -475,7 +485,7 @@ def resolve_mode(mode=None, device=None):
     if mode == "triton" and triton is None:
         raise ValueError(f"{named} needs triton, which installs on Linux only (pip install triton); "
                          "auto and torch run everywhere")
-    if mode == "triton" and not on_gpu and not interpreting():
+    if mode == "triton" and not on_gpu and not INTERPRETING:
         raise ValueError(f"{named} needs a model on a CUDA GPU, or TRITON_INTERPRET=1 (set before "
                          "importing kernels) to run the kernels slowly on the CPU")
     return mode

@@ -62,20 +62,22 @@ def training_mask(T, window):
     return None if window is None else mellum2.attention_mask(positions, positions, window)
 
 
-ATTENTION_CASES = [  # T, window, H, Hkv, block_m, block_n
-    (100, None, 4, 4, 32, 32),  # full causal, T not a block multiple, GQA group 1
-    (100, 8, 4, 2, 32, 32),     # window smaller than a block, group 2
-    (64, 40, 8, 1, 32, 16),     # window not a block multiple, group 8 (MQA), BLOCK_M != BLOCK_N
-    (50, 200, 4, 2, 16, 32),    # window longer than the sequence = plain causal
-    (37, 1, 2, 1, 16, 16),      # window 1: each query sees only itself
-    (70, 34, 2, 2, 32, 32),     # query 64 sees key 31, the last of block 0: pins the lower bound's off-by-one
+ATTENTION_CASES = [  # T, window, H, Hkv, block_m, block_n, hd
+    (100, None, 4, 4, 32, 32, 16),  # full causal, T not a block multiple, GQA group 1
+    (100, 8, 4, 2, 32, 32, 16),     # window smaller than a block, group 2
+    (64, 40, 8, 1, 32, 16, 16),     # window not a block multiple, group 8 (MQA), BLOCK_M != BLOCK_N
+    (50, 200, 4, 2, 16, 32, 16),    # window longer than the sequence = plain causal
+    (37, 1, 2, 1, 16, 16, 16),      # window 1: each query sees only itself
+    (70, 34, 2, 2, 32, 32, 16),     # query 64 sees key 31, the last of block 0: pins the lower bound's off-by-one
+    (40, 12, 4, 2, 16, 16, 24),     # a head dim that is no power of two: the kernel masks the padded dims
+    (30, None, 2, 1, 16, 16, 8),    # a head dim below 16, padded up to the smallest legal tl.dot
 ]
 
 
 @needs_triton
-@pytest.mark.parametrize("T, window, H, Hkv, block_m, block_n", ATTENTION_CASES)
-def test_kernel_attention_matches_sdpa_and_brute_force(T, window, H, Hkv, block_m, block_n):
-    q, k, v = attention_inputs(T, H, Hkv)
+@pytest.mark.parametrize("T, window, H, Hkv, block_m, block_n, hd", ATTENTION_CASES)
+def test_kernel_attention_matches_sdpa_and_brute_force(T, window, H, Hkv, block_m, block_n, hd):
+    q, k, v = attention_inputs(T, H, Hkv, hd)
     y = kernels.flash_attention(q, k, v, window, block_m, block_n)
     fallback = mellum2.sdpa_attend(q, k, v, training_mask(T, window), window)
     reference = brute_force_attention(q, k, v, window)
@@ -122,12 +124,34 @@ def test_kernel_attention_window_convention():
     assert_close(y[:, :, i:i + 1], scores.softmax(-1) @ v[:, :, i - 2:i + 1])
 
 
-def test_kernel_attend_falls_back_when_decoding_with_a_cache():
-    q, _, _ = attention_inputs(3, 4, 2)
+@pytest.mark.parametrize("n_queries", [3, 11])
+def test_kernel_attend_falls_back_when_decoding_with_a_cache(n_queries):
+    """Anything but training's masks stays with SDPA: decoding (fewer queries than keys), and a
+    prefill into an empty cache, as many queries as keys but with the cache's (B, 1, T, T) mask
+    (left padding), which the kernel's causal window could not express."""
+    q, _, _ = attention_inputs(n_queries, 4, 2)
     _, k, v = attention_inputs(11, 4, 2, seed=1)
-    mask = torch.rand(1, 1, 3, 11) > 0.3
+    mask = torch.rand(1, 1, n_queries, 11) > 0.3
     mask[..., 0] = True
     assert torch.equal(kernels.triton_attend(q, k, v, mask, 8), mellum2.sdpa_attend(q, k, v, mask, 8))
+
+
+@pytest.mark.parametrize("window, chunk", [(None, 7), (5, 7), (20, 16), (20, 300)])
+def test_attention_backward_in_chunks(window, chunk):
+    """The backward walks the queries in chunks, each with only the band of keys its window shows:
+    every chunk size gives the gradients of the brute force, chunks shorter than the window and
+    than the sequence included. (PyTorch only: it runs without triton too.)"""
+    q, k, v = attention_inputs(45, 4, 2)
+    y = brute_force_attention(q, k, v, window)
+    dy = torch.randn_like(y)
+    expected = torch.autograd.grad(y, (q, k, v), dy)
+    scores = (q @ k.repeat_interleave(2, dim=1).mT) / 16 ** 0.5
+    visible = torch.ones(45, 45, dtype=torch.bool).tril() if window is None else training_mask(45, window)
+    lse = scores.masked_fill(~visible, float("-inf")).logsumexp(-1)
+    grads = kernels.attention_backward(q.detach(), k.detach(), v.detach(), y.detach(), lse.detach(), dy, window,
+                                       chunk)
+    for actual, wanted in zip(grads, expected):
+        assert_close(actual, wanted)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -190,7 +214,7 @@ MOE_CASES = [  # N, D, F, E, K, routing; D and F are not multiples of the 32-wid
     (37, 40, 24, 8, 2, "skewed"),      # expert 0 receives every token, 6 experts receive none
     (50, 32, 48, 8, 2, "one_empty"),
     (24, 40, 24, 16, 4, "random"),
-    (16, 32, 16, 64, 8, "random"),     # the release's 64-choose-8 routing: most experts get no token
+    (16, 32, 16, 64, 8, "random"),     # the release's 64-choose-8 routing: one or two pairs per expert
 ]
 
 
@@ -211,6 +235,16 @@ def test_kernel_moe_matches_grouped_and_brute_force(N, D, F_, E, K, routing):
     for expected in (torch.autograd.grad(fallback, leaves, dy), torch.autograd.grad(reference, leaves, dy)):
         for actual, wanted in zip(grads, expected):
             assert_close(actual, wanted)
+
+
+@needs_triton
+def test_kernel_moe_reads_each_weight_in_its_own_layout():
+    """up_proj stored transposed in memory (the same values): the result must not change."""
+    x, weights, experts, gate_proj, up_proj, down_proj = moe_inputs(20, 32, 16, 4, 2, "random")
+    up_proj = up_proj.detach().mT.contiguous().mT
+    assert up_proj.stride() != gate_proj.stride()
+    assert_close(kernels.fused_moe(x, weights, experts, gate_proj, up_proj, down_proj),
+                 brute_force_moe(x, weights, experts, gate_proj, up_proj, down_proj))
 
 
 @needs_triton
@@ -300,7 +334,11 @@ def test_kernel_modes_and_errors(monkeypatch):
 def test_kernel_mode_triton_needs_a_gpu_or_the_interpreter(monkeypatch):
     model = Mellum2(SMALL)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    # The variable is read when kernels.py is imported, as Triton reads it: changing it later
+    # changes nothing, since the kernels stay interpreted.
     monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert kernels.resolve_mode("triton", "cpu") == "triton"
+    monkeypatch.setattr(kernels, "INTERPRETING", False)
     with pytest.raises(ValueError, match="'triton' needs a model on a CUDA GPU, or TRITON_INTERPRET=1"):
         kernels.install(model, "triton")
     assert kernels.resolve_mode("auto", "cuda:0") == "triton"
@@ -319,8 +357,9 @@ def test_kernels_without_triton(monkeypatch):
     with pytest.raises(ValueError, match="^MELLUM2_KERNELS=triton needs triton"):
         kernels.install(model)
     q, k, v = attention_inputs(5, 2, 1)
-    with pytest.raises(RuntimeError, match="need triton"):
-        kernels.flash_attention(q, k, v)
+    for attention in (kernels.flash_attention, lambda q, k, v: kernels.attention_forward(q, k, v, None)):
+        with pytest.raises(RuntimeError, match="need triton"):
+            attention(q, k, v)
     with pytest.raises(RuntimeError, match="need triton"):
         kernels.fused_moe(*moe_inputs(4, 8, 8, 4, 2, "random"))
 
@@ -348,7 +387,7 @@ def test_replaced_expert_matmuls_keep_the_torch_path_under_triton():
 # -----------------------------------------------------------------------------------------------
 # On a GPU, compiled (not interpreted): TRITON_INTERPRET=0 python -m pytest -q test_kernels.py -k cuda
 
-@pytest.mark.skipif(not torch.cuda.is_available() or kernels.interpreting(),
+@pytest.mark.skipif(not torch.cuda.is_available() or kernels.INTERPRETING,
                     reason="needs CUDA with TRITON_INTERPRET=0 (the kernels compiled, not interpreted)")
 @pytest.mark.parametrize("window", [256, None])
 def test_kernel_cuda_bf16_matches_the_fp32_fallbacks(window):
