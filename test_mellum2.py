@@ -2676,8 +2676,10 @@ def test_bench_stops_with_one_line(error, code, message, monkeypatch, capsys):
 
 def test_readme_line_anchors_point_at_what_they_name():
     here = os.path.dirname(os.path.abspath(__file__))
-    links = re.findall(r"\[`(\w+\.py): (\w+)`\]\((\w+\.py)#L(\d+)\)", open(os.path.join(here, "README.md")).read())
+    readme = open(os.path.join(here, "README.md")).read()
+    links = re.findall(r"\[`(\w+\.py): (\w+)`\]\((\w+\.py)#L(\d+)\)", readme)
     assert len(links) >= 30
+    assert len(links) == len(re.findall(r"\]\(\w+\.py#L\d+\)", readme))  # every line link names file and definition
     for shown, name, path, line in links:
         assert shown == path
         text = open(os.path.join(here, path)).read().splitlines()[int(line) - 1]

@@ -1419,7 +1419,7 @@ class RLRun:
 
 GRPO_RUNS = {
     # 4 (Instruct) to 7.5 (Thinking) minutes on 2 CPU cores. AdamW at 1e-4, a common choice at this size,
-    # made held-out tool accuracy swing by 50 points between evaluations; 3e-5 by up to 27 (README).
+    # made held-out tool accuracy swing by 50 points between evaluations; 3e-5 by up to 20 (README).
     "tiny": RLRun(steps=60, prompts=8, group_size=8, lr=3e-5, warmup_steps=5, eval_every=20, eval_tasks=64,
                   ckpt_every=10),
     "small": RLRun(steps=200, prompts=16, group_size=8, lr=3e-5, warmup_steps=10, eval_every=50, eval_tasks=128,
