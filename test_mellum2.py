@@ -1994,6 +1994,12 @@ def test_greedy_speculative_output_equals_plain(seed):
         fast, drafts, accepted = sample.generate_speculative(model, prompt, 30, temperature=0)
         assert fast == plain
         assert drafts > 0 and (accepted > drafts // 2 if seed % 2 else accepted < drafts)
+        # A stop id ends both at its first occurrence, whether it came as the checked token, or as
+        # the bonus after an accepted draft (the pattern's tokens come both ways).
+        for stop in {plain[0], plain[1], plain[10], plain[-1]}:
+            expected = plain[:plain.index(stop) + 1]
+            assert sample.generate(model, [prompt], 30, temperature=0, stop_ids={stop})[0] == expected
+            assert sample.generate_speculative(model, prompt, 30, temperature=0, stop_ids={stop})[0] == expected
 
 
 def test_every_draft_equals_the_mtp_head_over_the_whole_text(monkeypatch):
@@ -2020,26 +2026,30 @@ def test_every_draft_equals_the_mtp_head_over_the_whole_text(monkeypatch):
         torch.testing.assert_close(logits[0], expected[position - 1], atol=1e-4, rtol=1e-4)
 
 
-def test_sampled_speculative_decoding_keeps_the_model_distribution():
+@pytest.mark.parametrize("temperature, top_k", [(1.0, 0), (0.5, 0), (1.0, 3)])
+def test_sampled_speculative_decoding_keeps_the_model_distribution(temperature, top_k):
     """Whole sampled generations: the first three new tokens, drawn with MTP drafts kept or redrawn by
-    the speculative rule, follow the trunk's own joint distribution (each of the 64 outcomes on a
-    4-token vocabulary within 5 binomial standard deviations), while the drafts alone do not."""
+    the speculative rule, follow the trunk's own joint distribution after temperature and top-k (each
+    of the 64 outcomes on a 4-token vocabulary within 5 binomial standard deviations), while the
+    drafts alone do not. Both the draft's distribution and the trunk's must go through the same
+    adjustments: the rule is exact only for the distributions the tokens were drawn from."""
     cfg = replace(SMALL, vocab_size=4, max_seq_len=16)
     model = randomize(Mellum2(cfg), seed=7).eval()
     with torch.no_grad():
         model.lm_head.weight.mul_(2)  # sharper: drafts differ from the trunk's choice about half the time
         prompt = [1, 2, 3]
         texts = torch.tensor([prompt + [a, b] for a in range(4) for b in range(4)])  # (16, 5)
-        probs = model(texts)[0].softmax(-1)  # (16, 5, V)
+        probs = sample.next_token_probs(model(texts)[0].flatten(0, 1), temperature, top_k).view(16, 5, 4)  # (16, 5, V)
         first, second, third = probs[0, 2], probs[::4, 3], probs[:, 4].view(4, 4, 4)  # (V,), (V, V), (V, V, V)
         expected = first[:, None, None] * second[:, :, None] * third  # p(a, b, c)
         # What keeping every draft would give: the second token from the MTP head instead of the trunk.
         _, mtp_logits = zip(*(naive_final_states_and_mtp_logits(model, t) for t in texts[::4]))
-        drafts_only = first[:, None, None] * torch.stack(mtp_logits)[:, 2].softmax(-1)[:, :, None] * third
+        mtp_probs = sample.next_token_probs(torch.stack(mtp_logits)[:, 2], temperature, top_k)  # (V, V)
+        drafts_only = first[:, None, None] * mtp_probs[:, :, None] * third
     n = 800
     counts = torch.zeros(4, 4, 4)
     for seed in range(n):
-        a, b, c = sample.generate_speculative(model, prompt, 3, temperature=1.0, seed=seed)[0]
+        a, b, c = sample.generate_speculative(model, prompt, 3, temperature=temperature, top_k=top_k, seed=seed)[0]
         counts[a, b, c] += 1
     sigma = (n * expected * (1 - expected)).sqrt()
     assert ((counts - n * expected).abs() <= 5 * sigma + 1).all()
