@@ -25,6 +25,7 @@ import pytest
 import regex
 import torch
 import torch.nn.functional as F
+import transformers  # the reference (requirements.txt installs it): without it the suite must fail, not skip
 
 import data
 import evaluate
@@ -35,7 +36,6 @@ import train
 from mellum2 import (IGNORE_INDEX, CheckpointError, KVCache, Mellum2, Mellum2Config, RMSNorm,
                      apply_rope, attention_mask, load_balancing_loss, rope_inv_freq)
 
-transformers = pytest.importorskip("transformers")
 
 # A small config with every structural feature: 3:1 sliding/full, GQA groups of 2, 8 experts top-2.
 SMALL = Mellum2Config(vocab_size=256, n_layer=4, n_embd=64, n_head=4, n_kv_head=2, head_dim=16, n_expert=8,
@@ -1078,6 +1078,17 @@ def test_phase_mixture_matches_table(tiny):
         n = sum(counts.values())
         for source, prob in expected_mixture(p).items():
             assert within(counts[source], n, prob), (p, source, counts)
+
+
+def test_best_fit_packing_fills_rows_without_cutting(tiny, monkeypatch):
+    """Pieces of 12, 5, 5 and 12 tokens into two rows of 17: best fit puts each into the fullest row
+    that still holds it, so both rows end exactly full ([12, 5] and [5, 12]) and nothing is cut;
+    placing each piece in the emptiest row would cut the last one."""
+    s = sampler(tiny, seq_len=16)
+    lengths = iter([12, 5, 5, 12])
+    monkeypatch.setattr(s, "_item", lambda rng, source, fim_rate: np.arange(next(lengths)))
+    rows = s._pack(np.random.default_rng(0), "code", data.PHASES[0], 2)
+    assert [[len(piece) for piece in row] for row in rows] == [[12, 5], [5, 12]]
 
 
 def test_fim_rates_by_phase_and_items_reassemble(tiny):

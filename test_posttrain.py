@@ -224,6 +224,16 @@ def test_shaping_applies_concision_to_instruct_only_and_groups_drop_zero_varianc
     assert rows[0].shaped == 1.0
 
 
+def test_the_overlong_penalty_counts_the_tokens_the_model_wrote():
+    """A tool's reply in the ids is not the answer's length: 60 written tokens and a 30-token reply
+    keep the reward; 84 written tokens, half-way through the last quarter of the cap, halve it."""
+    task = tasks.math_task(random.Random(0))
+    with_reply = train.Rollout(task, [A], [1] * 90, [1] * 30 + [0] * 30 + [1] * 30, [0.0] * 60, True, "5", 1.0)
+    long_answer = train.Rollout(task, [A], [1] * 84, [1] * 84, [0.0] * 84, True, "5", 1.0)
+    train.shape_rewards([with_reply, long_answer], "thinking", cap=96)
+    assert with_reply.shaped == 1.0 and long_answer.shaped == pytest.approx(0.5)
+
+
 # -----------------------------------------------------------------------------------------------
 # Verifiers (§5.2.1)
 
@@ -524,7 +534,7 @@ def test_grpo_tensors_train_exactly_the_written_tokens_of_finished_rollouts():
     prompt = [U, 5, 6, E, A]
     # The model writes a call (7, 8), the tool's reply (20, 21) is appended, the model writes 9 and <|end|>.
     used_tool = train.Rollout(task, prompt, [7, 8, 20, 21, 9, E], [1, 1, 0, 0, 1, 1], [-0.1, -0.2, -0.3, -0.4],
-                              True, "", 1.0, 1.0)
+                              True, "", 1.0, 0.7)  # right, shaped down to 0.7: the advantage uses the shaped
     unfinished = train.Rollout(task, prompt, [7, 8, 9], [1, 1, 1], [-0.5, -0.6, -0.7], False, "", 0.0, 0.0)
     x, targets, mask, logp_infer, advantages = train.grpo_tensors([[used_tool, unfinished]], data.PAD)
     assert x[0].tolist() == prompt + [7, 8, 20, 21, 9] and targets[0].tolist() == prompt[1:] + used_tool.ids
@@ -532,7 +542,7 @@ def test_grpo_tensors_train_exactly_the_written_tokens_of_finished_rollouts():
     assert trained == [4, 5, 8, 9] and targets[0, trained].tolist() == [7, 8, 9, E]   # not the tool's reply
     assert logp_infer[0, trained].tolist() == pytest.approx(used_tool.logp)
     assert not mask[1].any()                       # over the cap: dropped from the loss
-    assert advantages.tolist() == [1.0, -1.0]
+    assert advantages.tolist() == pytest.approx([0.7, -0.7])
 
 
 def test_a_rollout_cut_off_by_the_cap_is_unfinished(enc):
@@ -577,6 +587,26 @@ def test_grpo_normalises_by_the_mini_batch_however_it_is_split():
         train.grpo_update(model, [torch.optim.SGD(model.parameters(), lr=1.0)], [rows], micro_batch=micro_batch)
         updated.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
     assert (updated[0] - updated[1]).abs().max().item() < 1e-6
+
+
+def test_grpo_update_steps_once_per_mini_batch_against_the_policy_before_it():
+    """Two mini-batches are two optimizer steps, and both are measured against the log-probs taken
+    before the first: after a large first step the second one's ratios leave the clip range."""
+    task = tasks.math_task(random.Random(0))
+    prompt = [U, 5, 6, E, A]
+    torch.manual_seed(0)
+    model = Mellum2(SMALL_TASKS)
+    rows = []
+    for answer, reward in (([40, E], 1.0), ([50, 51, E], 0.0), ([41, 42, E], 1.0), ([50, E], 0.0)):
+        with torch.no_grad():
+            logp = train.token_logprobs(model, torch.tensor([prompt + answer[:-1]]),
+                                        torch.tensor([prompt[1:] + answer]))[0, -len(answer):].tolist()
+        rows.append(train.Rollout(task, prompt, answer, [1] * len(answer), logp, True, "", reward, reward))
+    steps = []
+    optimizer = torch.optim.SGD(model.parameters(), lr=30.0)
+    optimizer.register_step_post_hook(lambda *args: steps.append(1))
+    totals = train.grpo_update(model, [optimizer], [rows], minibatches=2, grad_clip=1e9)
+    assert len(steps) == 2 and totals["clipped"] > 0
 
 
 def test_grpo_update_makes_rewarded_answers_more_likely():
