@@ -138,16 +138,23 @@ SHORTCUTS = {"int": ("x", "0", "1", "{k}"), "str": ("s", "''", "s[::-1]", "len(s
 N_CASES = 4
 
 
-def same(got, want, type=type, len=len, zip=zip, all=all):
-    """A right result: equal, and of the expected type all the way down (True is not 1, 2.0 is not
-    2, and an object whose == always says yes is neither, alone or in a list). The code verifier
-    runs this very function in the sandbox, defined before the answer: the defaults keep the
-    builtins it had then."""
-    if type(got) is not type(want):
-        return False
-    if type(want) is list:
-        return len(got) == len(want) and all(same(g, w) for g, w in zip(got, want))
-    return got == want
+def typed(value, type=type, list=list, int=int, float=float, str=str, bool=bool):
+    """A result as plain data that says its type all the way down: [type name, value], a list
+    element by element, anything else ["other", None]. Two results are the same when these are
+    (True is not 1, 2.0 is not 2, and an object whose == always says yes is neither). The code
+    verifier runs this very function in the sandbox, defined before the answer: the defaults keep
+    the builtins it had then."""
+    kind = type(value)
+    if kind is list:
+        return ["list", [typed(v) for v in value]]
+    if kind in (int, float, str, bool):
+        return [kind.__name__, value]
+    return ["other", None]
+
+
+def same(got, want):
+    """A right result: equal, and of the expected type all the way down (see typed)."""
+    return typed(got) == typed(want)
 
 
 def code_task(rng):
@@ -356,26 +363,28 @@ def tool_reply(enc, call_text):
 # which its whole process group is killed. Output goes to files in that directory, so a flood stops
 # at the file-size limit instead of filling our memory.
 #
-# Started by root (as CI is), the interpreter first loads, then drops to the unprivileged `nobody`:
-# the process limit binds only below root, and `nobody` owns no files outside its directory (it may
-# still write where anyone may, like /tmp). (Starting directly as `nobody` fails where the
-# interpreter lives under root's home.) An audit hook then refuses new processes, sockets, foreign
-# code and writes outside the directory, which also guards a non-root user's files. This contains
-# accidents and a misbehaving model; it is not a jail for an attacker (for that: containers,
-# gVisor, or a VM).
+# Started by root (as CI is), the interpreter first loads, with the library modules an answer may
+# import, then drops to the unprivileged `nobody`: the process limit binds only below root, and
+# `nobody` owns no files outside its directory (it may still write where anyone may, like /tmp).
+# (Starting directly as `nobody` fails where the interpreter lives under root's home, which is also
+# why modules not loaded before the drop are out of reach.) An audit hook then refuses new
+# processes, sockets, foreign code and writes outside the directory, which also guards a non-root
+# user's files. This contains accidents and a misbehaving model; it is not a jail for an attacker
+# (for that: containers, gVisor, or a VM).
 
 SANDBOX_PRELUDE = r"""
 import json, os, resource, sys
 settings = json.loads(sys.argv[1])
 source = sys.stdin.read()
-os.dup2(os.open(os.devnull, os.O_RDONLY), 0)  # the harness (its secret tag too) cannot be read again
+os.dup2(os.open(os.devnull, os.O_RDONLY), 0)  # an answer reading stdin gets an end of file, not the harness
 for name, value in settings["rlimits"].items():
     try:
         resource.setrlimit(getattr(resource, name), (value, value))
     except (ValueError, OSError) as e:  # e.g. macOS refuses RLIMIT_AS
         print(f"sandbox: {name} not set ({e})", file=sys.stderr)
-import collections, functools, itertools, math, string  # what a candidate may use: loaded before the
-if settings["uid"] is not None:                          # drop, since `nobody` may not read the library
+# What an answer may import, loaded before the drop: `nobody` may not read the library itself.
+import bisect, collections, copy, functools, heapq, itertools, math, operator, random, re, statistics, string, typing
+if settings["uid"] is not None:
     os.setgroups([])
     os.setgid(settings["gid"])
     os.setuid(settings["uid"])
@@ -410,7 +419,7 @@ class SandboxResult:
     stdout: str
     stderr: str
     timed_out: bool   # killed at the wall-clock limit
-    returncode: int   # negative: killed by that signal (SIGXCPU: CPU time, SIGXFSZ: output size)
+    returncode: int   # negative: killed by that signal (SIGXCPU: CPU time); output past its limit is an OSError
 
 
 def sandbox_user():
@@ -440,8 +449,8 @@ def run_sandboxed(source, timeout=2.0, memory_mb=256, max_output=65536, max_proc
         paths = {name: os.path.join(workdir, f".{name}") for name in ("stdin", "stdout", "stderr")}
         with open(paths["stdin"], "w", encoding="utf-8") as f:
             f.write(source)
-        with open(paths["stdin"], "rb") as stdin, open(paths["stdout"], "wb") as stdout, \
-                open(paths["stderr"], "wb") as stderr:
+        with open(paths["stdin"], "rb") as stdin, open(paths["stdout"], "w+b") as stdout, \
+                open(paths["stderr"], "w+b") as stderr:
             os.remove(paths["stdin"])  # open, it is still read; gone, the program cannot find it
             process = subprocess.Popen([sys.executable, "-I", "-S", "-B", "-c", SANDBOX_PRELUDE, settings],
                                        stdin=stdin, stdout=stdout, stderr=stderr, cwd=workdir, env={},
@@ -456,14 +465,12 @@ def run_sandboxed(source, timeout=2.0, memory_mb=256, max_output=65536, max_proc
             except (ProcessLookupError, PermissionError):
                 pass
             process.wait()
-        def read(name):  # the program may have removed its own output files
-            try:
-                with open(paths[name], "rb") as f:
-                    return f.read(max_output).decode("utf-8", "replace")
-            except OSError:
-                return ""
-        return SandboxResult(ok=process.returncode == 0 and not timed_out, stdout=read("stdout"),
-                             stderr=read("stderr"), timed_out=timed_out, returncode=process.returncode)
+
+            def read(f):  # through our own descriptor: whatever now sits at its path (a pipe, say) is not read
+                f.seek(0)
+                return f.read(max_output).decode("utf-8", "replace")
+            return SandboxResult(ok=process.returncode == 0 and not timed_out, stdout=read(stdout),
+                                 stderr=read(stderr), timed_out=timed_out, returncode=process.returncode)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -480,36 +487,42 @@ def last_number(text):
 
 
 def extract_code(text):
-    fenced = re.search(r"```(?:python)?\n(.*?)```", text, re.DOTALL)
+    fenced = re.search(r"```[ \t]*(?:python3?|py)?[ \t]*\n(.*?)```", text, re.DOTALL | re.IGNORECASE)
     return fenced.group(1) if fenced else text
 
 
 def code_reward(task, text, timeout=2.0):
     """Fraction of the task's test cases the answer passes (the report's reward for its own code
-    tasks). The answer runs in a namespace of its own and the harness keeps the builtins it had
-    before, so redefining names cannot change the count; the count comes back after a fresh
-    random tag and must be a whole number of cases. This stops a model's easy tricks, not a program
-    set on reaching the harness through the interpreter (see the sandbox above)."""
+    tasks). The sandbox only calls the answer's f on each case's arguments and reports what came
+    back, typed, after a fresh random tag; the expected values never enter it, and the comparison
+    happens here. Whatever a program does to the harness (redefine print, rewrite its output, read
+    the harness's own text), it cannot produce right results without computing them."""
     tag = secrets.token_hex(8)
-    harness = (f"{inspect.getsource(same)}\n"
+    harness = (f"import json as __json\n"
+               f"{inspect.getsource(typed)}\n"
                f"__print = print\n"
-               f"__answer = {{'__name__': '__main__'}}\n"
+               f"__answer = {{'__name__': 'answer'}}  # not __main__: a demo under that guard does not run\n"
                f"exec({extract_code(text)!r}, __answer)\n"
-               f"__passed = 0\n"
-               f"for __args, __want in {[list(c) for c in task.cases]!r}:\n"
+               f"__results = []\n"
+               f"for __args in {[list(args) for args, _ in task.cases]!r}:\n"
                f"    try:\n"
-               f"        __passed += same(__answer['f'](*__args), __want)\n"
+               f"        __results.append(typed(__answer['f'](*__args)))\n"
                f"    except Exception:\n"
-               f"        pass\n"
-               f"__print({tag!r}, __passed)\n")
+               f"        __results.append(None)\n"
+               f"__print('\\n' + {tag!r}, __json.dumps(__results))  # on a line of its own, whatever f printed\n")
     try:
         result = run_sandboxed(harness, timeout=timeout)
     except OSError as e:  # could not start a process at all: the verifier's failure, not the answer's
         raise VerifierError(f"sandbox did not start: {e}") from e
-    counts = [line[len(tag) + 1:] for line in result.stdout.splitlines() if line.startswith(tag + " ")]
-    if result.ok and counts and counts[-1] in {str(n) for n in range(len(task.cases) + 1)}:
-        return int(counts[-1]) / len(task.cases)
-    return 0.0   # syntax error, crash, timeout, limit, no count or a made-up one: reward 0
+    reports = [line[len(tag) + 1:] for line in result.stdout.splitlines() if line.startswith(tag + " ")]
+    try:
+        results = json.loads(reports[-1]) if result.ok and reports else None
+    except ValueError:
+        results = None
+    if not isinstance(results, list) or len(results) != len(task.cases):
+        return 0.0   # syntax error, crash, timeout, limit, no report or a mangled one: reward 0
+    wanted = [json.loads(json.dumps(typed(want))) for _, want in task.cases]  # as the report reads back
+    return sum(got == want for got, want in zip(results, wanted)) / len(task.cases)
 
 
 def reward(task, text):

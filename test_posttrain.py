@@ -275,6 +275,46 @@ def test_code_verifier_counts_passed_cases():
     assert tasks.reward(task, "def f(x):\n    return x\nprint('0' * 16, 3)") == 0.0  # cannot print a score
 
 
+@pytest.mark.parametrize("answer", [
+    "```py\ndef f(x):\n    return 2 * x + 1\n```",
+    "```Python\ndef f(x):\n    return 2 * x + 1\n```",
+    "def f(x):\n    print('computing', end='')\n    return 2 * x + 1",               # leaves its line open
+    "from typing import List\nimport heapq, bisect, copy, random\ndef f(x):\n    return 2 * x + 1",
+    "def f(x):\n    return 2 * x + 1\nif __name__ == '__main__':\n    print(f(int(input())))",  # a demo
+])
+def test_code_verifier_accepts_right_answers_however_written(answer):
+    task = tasks.Task("code", "", "", key="", reasoning=("",), cases=(((1,), 3), ((2,), 5), ((0,), 1)))
+    assert tasks.reward(task, answer) == 1.0
+
+
+def test_the_sandbox_never_sees_the_expected_values(monkeypatch):
+    """The harness only reports what f returned; the comparison happens outside the sandbox, so no
+    trick inside it (reading the harness, a caller's frame, a rewritten stdout) can find a right
+    result it did not compute."""
+    harnesses, real = [], tasks.run_sandboxed
+
+    def recorded(source, timeout):
+        harnesses.append(source)
+        return real(source, timeout)
+    monkeypatch.setattr(tasks, "run_sandboxed", recorded)
+    task = tasks.Task("code", "", "", key="", reasoning=("",), cases=(((1,), 987_654_321), ((2,), "needle-in-here")))
+    answer = "def f(x):\n    return 987654321 if x == 1 else 'needle-in-here'"
+    assert tasks.reward(task, answer) == 1.0
+    harness = harnesses[0].replace(repr(answer), "")  # all but the answer's own text
+    assert "987654321" not in harness and "needle" not in harness
+
+
+def test_an_answer_that_replaces_its_output_files_is_read_all_the_same():
+    """Output is read through the descriptors the program was given: removing the file, or putting
+    a named pipe where it was (which would block whoever opened it by name), changes nothing."""
+    task = tasks.Task("code", "", "", key="", reasoning=("",), cases=(((1,), 3), ((2,), 5), ((0,), 1)))
+    for trick in ("os.remove('.stdout')", "os.remove('.stdout')\nos.mkfifo('.stdout')",
+                  "os.remove('.stderr')\nos.mkfifo('.stderr')"):
+        started = time.time()
+        assert tasks.code_reward(task, f"import os\n{trick}\ndef f(x):\n    return 2 * x + 1", timeout=1.0) == 1.0
+        assert time.time() - started < 5
+
+
 CHEATS = {
     "an object equal to anything": "class Yes:\n    __eq__ = lambda self, other: True\ndef f(x):\n    return Yes()",
     "a redefined bool": "bool = lambda v: True\ndef f(x):\n    return 0",
@@ -284,7 +324,12 @@ CHEATS = {
                                  "builtins.print = lambda tag, n: real(tag, 'x')",
     "a float for an int": "def f(x):\n    return 2.0 * x + 1",
     "a list of such objects": "class Yes:\n    __eq__ = lambda self, other: True\ndef f(x):\n    return [Yes()]",
-    "its own output removed": "import os\ndef f(x):\n    return 2 * x + 1\nos.remove('.stdout')",
+    "the expected value from the caller's frame": "import sys\ndef f(*args):\n"
+                                                  "    return sys._getframe(1).f_globals['__want']",
+    "a stdout that rewrites every number": "import re, sys\nclass Out:\n    def write(self, text):\n"
+                                           "        return sys.__stdout__.write(re.sub(r'-?\\d+', '5', text))\n"
+                                           "    def flush(self):\n        pass\nsys.stdout = Out()\n"
+                                           "def f(x):\n    return 0",
     # The harness, tag included, is the sandbox's input: neither its file nor stdin gives it back.
     "the harness read from its file": "import os, re\nfor name in os.listdir('.'):\n    try:\n"
                                       "        text = open(name).read()\n    except OSError:\n        continue\n"
