@@ -2540,6 +2540,45 @@ def test_evaluate_runs_on_a_small_model_and_writes_json(small_built_corpus, tmp_
         evaluate.evaluate(Mellum2(replace(SMALL, vocab_size=data.VOCAB_SIZE, max_seq_len=40)), small_built_corpus)
 
 
+def test_synthetic_math_leaves_out_problems_also_trained_on(tmp_path, enc, monkeypatch):
+    """A drill generated twice can land on both sides of the split: the held-out copy is not held
+    out, and is not asked. The others are, and a model writing the reference solutions gets all."""
+    for i in range(100):
+        problem = data.synthetic_math(1, i)[0]
+        (tmp_path / "src" / "math").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "src" / "math" / f"twin{i}a.txt").write_text(problem)
+        (tmp_path / "src" / "math" / f"twin{i}b.txt").write_text(problem)
+        (tmp_path / "src" / "math" / f"single{i}.txt").write_text(data.synthetic_math(1, 1000 + i)[0])
+    corpus = data.build_corpus([tmp_path / "src"], cache_dir=tmp_path / "cache", progress=False,
+                               default_sources=False)
+    split, trained = corpus.val["math"], set(corpus.train["math"].keys)
+    held_out = {enc.decode(split.doc(i).tolist()) for i in range(len(split.keys))}
+    also_trained = {enc.decode(split.doc(i).tolist()) for i, key in enumerate(split.keys)
+                    if {key.replace("a.txt", "b.txt"), key.replace("b.txt", "a.txt")} & trained}
+    assert also_trained and held_out - also_trained
+    solutions = {text[:text.index("\n") + 1]: text[text.index("\n") + 1:] for text in held_out}
+    asked = []
+
+    def reference(model, prompts, max_new_tokens, **options):
+        asked.extend(enc.decode(p) for p in prompts)
+        return [enc.encode_ordinary(solutions[enc.decode(p)]) for p in prompts]
+    monkeypatch.setattr(evaluate.sample, "generate", reference)
+    assert evaluate.synthetic_math_accuracy(None, enc, corpus, n=64) == 1.0
+    assert sorted(asked) == sorted(text[:text.index("\n") + 1] for text in held_out - also_trained)
+
+
+def test_evaluate_stops_with_one_line_when_the_cache_cannot_be_written(monkeypatch, capsys):
+    monkeypatch.setattr(evaluate.sample, "load_model", lambda *a: (None, sample.Vocabulary(None, {}, set())))
+
+    def read_only(**options):
+        raise PermissionError(13, "Permission denied", "cache/corpus-0123")
+    monkeypatch.setattr(evaluate.data, "build_corpus", read_only)
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main([])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 1 and err.startswith("error: ") and len(err.splitlines()) == 1
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--init-from", "{tmp}/nothing"], "no such folder"),
     (["--json", "{tmp}/no-such-folder/results.json"], "--json"),

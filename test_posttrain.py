@@ -7,6 +7,7 @@ shaping, the verifiers, the sandbox against hostile programs, and both stages ru
 import copy
 import dataclasses
 import json
+import math
 import os
 import random
 import shutil
@@ -385,6 +386,25 @@ def test_verifier_retries_its_own_failures_and_keeps_serving(monkeypatch):
         assert verifier.submit(task, "def f(x):\n    return x").result() is None  # persistent: left out
         monkeypatch.setattr(tasks, "run_sandboxed", real)
         assert verifier.score_all([(task, "def f(x):\n    return x"), (task, "bad")]) == [1.0, 0.0]
+
+
+def test_held_out_accuracy_leaves_out_what_the_verifier_could_not_score(enc, monkeypatch):
+    """Without a sandbox (a system that is not POSIX, say) code answers cannot be scored: the code
+    suite says so instead of reporting 0% right."""
+    import sample
+    answer = enc.encode_ordinary("def f(x):\n    return x") + [E]
+
+    def scripted(model, prompts, max_new_tokens, temperature, logprobs, **options):
+        logprobs[:] = [[0.0] * len(answer) for _ in prompts]
+        return [list(answer) for _ in prompts]
+
+    def no_sandbox(source, timeout):
+        raise OSError("the code sandbox needs a POSIX system")
+    monkeypatch.setattr(sample, "generate", scripted)
+    monkeypatch.setattr(tasks, "run_sandboxed", no_sandbox)
+    result = train.evaluate_tasks(Mellum2(SMALL_TASKS), 2, 16)
+    assert math.isnan(result["code"]) and 0 <= result["math"] <= 1 and 0 <= result["tool"] <= 1
+    assert "code unscored" in train.describe_eval(result, "sft")
 
 
 # -----------------------------------------------------------------------------------------------
