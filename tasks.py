@@ -361,7 +361,8 @@ def tool_reply(enc, call_text):
 # only the standard library), with an empty environment, in a fresh temporary directory, under limits
 # on CPU time, address space, file size, processes and open files, and a wall-clock timeout after
 # which its whole process group is killed. Output goes to files in that directory, so a flood stops
-# at the file-size limit instead of filling our memory.
+# at the file-size limit instead of filling our memory, and a program may open only so many files
+# for writing, so that it cannot fill the disk with small ones either.
 #
 # Started by root (as CI is), the interpreter first loads, with the library modules an answer may
 # import, then drops to the unprivileged `nobody`: the process limit binds only below root, and
@@ -395,6 +396,7 @@ PATH_EVENTS = ("os.remove", "os.rename", "os.rmdir", "os.mkdir", "os.chmod", "os
                "os.link", "os.truncate", "os.utime", "shutil.")
 TWO_PATH_EVENTS = ("os.rename", "os.symlink", "os.link", "shutil.copy", "shutil.move")  # both ends count
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
+writes_left = [settings["max_writes"]]  # with the size limit per file, a bound on what it can leave on disk
 def inside(path):
     return isinstance(path, (str, bytes)) and os.path.realpath(os.fsdecode(path)).startswith(here)
 def guard(event, args):
@@ -404,6 +406,10 @@ def guard(event, args):
         writes = any(c in args[1] for c in "wax+") if args[1] else args[2] & WRITE_FLAGS
         if writes and not inside(args[0]):
             raise PermissionError(f"sandbox: writing outside the working directory")
+        if writes:
+            writes_left[0] -= 1
+            if writes_left[0] < 0:
+                raise PermissionError("sandbox: too many files opened for writing")
     paths = args[:2] if event.startswith(TWO_PATH_EVENTS) else args[:1]  # a descriptor is never inside
     if event.startswith(PATH_EVENTS) and not all(inside(path) for path in paths):
         raise PermissionError(f"sandbox: {event} outside the working directory")
@@ -434,7 +440,8 @@ def sandbox_user():
         return 65534, 65534
 
 
-def run_sandboxed(source, timeout=2.0, memory_mb=256, max_output=65536, max_processes=16, max_open_files=32):
+def run_sandboxed(source, timeout=2.0, memory_mb=256, max_output=65536, max_processes=16, max_open_files=32,
+                  max_writes=64):
     """Run untrusted Python `source` in a separate limited process; never raises for anything the
     program does. Returns a SandboxResult."""
     if os.name != "posix":
@@ -442,7 +449,7 @@ def run_sandboxed(source, timeout=2.0, memory_mb=256, max_output=65536, max_proc
     uid, gid = sandbox_user()
     rlimits = {"RLIMIT_CPU": math.ceil(timeout), "RLIMIT_AS": memory_mb * 2**20, "RLIMIT_FSIZE": max_output,
                "RLIMIT_NPROC": max_processes, "RLIMIT_NOFILE": max_open_files, "RLIMIT_CORE": 0}
-    settings = json.dumps({"rlimits": rlimits, "uid": uid, "gid": gid})
+    settings = json.dumps({"rlimits": rlimits, "uid": uid, "gid": gid, "max_writes": max_writes})
     with tempfile.TemporaryDirectory(prefix="sandbox-") as workdir:
         if uid is not None:
             os.chown(workdir, uid, gid)

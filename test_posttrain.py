@@ -418,6 +418,7 @@ HOSTILE = {
     "process spawner": "import subprocess\nsubprocess.Popen(['sleep', '60'])",
     "memory bomb": "x = bytearray(4 * 1024**3)",
     "output flood": "while True:\n    print('x' * 1000)",
+    "disk filler": "i = 0\nwhile True:\n    open(f'f{i}', 'w').write('x' * 60000)\n    i += 1",
 }
 
 
@@ -429,6 +430,13 @@ def test_sandbox_contains_hostile_programs(name):
     assert not result.ok and len(result.stdout) <= 65536
     task = tasks.Task("code", "", "", key="", reasoning=("",), cases=(((1,), 1),))
     assert tasks.code_reward(task, "def f(x):\n    return x\n" + HOSTILE[name], timeout=1.0) == 0.0
+
+
+def test_sandbox_bounds_the_files_a_program_writes():
+    """64 files opened for writing, each at most 64 KB: at most 4 MB on disk, however fast it writes."""
+    program = ("n = 0\nfor i in range(100):\n    try:\n        open(f'f{i}', 'w').write('x')\n        n += 1\n"
+               "    except PermissionError:\n        pass\nprint(n)")
+    assert train.run_sandboxed(program).stdout == "64\n"
 
 
 def test_sandbox_reports_each_way_of_ending():
