@@ -83,9 +83,8 @@ def synthetic_math_accuracy(model, enc, corpus, n, max_new_tokens=128):
     the model writes ends in "#### N" with the right N. The generator's longest worked solution is
     122 tokens. Drills repeat (the same small equation comes up more than once in 10,000 problems),
     so a held-out problem that is also a training document is left out."""
-    split, problems = corpus.val.get("math"), []
-    trained = {corpus.train["math"].doc(i).tobytes() for i in range(len(corpus.train["math"].offsets) - 1)} \
-        if "math" in corpus.train else set()
+    split, training, problems = corpus.val.get("math"), corpus.train.get("math"), []
+    trained = {training.doc(i).tobytes() for i in range(len(training.offsets) - 1)} if training else set()
     for i in range(len(split.offsets) - 1 if split else 0):
         if split.doc(i).tobytes() in trained:
             continue
