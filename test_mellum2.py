@@ -1537,6 +1537,27 @@ def test_a_run_that_fails_before_replacing_a_finished_one_leaves_it_whole(small_
     assert [json.loads(line)["step"] for line in open(tmp_path / "metrics.jsonl")] == [1, 2, 3]
 
 
+def test_metrics_log_keeps_what_its_checkpoint_covers(tmp_path, monkeypatch):
+    """Resumed at step 2: the lines up to it (the step-0 evaluation included; a torn last line
+    dropped). A fresh start (step 0, after a crash before the first checkpoint): none, so the dead
+    start's step-0 line is not logged twice. An interrupt while the file is trimmed leaves it whole."""
+    path = tmp_path / "metrics.jsonl"
+    lines = "".join(json.dumps({"step": step}) + "\n" for step in (0, 1, 2, 3)) + '{"step": 4, "lo'
+    path.write_text(lines)
+    train.MetricsLog(str(path), 2)
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [0, 1, 2]
+    train.MetricsLog(str(path), 0)
+    assert path.read_text() == ""
+    path.write_text(lines)
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train.MetricsLog(str(path), 2)
+    assert path.read_text() == lines and [p.name for p in tmp_path.iterdir()] == ["metrics.jsonl"]
+
+
 def test_ctrl_c_writes_a_checkpoint_and_resume_continues(small_corpus, tmp_path):
     repo = os.path.dirname(os.path.abspath(__file__))
     argv = [sys.executable, "train.py", "--size", "tiny", "--data", small_corpus, "--no-default-data",

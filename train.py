@@ -748,18 +748,27 @@ class MetricsLog:
     """A run folder's metrics.jsonl, one JSON line per step, kept in step with its checkpoint.
 
     A resumed run drops the lines after its checkpoint's step: it logs those steps again. A fresh run
-    starts the file anew, except when it replaces a finished run: then that run's lines stay until
-    the new run's first checkpoint replaces the model, so that a run which fails before then leaves
-    the folder as it found it, not one run's model beside another's log."""
+    (step 0) starts the file anew, a crashed start's step-0 evaluation included, except when it
+    replaces a finished run: then that run's lines stay until the new run's first checkpoint
+    replaces the model, so that a run which fails before then leaves the folder as it found it, not
+    one run's model beside another's log. The file is rewritten atomically: a crash while it is
+    being trimmed leaves it whole."""
 
     def __init__(self, path, step, replacing=False):
         self.path = path
         self.waiting = [] if replacing else None  # lines held back until the first checkpoint
         if not replacing and os.path.exists(path):  # else the first record makes the file
-            with open(path) as f:
-                kept = [line for line in f if (record := parsed_jsonl(line)) and record["step"] <= step]
-            with open(path, "w") as f:
-                f.writelines(kept)
+            kept = []
+            if step:  # resumed: the lines up to its checkpoint
+                with open(path) as f:
+                    kept = [line for line in f if (record := parsed_jsonl(line)) and record["step"] <= step]
+            self._replace_with(kept)
+
+    def _replace_with(self, lines):
+        def write(tmp):
+            with open(tmp, "w") as f:
+                f.writelines(lines)
+        data.write_atomically(self.path, write)
 
     def append(self, record):
         if self.waiting is not None:
@@ -772,11 +781,7 @@ class MetricsLog:
         """The run's checkpoint has just been written: from now on the file is this run's."""
         if self.waiting is None:
             return
-
-        def write(tmp):
-            with open(tmp, "w") as f:
-                f.writelines(json.dumps(record) + "\n" for record in self.waiting)
-        data.write_atomically(self.path, write)
+        self._replace_with(json.dumps(record) + "\n" for record in self.waiting)
         self.waiting = None
 
 
