@@ -641,19 +641,24 @@ def test_a_tool_call_that_reaches_the_cap_is_unfinished(enc, monkeypatch):
     assert row.ids == call and not row.finished and row.answer == ""
 
 
-def test_grpo_normalises_by_the_mini_batch_however_it_is_split():
-    """The loss is a mean over a mini-batch's tokens: splitting it into micro-batches of one row
-    must give the same update (plain SGD shows the gradients themselves)."""
-    task = tasks.math_task(random.Random(0))
-    prompt = [U, 5, 6, E, A]
-    torch.manual_seed(0)
-    engine = Mellum2(SMALL_TASKS)
-    rows = []
-    for answer, reward in (([40, E], 1.0), ([50, 51, 52, E], 0.0), ([41, 42, E], 1.0), ([50, E], 0.0)):
-        with torch.no_grad():  # the engine's log-probs are the trainer's: IcePop keeps every token
+def group_sampled_by(engine, answers_and_rewards):
+    """A group of finished rollouts of one math prompt, with the engine's own log-probabilities (the
+    trainer's too, so IcePop keeps every token)."""
+    task, prompt, rows = tasks.math_task(random.Random(0)), [U, 5, 6, E, A], []
+    for answer, reward in answers_and_rewards:
+        with torch.no_grad():
             logp = train.token_logprobs(engine, torch.tensor([prompt + answer[:-1]]),
                                         torch.tensor([prompt[1:] + answer]))[0, -len(answer):].tolist()
         rows.append(train.Rollout(task, prompt, answer, [1] * len(answer), logp, True, "", reward, reward))
+    return rows
+
+
+def test_grpo_normalises_by_the_mini_batch_however_it_is_split():
+    """The loss is a mean over a mini-batch's tokens: splitting it into micro-batches of one row
+    must give the same update (plain SGD shows the gradients themselves)."""
+    torch.manual_seed(0)
+    engine = Mellum2(SMALL_TASKS)
+    rows = group_sampled_by(engine, [([40, E], 1.0), ([50, 51, 52, E], 0.0), ([41, 42, E], 1.0), ([50, E], 0.0)])
     updated = []
     for micro_batch in (1, 16):
         model = copy.deepcopy(engine)
@@ -665,16 +670,9 @@ def test_grpo_normalises_by_the_mini_batch_however_it_is_split():
 def test_grpo_update_steps_once_per_mini_batch_against_the_policy_before_it():
     """Two mini-batches are two optimizer steps, and both are measured against the log-probs taken
     before the first: after a large first step the second one's ratios leave the clip range."""
-    task = tasks.math_task(random.Random(0))
-    prompt = [U, 5, 6, E, A]
     torch.manual_seed(0)
     model = Mellum2(SMALL_TASKS)
-    rows = []
-    for answer, reward in (([40, E], 1.0), ([50, 51, E], 0.0), ([41, 42, E], 1.0), ([50, E], 0.0)):
-        with torch.no_grad():
-            logp = train.token_logprobs(model, torch.tensor([prompt + answer[:-1]]),
-                                        torch.tensor([prompt[1:] + answer]))[0, -len(answer):].tolist()
-        rows.append(train.Rollout(task, prompt, answer, [1] * len(answer), logp, True, "", reward, reward))
+    rows = group_sampled_by(model, [([40, E], 1.0), ([50, 51, E], 0.0), ([41, 42, E], 1.0), ([50, E], 0.0)])
     steps = []
     optimizer = torch.optim.SGD(model.parameters(), lr=30.0)
     optimizer.register_step_post_hook(lambda *args: steps.append(1))
@@ -685,26 +683,15 @@ def test_grpo_update_steps_once_per_mini_batch_against_the_policy_before_it():
 def test_grpo_update_makes_rewarded_answers_more_likely():
     torch.manual_seed(0)
     model = Mellum2(SMALL_TASKS)
-    task = tasks.math_task(random.Random(0))
-    prompt = [U, 5, 6, E, A]
     good, bad = [40, 41, E], [50, 51, E]
 
-    def logp_of(answer):
-        with torch.no_grad():
-            return train.token_logprobs(model, torch.tensor([prompt + answer[:-1]]),
-                                        torch.tensor([prompt[1:] + answer]))[0, -3:].sum().item()
+    def margin():  # log p(good answer) - log p(bad answer) under the model as it is now
+        good_row, bad_row = group_sampled_by(model, [(good, 1.0), (bad, 0.0)])
+        return sum(good_row.logp) - sum(bad_row.logp)
 
-    def group():
-        rows = []
-        for answer, reward in ((good, 1.0), (bad, 0.0), (bad, 0.0), (good, 1.0)):
-            with torch.no_grad():
-                lp = train.token_logprobs(model, torch.tensor([prompt + answer[:-1]]),
-                                          torch.tensor([prompt[1:] + answer]))[0, -3:].tolist()
-            rows.append(train.Rollout(task, prompt, list(answer), [1, 1, 1], lp, True, "", reward, reward))
-        return rows
-
-    before = logp_of(good) - logp_of(bad)
+    before = margin()
     optimizers = train.build_optimizers(model, 1e-3, weight_decay=0.0, optimizer="adamw")
     for _ in range(5):
-        train.grpo_update(model, optimizers, [group()])
-    assert logp_of(good) - logp_of(bad) > before + 1.0
+        train.grpo_update(model, optimizers, [group_sampled_by(model, [(good, 1.0), (bad, 0.0), (bad, 0.0),
+                                                                       (good, 1.0)])])
+    assert margin() > before + 1.0
