@@ -1646,6 +1646,7 @@ def check_memory(config, device):
 
 
 def check_settings(s, world):
+    split = 2 * world if s["ramp_fraction"] else world  # a ramping run's first steps take half the batch
     problems = [
         (s["stage"] == "pretrain" or s["init_from"],
          f"--stage {s['stage']} continues a pre-trained model: give --init-from DIR (a train.py run or a Hugging "
@@ -1654,9 +1655,9 @@ def check_settings(s, world):
         (0 < s["micro_batch"] <= s["batch_size"],
          f"batch sizes must be positive, --micro-batch at most --batch-size, got --batch-size {s['batch_size']} "
          f"--micro-batch {s['micro_batch']}"),
-        (s["batch_size"] % ((2 if s["ramp_fraction"] else 1) * world) == 0,
+        (s["batch_size"] % split == 0,
          f"--batch-size {s['batch_size']} must split evenly over {world} process(es)"
-         + (", also at half size while ramping" if s["ramp_fraction"] else "")),
+         + (", also at half size while ramping" if split > world else "")),
         (not s.get("context") or data.min_unique_tokens(s["context"]) <= data.VOCAB_SIZE,  # no text could pass §3.3
          f"--context {s.get('context')} is too long for a vocabulary of {data.VOCAB_SIZE}: the data filter keeps "
          f"sequences with 1% distinct tokens"),
