@@ -87,14 +87,17 @@ def load_model(init_from, device=None):
         n_vocab = len(enc.tokenizer.get_vocab())
         stop_ids = {*model.config.eos_ids, enc.special.get("<|endoftext|>")} - {None}
         vocab = Vocabulary(enc, enc.special, stop_ids)
+        if n_vocab > model.config.vocab_size:  # fewer is fine: the model's extra rows are padding
+            raise CheckpointError(f"{init_from}: the tokenizer has {n_vocab} tokens, the model only "
+                                  f"{model.config.vocab_size}")
     else:
-        enc, n_vocab = data.load_tokenizer(), data.VOCAB_SIZE
-        vocab = Vocabulary(enc, data.SPECIAL_TOKENS, {data.EOT})
+        # The project's tokenizer cannot spell an id beyond its own, so the sizes must agree.
+        if model.config.vocab_size != data.VOCAB_SIZE:
+            raise CheckpointError(f"{init_from}: the model has {model.config.vocab_size} tokens and no "
+                                  f"tokenizer.json; the project's tokenizer has {data.VOCAB_SIZE}")
+        vocab = Vocabulary(data.load_tokenizer(), data.SPECIAL_TOKENS, {data.EOT})
     if not all(torch.isfinite(p).all() for p in model.parameters()):  # a run that diverged, or a damaged file
         raise CheckpointError(f"{init_from}: the weights hold NaN or infinite values")
-    if n_vocab > model.config.vocab_size:
-        raise CheckpointError(f"{init_from}: the tokenizer has {n_vocab} tokens, the model only "
-                              f"{model.config.vocab_size}")
     return model.eval(), vocab
 
 
@@ -135,7 +138,11 @@ def next_token_probs(logits, temperature, top_k=0, top_p=1.0):
 
 
 def seeded_generator(seed, device):
-    return torch.Generator(device).manual_seed(seed) if seed is not None else None
+    """A random generator started from `seed`; a generator passed in is used as it is, so a chat's
+    later turns carry on drawing from the first turn's (a fresh one would repeat its numbers)."""
+    if seed is None or isinstance(seed, torch.Generator):
+        return seed
+    return torch.Generator(device).manual_seed(seed)
 
 
 def draw(probs, generator):
@@ -178,6 +185,7 @@ def room_after(model, prompt_len, max_new_tokens):
 def generate(model, prompts, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0, stop_ids=(), seed=None,
              on_token=None, logprobs=None):
     """prompts: lists of token ids -> the new ids of each (up to max_new_tokens, ending at a stop id).
+    seed: an int, or a torch.Generator to go on drawing from (see seeded_generator).
     on_token(row, id) is called as each token is chosen (streaming); if it returns True, that row stops.
     With a list for `logprobs`, it receives per row the log-probability each new token had in the
     distribution it was drawn from (what an RL rollout engine records, train.py --stage grpo)."""
@@ -303,7 +311,7 @@ def read_text(value):
     if value is None or not value.startswith("FILE:"):
         return value
     try:
-        with open(value[5:], encoding="utf-8") as f:
+        with open(value[5:], encoding="utf-8-sig") as f:  # -sig: an editor's byte-order mark is no text
             text = f.read(MAX_PROMPT_CHARS + 1)  # not all of /dev/zero
     except (OSError, UnicodeDecodeError) as e:
         raise ValueError(f"cannot read {value[5:]}: {e}") from None
@@ -452,7 +460,7 @@ def main(argv=None):
         if room < args.max_new_tokens:
             print(f"note: {room} new tokens fit in this model's {context}-token context", file=sys.stderr)
         options = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, stop_ids=stop_ids,
-                       seed=args.seed)
+                       seed=seeded_generator(args.seed, next(model.parameters()).device))
         start, written, drafts, accepted = time.time(), 0, 0, 0
         # A chat turn that calls the calculator gets its reply, printed as the model reads it, and the
         # model goes on: at most train.MAX_TURNS turns, as in the rollouts that trained it.
@@ -490,7 +498,7 @@ def main(argv=None):
         print(f"error: {train.describe_os_error(e)}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:  # Ctrl-C while it writes: stop there, like any command-line tool
-        print(file=sys.stderr)
+        print("\ninterrupted", file=sys.stderr)  # on a line of its own, after the text so far
         sys.exit(130)
 
 

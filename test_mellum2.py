@@ -1316,6 +1316,10 @@ def test_fp8_matmul_error_within_the_format_bound():
     x, w = torch.randn(64, 96, generator=g) * 3, torch.randn(48, 96, generator=g) * 0.05
     (x8, sx), (w8, sw) = train.to_fp8(x, train.E4M3), train.to_fp8(w, train.E4M3)
     got = train.scaled_mm(x8, sx, w8.t(), sw, torch.float32)
+    # Off a GPU, scaled_mm widens to fp32 instead of calling torch's slow CPU FP8 kernel: same numbers.
+    reference = torch._scaled_mm(x8, w8.t(), scale_a=sx.reciprocal(), scale_b=sw.reciprocal(),
+                                 out_dtype=torch.float32)
+    torch.testing.assert_close(got, reference, rtol=1e-6, atol=1e-6)
     u = 2.0 ** -4
     ex, ew = u * x.abs() + 2.0 ** -10 / sx, u * w.abs() + 2.0 ** -10 / sw  # per-element error bounds
     bound = x.abs() @ ew.T + ex @ w.abs().T + ex @ ew.T
@@ -2188,6 +2192,7 @@ def test_sampling_distribution_equals_transformers_warpers(temperature, top_k, t
     (["--init-from", "{tmp}/diverged"], "diverged: the weights hold NaN or infinite values"),
     (["--init-from", "{tmp}/bad-config"], "bad-config/config.json: unreadable"),
     (["--init-from", "{tmp}/bad-tokenizer"], "unreadable tokenizer"),
+    (["--init-from", "{tmp}/wider-vocab"], "the model has 8192 tokens and no tokenizer.json"),
     (["--chat", "--start", ""], "the prompt is empty"),
     (["--prefix", "", "--suffix", ""], "the prompt is empty"),
     (["--prefix", "a", "--suffix", "b", "--start", "x"], "do not combine"),
@@ -2216,6 +2221,7 @@ def test_sample_bad_input(argv, message, tmp_path, capsys):
     Mellum2(Mellum2Config.from_preset("tiny")).save_pretrained(tmp_path / "model")
     (tmp_path / "huge.py").write_text("x" * (sample.MAX_PROMPT_CHARS + 1))
     Mellum2(SMALL).save_pretrained(tmp_path / "unfinished-download")
+    Mellum2(replace(SMALL, vocab_size=8192)).save_pretrained(tmp_path / "wider-vocab")
     (tmp_path / "unfinished-download" / "model.safetensors.index.json").write_text(json.dumps(
         {"weight_map": {"lm_head.weight": "model.safetensors",
                         "model.norm.weight": "model-00002-of-00002.safetensors"}}))
@@ -2312,10 +2318,11 @@ def test_chat_runs_the_calculator_and_lets_the_model_go_on(tmp_path, monkeypatch
     call = '{"name": "calculator", "arguments": {"expression": "382 * 47"}}'
     turns = [[special["<tool_call>"], *enc.encode_ordinary(call), special["</tool_call>"], special["<|end|>"]],
              [*enc.encode_ordinary("382 * 47 = 17954"), special["<|end|>"]]]
-    prompts = []
+    prompts, draws = [], []
 
-    def scripted(model, prompts_, max_new_tokens, on_token=None, **options):
+    def scripted(model, prompts_, max_new_tokens, on_token=None, seed=None, **options):
         prompts.append(prompts_[0])
+        draws.append(torch.rand(1, generator=sample.seeded_generator(seed, "cpu")).item())
         for token in turns[len(prompts) - 1]:
             on_token(0, token)
         return [turns[len(prompts) - 1]]
@@ -2328,6 +2335,26 @@ def test_chat_runs_the_calculator_and_lets_the_model_go_on(tmp_path, monkeypatch
                                       "382 * 47 = 17954\n"
     reply = data.render_message(enc, {"role": "tool", "content": "17954"}) + [special["<|assistant|>"]]
     assert prompts[1] == prompts[0] + turns[0] + reply  # the model reads its call and the reply, then goes on
+    # The second turn goes on drawing from the seeded stream instead of repeating its first numbers.
+    assert draws == torch.rand(2, generator=torch.Generator().manual_seed(1337)).tolist()
+
+
+def test_sample_stops_on_ctrl_c_with_one_line(monkeypatch, capsys):
+    def interrupted(*args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(sample, "load_model", interrupted)
+    with pytest.raises(SystemExit) as exit_info:
+        sample.main([])
+    assert exit_info.value.code == 130 and capsys.readouterr().err.strip() == "interrupted"
+
+
+def test_a_prompt_file_may_begin_with_a_byte_order_mark(tmp_path):
+    vocab = sample.Vocabulary(data.load_tokenizer(), data.SPECIAL_TOKENS, {data.EOT})
+    (tmp_path / "plain.py").write_bytes(b"def f(x):\n    return")
+    (tmp_path / "marked.py").write_bytes(b"\xef\xbb\xbfdef f(x):\n    return")  # as some editors save
+    ids = [sample.build_prompt(sample.parse_args(["--start", f"FILE:{tmp_path / name}"]), vocab)[0]
+           for name in ("plain.py", "marked.py")]
+    assert ids[0] == ids[1]
 
 
 def test_special_token_text_in_a_prompt_stays_text(capsys):

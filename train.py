@@ -208,8 +208,9 @@ def batch_size_at(step, total_steps, batch_size, ramp_fraction=0.06):
 # for activations and weights, e5m2 (more range) for gradients. Products are accumulated in high
 # precision and unscaled. Master weights, optimizer state, the router, embeddings, the head and the
 # norms stay in high precision ("hybrid"). Dense layers call torch._scaled_mm, a real FP8 matmul on
-# GPUs with FP8 units (and an exact CPU kernel); experts use a quantise-dequantise emulation in front
-# of the grouped matmul, numerically the same recipe, because torch has no tensorwise FP8 grouped kernel.
+# GPUs with FP8 units (elsewhere the same arithmetic in fp32, see scaled_mm); experts use a
+# quantise-dequantise emulation in front of the grouped matmul, numerically the same recipe, because
+# torch has no tensorwise FP8 grouped kernel.
 # An expert stack is E matrices, and each gets its own scale, like any other matrix.
 
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
@@ -225,7 +226,13 @@ def to_fp8(x, dtype, dims=None):
 
 
 def scaled_mm(a8, scale_a, b8, scale_b, out_dtype):
-    """(a8 / scale_a) @ (b8 / scale_b) with FP8 inputs; GPUs want a row-major and b column-major."""
+    """(a8 / scale_a) @ (b8 / scale_b) with FP8 inputs. On a GPU, torch._scaled_mm multiplies in FP8
+    (it wants a row-major and b column-major). Elsewhere the 8-bit values are widened to fp32, where
+    their products are exact, multiplied and summed, and unscaled once, as the GPU does: torch's CPU
+    kernel for _scaled_mm can be a scalar loop (0.45 s for one 256 x 256 x 256 product on a 2-core
+    server CPU), which made a 2-step tiny run take six minutes."""
+    if a8.device.type != "cuda":
+        return ((a8.float() @ b8.float()) / (scale_a * scale_b)).to(out_dtype)
     return torch._scaled_mm(a8.contiguous(), b8.t().contiguous().t(), scale_a=scale_a.reciprocal(),
                             scale_b=scale_b.reciprocal(), out_dtype=out_dtype)
 
