@@ -3,6 +3,7 @@ Pictures of a run, written as PNG files next to its metrics (matplotlib is optio
 the project needs it; pip install matplotlib).
 
     python plots.py out/tiny                  # pre-training: loss parts, learning rate, expert load
+    python plots.py out/tiny-sft-instruct     # SFT: the same, and held-out accuracy per suite
     python plots.py out/tiny-long             # after train.py --stage long --compare: the YaRN comparison
     python plots.py out/tiny-grpo-instruct    # GRPO: answers right per suite and held-out accuracy
 
@@ -35,12 +36,26 @@ def series(records, key, inner=None):
     return [p[0] for p in points], [p[1] for p in points]
 
 
+def post_training(records):
+    """Whether "val" holds held-out accuracy per task suite (SFT and GRPO, train.evaluate_tasks, which
+    always adds the reflection-word rate) rather than validation loss per source (pre-training)."""
+    return any("reflection_words" in r.get("val", {}) for r in records)
+
+
+def held_out_accuracy(ax, records, xlabel):
+    for suite in tasks.SUITES:
+        ax.plot(*series(records, "val", suite), "o-", label=suite)
+    ax.set(title="held-out greedy accuracy", xlabel=xlabel, ylim=(-0.05, 1.05))
+    ax.legend()
+
+
 def training_figures(records, plt):
     fig, axes = plt.subplots(2, 2, figsize=(11, 7))
     for part in ("ntp", "mtp", "aux", "z"):
         axes[0, 0].plot(*series(records, part), label=part)
-    for source in sorted({s for r in records for s in r.get("val", {})}):
-        axes[0, 0].plot(*series(records, "val", source), "o--", label=f"validation {source}")
+    if not post_training(records):
+        for source in sorted({s for r in records for s in r.get("val", {})}):
+            axes[0, 0].plot(*series(records, "val", source), "o--", label=f"validation {source}")
     axes[0, 0].set(title="loss parts (§2.1.5, §3.4.5)", xlabel="step", yscale="log")
     axes[0, 1].plot(*series(records, "lr"))
     axes[0, 1].set(title="learning rate: Warmup-Hold-Decay (§3.4.2)", xlabel="step")
@@ -50,17 +65,20 @@ def training_figures(records, plt):
     axes[1, 1].plot(*series(records, "grad_norm"))
     axes[1, 1].set(title="gradient norm before clipping", xlabel="step", yscale="log")
     axes[0, 0].legend(fontsize=7)
-    return {"training": fig}
+    if not post_training(records):
+        return {"training": fig}
+    accuracy_fig, ax = plt.subplots(figsize=(5.5, 4))
+    held_out_accuracy(ax, records, "step")
+    return {"training": fig, "held_out": accuracy_fig}
 
 
 def grpo_figures(records, plt):
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     for suite in tasks.SUITES:
         left.plot(*series(records, "suite_accuracy", suite), label=suite)
-        right.plot(*series(records, "val", suite), "o-", label=suite)
     left.set(title="sampled answers fully right, per suite", xlabel="batch")
-    right.set(title="held-out greedy accuracy", xlabel="batch", ylim=(-0.05, 1.05))
-    left.legend(), right.legend()
+    left.legend()
+    held_out_accuracy(right, records, "batch")
     return {"grpo": fig}
 
 

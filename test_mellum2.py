@@ -2718,6 +2718,28 @@ def test_plot_series_come_from_the_metrics(tmp_path, capsys, monkeypatch):
         f"error: {tmp_path / 'nothing-here'}: cannot plot it (no metrics.jsonl in it (a train.py run folder has one))"
 
 
+def test_post_training_runs_plot_accuracy_apart_from_the_losses():
+    """SFT and GRPO log held-out accuracies under "val" where pre-training logs losses: those go on a
+    0-1 axis of their own, not onto the log-scale loss panel."""
+    import plots
+    sft = [{"step": 0, "val": {"math": 0.0, "code": 0.5, "tool": 0.25, "reflection_words": 0.0}},
+           {"step": 1, "ntp": 5.0, "mtp": 5.1, "aux": 1.0, "z": 0.4, "lr": 1e-4}]
+    pretrain = [{"step": 1, "ntp": 5.0, "val": {"web": 4.0, "code": 3.5, "math": 3.0}}]
+    for records, accuracy in ((sft, True), (pretrain, False)):
+        grid, single, plt = np.empty((2, 2), dtype=object), unittest.mock.MagicMock(), unittest.mock.MagicMock()
+        for row, col in itertools.product(range(2), range(2)):  # axes, indexed [row, col] as matplotlib's
+            grid[row, col] = unittest.mock.MagicMock()
+        plt.subplots.side_effect = [("training figure", grid), ("accuracy figure", single)]
+        figures = plots.training_figures(records, plt)
+        on_loss_panel = [call.kwargs["label"] for call in grid[0, 0].plot.call_args_list]
+        assert [label for label in on_loss_panel if label.startswith("validation")] == \
+            ([] if accuracy else ["validation code", "validation math", "validation web"])
+        assert figures == ({"training": "training figure", "held_out": "accuracy figure"} if accuracy
+                           else {"training": "training figure"})
+        drawn = {call.kwargs["label"]: call.args[:2] for call in single.plot.call_args_list}
+        assert drawn == ({"math": ([0], [0.0]), "code": ([0], [0.5]), "tool": ([0], [0.25])} if accuracy else {})
+
+
 # -----------------------------------------------------------------------------------------------
 # The README: every command in it names real scripts and flags
 
