@@ -685,7 +685,8 @@ def build_corpus(extra_dirs=(), cache_dir=None, progress=True, default_sources=T
 def _read_cache(folder, fingerprint):
     """The cached (splits, manifest) of this fingerprint, or None when the folder holds no complete,
     readable build of it. The manifest is written last, so an interrupted build has none; a file
-    truncated or edited since is caught here too, and the caller builds the cache again."""
+    truncated or damaged since (ids beyond the vocabulary, offsets that go backwards: what training
+    would trip over) is caught here too, and the caller builds the cache again."""
     try:
         manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
         if manifest["fingerprint"] != fingerprint:
@@ -695,7 +696,8 @@ def _read_cache(folder, fingerprint):
             for split in splits:
                 tokens = np.load(folder / f"{source}.{split}.tokens.npy", mmap_mode="r")
                 offsets = np.load(folder / f"{source}.{split}.offsets.npy")
-                if len(offsets) != len(info[split]["keys"]) + 1 or offsets[-1] != len(tokens):
+                if (len(offsets) != len(info[split]["keys"]) + 1 or offsets[0] != 0 or offsets[-1] != len(tokens)
+                        or (np.diff(offsets) < 0).any() or (len(tokens) and tokens.max() >= N_RANKS)):
                     return None
                 splits[split][source] = TokenSplit(tokens, offsets, info[split]["keys"], info[split]["bytes"])
     except (OSError, EOFError, ValueError, KeyError, TypeError, AttributeError):  # missing, truncated, foreign

@@ -942,9 +942,8 @@ def test_cache_rebuilt_when_the_split_pattern_changes(tmp_path, monkeypatch):
     assert split.doc(0).tolist() != first.train["code"].doc(first.train["code"].keys.index(split.keys[0])).tolist()
 
 
-
 @pytest.mark.parametrize("damage", ["truncated tokens", "empty offsets", "garbled offsets", "torn manifest",
-                                    "shortened tokens"])
+                                    "shortened tokens", "overwritten tokens", "swapped offsets"])
 def test_damaged_cache_is_rebuilt(tmp_path, damage):
     root = write_tiny_corpus(tmp_path / "src", seed=5, n=4)
     first = data.build_corpus([root], cache_dir=tmp_path / "cache", progress=False, default_sources=False)
@@ -959,8 +958,14 @@ def test_damaged_cache_is_rebuilt(tmp_path, damage):
         (first.folder / "web.val.offsets.npy").write_bytes(b"not an array")
     elif damage == "torn manifest":
         (first.folder / "manifest.json").write_text('{"fingerprint": "')
-    else:  # a valid array, but shorter than the offsets say
+    elif damage == "shortened tokens":  # a valid array, but shorter than the offsets say
         np.save(tokens, np.load(tokens)[:-3])
+    elif damage == "overwritten tokens":  # the same size, but ids no tokenizer gives (the embedding would fail)
+        np.save(tokens, np.full_like(np.load(tokens), 65535))
+    else:  # the same size, but a document that ends before it starts (the sampler would fail)
+        offsets = np.load(first.folder / "code.train.offsets.npy")
+        offsets[[1, 2]] = offsets[[2, 1]]
+        np.save(first.folder / "code.train.offsets.npy", offsets)
     rebuilt = data.build_corpus([root], cache_dir=tmp_path / "cache", progress=False, default_sources=False)
     assert not rebuilt.from_cache and rebuilt.folder == first.folder
     for source, (train_tokens, val_offsets) in expected.items():
