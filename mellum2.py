@@ -144,7 +144,7 @@ PRESETS = {
     # The released model's architecture (Table 2 and the released config.json) as pre-trained, at 8192
     # positions: 28 layers, 7 of them full attention (3, 7, ..., 27), 12.15B parameters of which 2.44B
     # are active per token. The released checkpoint adds YaRN x16 on the full layers for 131072
-    # positions (§4: --stage long, or config_from_hf on its config.json).
+    # positions (§4: train.py --stage long --context 131072, or config_from_hf on its config.json).
     "mellum2-12b": Mellum2Config(bos_token_id=0, eos_token_id=28),
     # Trains on a 2-core laptop CPU in minutes and keeps every structural feature: the 3:1 sliding /
     # full pattern (one full layer of four), a window (64) shorter than the training sequence (256),
@@ -165,8 +165,9 @@ PRESETS = {
 
 
 def dense_config(config):
-    """The dense model with the same active parameters (App. A's comparison): one "expert" as wide
-    as the K active ones, so each token meets the same number of weights, always the same ones."""
+    """The dense model with the same active parameters, the other side of the MoE trade-off §2.1.2
+    weighs: one "expert" as wide as the K active ones, so each token meets the same number of
+    weights, always the same ones."""
     return replace(config, n_expert=1, n_expert_active=1, expert_dim=config.n_expert_active * config.expert_dim)
 
 

@@ -11,7 +11,8 @@ Training Mellum 2, from a laptop CPU to many GPUs: pre-training (report §3), th
 The recipe, in the report's order, each piece where it happens:
   - data: three phases of web / code / math with FIM and best-fit packing    -> data.py (§3.2)
   - optimizer: Muon in the Moonlight configuration on every hidden matrix and -> Muon (§3.4.1)
-    on each expert matrix; AdamW on embeddings, head, router and norm gains
+    on each expert matrix; AdamW on embeddings, head and norm gains, and (our
+    choice: the report does not say) on the router
   - schedule: Warmup-Hold-Decay, linear decay to zero over the last 15.9%     -> lr_multiplier (§3.4.2)
   - batch ramp: half the batch for the first 6% of steps, then the full one   -> batch_size_at (§3.4.3)
   - loss: next-token + 0.1 MTP + 1e-3 balance + 1e-3 router z-loss            -> mellum2.py (§2.1.5, §3.4.5)
@@ -194,9 +195,10 @@ def cosine_multiplier(step, total_steps, warmup_steps, floor=0.1):
 
 
 def batch_size_at(step, total_steps, batch_size, ramp_fraction=0.06):
-    """Half the batch for the first ramp_fraction of steps, then the full batch. The report doubles
-    2,048 -> 4,096 sequences once, near step 19K of 323K (~6%): early on, when gradients are large and
-    consistent, a smaller batch gives more updates per token at no loss in quality."""
+    """Half the batch for the first ramp_fraction of steps, then the full batch. The report ramps
+    2,048 -> 4,096 sequences "during the initial phase"; its Fig. 5 draws one doubling, near step 19K
+    of 323K (~6%). Early on, when gradients are large and consistent, a smaller batch gives more
+    updates per token at no loss in quality."""
     return batch_size // 2 if step < ramp_fraction * total_steps else batch_size
 
 
@@ -205,13 +207,13 @@ def batch_size_at(step, total_steps, batch_size, ramp_fraction=0.06):
 #
 # Every operand of a big matmul is scaled by one number per tensor per call, so that its largest
 # magnitude lands on the format's largest finite value, and rounded to 8 bits: e4m3 (more precision)
-# for activations and weights, e5m2 (more range) for gradients. Products are accumulated in high
-# precision and unscaled. Master weights, optimizer state, the router, embeddings, the head and the
-# norms stay in high precision ("hybrid"). Dense layers call torch._scaled_mm, a real FP8 matmul on
-# GPUs with FP8 units (elsewhere the same arithmetic in fp32, see scaled_mm); experts use a
-# quantise-dequantise emulation in front of the grouped matmul, numerically the same recipe, because
-# torch has no tensorwise FP8 grouped kernel.
-# An expert stack is E matrices, and each gets its own scale, like any other matrix.
+# for activations and weights, e5m2 (more range) for gradients; the two formats are what "hybrid"
+# names. Products are accumulated in high precision and unscaled. Master weights, optimizer state,
+# the router, embeddings, the head and the norms stay in high precision. Dense layers call
+# torch._scaled_mm, a real FP8 matmul on GPUs with FP8 units (elsewhere the same arithmetic in fp32,
+# see scaled_mm); experts use a quantise-dequantise emulation in front of the grouped matmul,
+# numerically the same recipe, because torch has no tensorwise FP8 grouped kernel. An expert stack
+# is E matrices, and each gets its own scale, like any other matrix.
 
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
 
@@ -338,6 +340,8 @@ RUNS = {
     "small": Run(batch_size=64, micro_batch=16, steps=5000, lr=2e-3, warmup_steps=100, eval_every=250,
                  eval_batches=16, ckpt_every=500),
     # The report's run (Table 4, App. B): 4096 x 8192 tokens per step (2048 while ramping), micro-batch 2.
+    # Its LR decays over the last 15.9% of the steps (phase 3's share), 51,430, where App. B lists
+    # 49,306: the report counts the phase in tokens (see the README's Warmup-Hold-Decay paragraph).
     "mellum2-12b": Run(batch_size=4096, micro_batch=2, steps=323459, lr=3e-4, warmup_steps=2000,
                        eval_every=1000, eval_batches=8, ckpt_every=1000),
 }
@@ -1173,8 +1177,8 @@ def last_long_context_eval(run_dir):
 # rollout worker.
 
 # Length caps of an answer, all turns together: ours need at most about 55 tokens (Instruct) and 100
-# (Thinking), before the cap's last quarter, where the overlong penalty starts; the report
-# caps RL rollouts at 16384 and 40960.
+# (Thinking), before the cap's last quarter, where the overlong penalty starts; the report's RL
+# sequences, prompt and answer together, run to 16384 and 40960 tokens (Table 8).
 MAX_ANSWER_TOKENS = {"instruct": 96, "thinking": 192}
 MAX_TURNS = 3   # a tool call, its answer, the final reply (the report allows up to 10 turns)
 
@@ -1724,7 +1728,7 @@ def parse_args(argv=None):
                    help="muon: Muon on matrices + AdamW on the rest (the report); adamw: AdamW everywhere")
     g.add_argument("--no-mtp", action="store_true", help="train without the MTP layer (the report's ablation)")
     g.add_argument("--dense", action="store_true",
-                   help="a dense model with the same active parameters instead of the MoE (App. A's comparison)")
+                   help="a dense model with the same active parameters instead of the MoE (§2.1.2's trade-off)")
     g.add_argument("--fp8", action="store_true", help="FP8 tensorwise matmuls in attention, MTP and experts")
     g.add_argument("--aux-coef", type=float,
                    help="load-balancing loss coefficient (default 1e-3, the report's, and 1e-4 in SFT; it found "
