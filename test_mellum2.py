@@ -2434,6 +2434,16 @@ def test_layer_selective_yarn_changes_only_the_full_layers():
     assert (plain[-1] / theta[-1]).item() == pytest.approx(4.0, rel=1e-5) and theta[0] == plain[0] == 1.0
 
 
+def test_the_long_stage_of_the_release_size_reaches_the_released_context():
+    """--stage long --size mellum2-12b: 8192 -> 131072 positions with YaRN x16, the released config
+    (§4); the miniature sizes go to 4x their context."""
+    release = Mellum2Config.from_preset("mellum2-12b")
+    extended = train.long_context_config(release, train.long_context({"context": None, "size": "mellum2-12b"}, release))
+    assert (extended.max_seq_len, extended.yarn_factor, extended.yarn_original_max_seq_len) == (131072, 16.0, 8192)
+    assert train.long_context({"context": None, "size": "tiny"}, Mellum2Config.from_preset("tiny")) == 1024
+    assert train.long_context({"context": 512, "size": "mellum2-12b"}, release) == 512
+
+
 @pytest.mark.parametrize("variant", ["selective-yarn", "all-yarn"])
 def test_long_context_config_round_trips_through_transformers(variant, tmp_path):
     cfg = train.long_context_config(replace(SMALL, max_seq_len=32), 128, variant=variant)

@@ -331,6 +331,7 @@ class Run:
     ramp_fraction: float = 0.06    # the first share of steps at half batch
     eval_tasks: int = 0            # post-training: held-out tasks per suite at each evaluation
     thinking_steps: int = 0        # post-training: the Thinking variant's steps, where they differ
+    context_factor: int = 4        # the long stage: its sequence length over the pre-trained one
 
 
 RUNS = {
@@ -348,14 +349,14 @@ RUNS = {
 
 # The long-context stage (§4.3): a tenth of the pre-training LR, Warmup-Hold-Decay with the last
 # 1/7 decaying (500 of 3,500 iterations), no batch ramp; for the small sizes about the same tokens
-# per step as pre-training at 4x the sequence length.
+# per step as pre-training at 4x the sequence length, for the release 8K -> 128K (§4), 16x.
 LONG_RUNS = {
     "tiny": Run(batch_size=4, micro_batch=4, steps=60, lr=3e-4, warmup_steps=6, eval_every=30, eval_batches=2,
                 ckpt_every=30, decay_fraction=0.143, ramp_fraction=0.0),
     "small": Run(batch_size=16, micro_batch=4, steps=500, lr=2e-4, warmup_steps=50, eval_every=100,
                  eval_batches=4, ckpt_every=100, decay_fraction=0.143, ramp_fraction=0.0),
     "mellum2-12b": Run(batch_size=256, micro_batch=1, steps=3500, lr=3e-5, warmup_steps=100, eval_every=500,
-                       eval_batches=4, ckpt_every=500, decay_fraction=0.143, ramp_fraction=0.0),
+                       eval_batches=4, ckpt_every=500, decay_fraction=0.143, ramp_fraction=0.0, context_factor=16),
 }
 
 
@@ -891,8 +892,8 @@ def given(flag, default):
 
 
 def long_context(settings, config):
-    """The long stage's sequence length: --context, else 4x the pre-trained model's."""
-    return given(settings["context"], 4 * config.max_seq_len)
+    """The long stage's sequence length: --context, else the size's multiple of the pre-trained one."""
+    return given(settings["context"], LONG_RUNS[settings["size"]].context_factor * config.max_seq_len)
 
 
 def train(args, stop_after=None, settings_of=None):
@@ -1697,7 +1698,8 @@ def parse_args(argv=None):
     g.add_argument("--stage", default="pretrain", choices=list(START_STAGES),
                    help="pretrain; long: continue --init-from at a longer context with layer-selective YaRN; "
                         "sft and grpo: post-training (see below)")
-    g.add_argument("--context", type=int, help="the long stage's sequence length (default: 4x the model's)")
+    g.add_argument("--context", type=int, help="the long stage's sequence length (default: 4x the model's; "
+                        "16x for mellum2-12b, the report's 131072)")
     g.add_argument("--yarn-factor", type=float, help="YaRN scale factor (default: context / original context)")
     g.add_argument("--rope-variant", default="selective-yarn", choices=list(ROPE_VARIANTS),
                    help="; ".join(f"{k}: {v}" for k, v in ROPE_VARIANTS.items()))
