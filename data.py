@@ -810,8 +810,10 @@ def check_repetition(corpus, token_budget, allow_over_repetition=False, phase=No
 # completion) is a tokenization training never showed; cutting text, not tokens, would avoid it.
 
 def fim_format(prefix, suffix, middle=(), spm=True, special=SPECIAL_TOKENS):
-    """Token ids in PSM or SPM order; with no `middle` this is the prompt the model completes.
-    `special` maps the sentinel strings to ids (another tokenizer's, for a released checkpoint)."""
+    """Token ids in PSM or SPM order, an int64 array; with no `middle` this is the prompt the model
+    completes. The <|endoftext|> after the middle is not added here: the packer ends every document
+    with one, FIM or not. `special` maps the sentinel strings to ids (another tokenizer's, for a
+    released checkpoint)."""
     fim_prefix, fim_middle, fim_suffix = (special[t] for t in ("<fim_prefix>", "<fim_middle>", "<fim_suffix>"))
     if spm:
         parts = [[fim_suffix], suffix, [fim_prefix], prefix, [fim_middle], middle]
