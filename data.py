@@ -1026,7 +1026,7 @@ def val_batches(corpus, source, batch_size, seq_len, max_batches=None):
     No FIM, no packing: the split's documents, each followed by <|endoftext|>, are laid end to end
     and cut into rows of seq_len + 1 tokens, so the loss measures plain next-token prediction and is
     comparable between runs. With max_batches, the rows used are spread evenly over the whole split.
-    Yields nothing if the split holds fewer than seq_len + 1 tokens.
+    Yields nothing if the split, with its <|endoftext|> separators, holds fewer than seq_len + 1 tokens.
     """
     split = corpus.val.get(source)
     if split is None or len(split.tokens) == 0:

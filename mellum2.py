@@ -297,7 +297,9 @@ def sdpa_attend(q, k, v, mask, window):
     """softmax(q k^T / sqrt(hd) + mask) v for q (B, H, Tq, hd) and k, v (B, Hkv, Tk, hd). mask None
     means plain causal; otherwise it already holds the causal window (`window` is for kernels that
     skip the blocks outside it). enable_gqa lets each group of H // Hkv query heads read the same K/V
-    head without copying K and V to H heads first: the KV cache and its memory traffic stay 8x smaller."""
+    head, so K and V are never stored as H heads: the KV cache stays 8x smaller. (Whether attention
+    also reads them in place depends on SDPA's backend: the CPU kernel does; on CUDA, the math path
+    that a mask selects copies them to H heads for the call.)"""
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
 
 
@@ -333,7 +335,7 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v, mask = cache.update(k, v, positions)  # (B, S or S+T, Hkv, hd) x 2 and the mask; S: slots in use
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, hd), the layout SDPA wants
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T or keys, hd), the layout SDPA wants
         y = self.attend(q, k, v, mask, self.window)  # (B, H, T, hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, D)
 

@@ -121,8 +121,8 @@ def next_token_probs(logits, temperature, top_k=0, top_p=1.0):
     if temperature == 0:
         return torch.nn.functional.one_hot(logits.argmax(dim=-1), logits.shape[-1]).float()
     # Shifted so the best logit is 0 before dividing: a tiny temperature then sends the others to
-    # -inf, where dividing first would send the best to +inf and make the softmax NaN. (Below fp32's
-    # smallest normal number the temperature would round to 0; all such temperatures act alike.)
+    # -inf, where dividing first would send the best to +inf and make the softmax NaN. (Temperatures
+    # below fp32's smallest normal number are raised to it, so all of them act alike.)
     logits = (logits - logits.max(dim=-1, keepdim=True).values) / max(temperature, torch.finfo(torch.float32).tiny)
     if top_k:
         kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
@@ -288,7 +288,7 @@ def generate_speculative(model, prompt, max_new_tokens, temperature=0.0, top_k=0
             new.append(bonus)
             mtp_states, mtp_tokens = h2, torch.tensor([[d, bonus]], device=device)
             n += 2
-        else:  # the trunk's pass at n+1 read a token that is not the text: forget it
+        else:  # d rejected, or the text ends with `token`: forget the trunk's pass at n+1
             cache.rollback(torch.tensor([n + 1], device=device))
             mtp_states, mtp_tokens = h2[:, :1], torch.tensor([[token]], device=device)
             n += 1
