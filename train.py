@@ -232,7 +232,7 @@ def scaled_mm(a8, scale_a, b8, scale_b, out_dtype):
     (it wants a row-major and b column-major). Elsewhere the 8-bit values are widened to fp32, where
     their products are exact, multiplied and summed, and unscaled once, as the GPU does: torch's CPU
     kernel for _scaled_mm can be a scalar loop (0.45 s for one 256 x 256 x 256 product on a 2-core
-    server CPU), which made a 2-step tiny run take six minutes."""
+    server CPU), which made a two-step test run of the tiny model take six minutes."""
     if a8.device.type != "cuda":
         return ((a8.float() @ b8.float()) / (scale_a * scale_b)).to(out_dtype)
     return torch._scaled_mm(a8.contiguous(), b8.t().contiguous().t(), scale_a=scale_a.reciprocal(),
