@@ -75,8 +75,8 @@ def hf_config(config):
 
 
 def random_configs():
-    """A few random small configs: head grouping, window, layer pattern and YaRN all vary (every
-    pattern has a full layer within 4 layers, so YaRN always acts somewhere)."""
+    """A few random small configs: head grouping, window, layer pattern, YaRN and the norms' eps all
+    vary (every pattern has a full layer within 4 layers, so YaRN always acts somewhere)."""
     g = torch.Generator().manual_seed(1234)
     pick = lambda options: options[torch.randint(len(options), (1,), generator=g).item()]  # noqa: E731
     configs = []
@@ -85,7 +85,8 @@ def random_configs():
         configs.append(replace(SMALL, n_kv_head=n_kv, n_head=n_kv * pick([1, 2, 4]), n_layer=pick([4, 5]),
                                sliding_window=pick([3, 8, 16]), attn_pattern=pick(["SSSF", "SF", "FS"]),
                                n_expert=pick([4, 8]), n_expert_active=pick([1, 2, 3]), yarn_factor=yarn,
-                               yarn_original_max_seq_len=16 if yarn > 1 else 8192, yarn_layers=layers))
+                               yarn_original_max_seq_len=16 if yarn > 1 else 8192, yarn_layers=layers,
+                               rms_norm_eps=pick([1e-6, 1e-5, 1e-2])))
     return configs
 
 
@@ -2243,9 +2244,9 @@ def test_sample_bad_input(argv, message, tmp_path, capsys):
 
 
 def test_a_tiny_temperature_is_nearly_greedy():
-    logits = torch.tensor([[3.0, 1.0, 3.5, -2.0]])
-    for temperature in (1e-40, 1e-300):
-        assert torch.equal(sample.next_token_probs(logits, temperature), torch.tensor([[0.0, 0, 1, 0]]))
+    for logits in (torch.tensor([[3.0, 1.0, 3.5, -2.0]]), torch.tensor([[30.0, 10.0, 35.0, -20.0]])):
+        for temperature in (1e-40, 1e-300):  # 35 / 1e-40 overflows fp32: the logits must be shifted first
+            assert torch.equal(sample.next_token_probs(logits, temperature), torch.tensor([[0.0, 0, 1, 0]]))
 
 
 def test_printer_holds_back_what_may_still_change(capsys):
