@@ -1191,6 +1191,24 @@ def test_val_batches(tiny):
         assert set(seen[-1].flatten().tolist()) <= val_tokens
 
 
+
+def test_val_batches_lay_the_documents_end_to_end(tmp_path):
+    """The held-out documents, each followed by <|endoftext|>, cut into consecutive rows of T + 1
+    tokens (a row's last target is the next row's first input); with max_batches, rows from all over."""
+    corpus = data.build_corpus([write_tiny_corpus(tmp_path / "src", n=60)], cache_dir=tmp_path / "cache",
+                               progress=False, default_sources=False)
+    split = corpus.val["code"]
+    stream = [t for i in range(len(split.keys)) for t in [*split.doc(i).tolist(), data.EOT]]
+    assert len(split.keys) >= 2 and len(stream) % 5 == 0  # with T = 5 the last T tokens make no row
+
+    def rows_of(batches):
+        return [x_row.tolist() + [y_row[-1].item()] for x, y in batches for x_row, y_row in zip(x, y)]
+    for T in (4, 5):
+        rows = [stream[s:s + T + 1] for s in range(0, len(stream) - T, T)]
+        assert rows_of(data.val_batches(corpus, "code", batch_size=3, seq_len=T)) == rows
+        assert rows_of(data.val_batches(corpus, "code", batch_size=2, seq_len=T, max_batches=1)) == \
+            [rows[0], rows[len(rows) // 2]]
+
 # -----------------------------------------------------------------------------------------------
 # Pre-training (train.py): Muon against torch.optim.Muon, the schedule, FP8, distributed, resume
 
