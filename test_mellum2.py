@@ -1084,6 +1084,11 @@ def test_phase_mixture_matches_table(tiny):
         n = sum(counts.values())
         for source, prob in expected_mixture(p).items():
             assert within(counts[source], n, prob), (p, source, counts)
+    # The long stage holds one phase (the third) from its first step on.
+    held = sampler(tiny, batch_size=32, phase=2)
+    counts = collections.Counter(src for step in range(0, 150) for src in held.sample(step).sources)
+    for source, prob in expected_mixture(2).items():
+        assert within(counts[source], sum(counts.values()), prob), (source, counts)
 
 
 def test_best_fit_packing_fills_rows_without_cutting(tiny, monkeypatch):
