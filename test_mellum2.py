@@ -435,6 +435,10 @@ def test_mtp_loss_matches_hand_computation():
     n_moe = cfg.n_layer + 1
     total = parts["ntp"] + 0.1 * parts["mtp"] + 1e-3 * n_moe * (parts["aux"] + parts["z"])
     assert loss.item() == pytest.approx(total.item(), abs=1e-6)
+    # The logged expert load is the trunk's, one row per layer (the MTP block's balance shows in
+    # "aux"): each row the shares of the routing slots, summing to 1.
+    assert parts["expert_load"].shape == (cfg.n_layer, cfg.n_expert)
+    assert torch.allclose(parts["expert_load"].sum(-1), torch.ones(cfg.n_layer))
 
 
 def naive_trunk_states(model, tokens):
