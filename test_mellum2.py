@@ -1104,6 +1104,35 @@ def test_best_fit_packing_fills_rows_without_cutting(tiny, monkeypatch):
     monkeypatch.setattr(s, "_item", lambda rng, source, fim_rate: np.arange(next(lengths)))
     rows = s._pack(np.random.default_rng(0), "code", data.PHASES[0], 2)
     assert [[len(piece) for piece in row] for row in rows] == [[12, 5], [5, 12]]
+    # A piece that fits nowhere (8, with 5 and 7 free) is cut into the emptiest row, leaving the
+    # other room for a whole one; cut into the fullest, it would leave two cuts.
+    lengths = iter([12, 10, 8, 5, 3])
+    rows = s._pack(np.random.default_rng(0), "code", data.PHASES[0], 2)
+    assert [[len(piece) for piece in row] for row in rows] == [[12, 5], [10, 7]]
+
+
+def test_pieces_tile_each_document_and_leave_room_for_fim(tiny):
+    """Documents are cut into pieces of at most seq_len - 3 tokens, so that a piece made a FIM example
+    (three sentinels) with its <|endoftext|> still fits a row of seq_len + 1 whole."""
+    s = sampler(tiny, seq_len=16)
+    for source in s.sources:
+        starts, ends, ends_document = s.pieces[source].T
+        offsets = tiny.train[source].offsets
+        assert (ends - starts).max() == 16 - 3 and (ends > starts).all()
+        assert starts[0] == 0 and (starts[1:] == ends[:-1]).all() and ends[-1] == offsets[-1]
+        assert set(ends[ends_document == 1].tolist()) == set(offsets[1:].tolist())
+
+
+def test_a_row_the_diversity_filter_drops_is_packed_again(tiny, monkeypatch):
+    """Only the dropped row is packed again, so the batch ends with exactly its size."""
+    checked = []
+
+    def drop_the_first(row, seq_len):
+        checked.append(len(row))
+        return len(checked) > 1
+    monkeypatch.setattr(data, "keep_sequence", drop_the_first)
+    x, _ = sampler(tiny).get_batch(0)
+    assert x.shape == (8, 64) and len(checked) == 8 + 1
 
 
 def test_fim_rates_by_phase_and_items_reassemble(tiny):
