@@ -242,6 +242,23 @@ def test_the_router_stays_fp32_under_bf16_autocast():
     torch.testing.assert_close(logits, reference, rtol=1e-5, atol=1e-5)
 
 
+def test_a_bf16_model_keeps_to_bf16_in_the_forward_and_in_decoding():
+    """sample.py loads a model in bf16 on GPUs: every part hands bf16 on (the router computes in fp32
+    and returns bf16 weights), in a forward and in cached decoding, and stays near the fp32 model."""
+    idx = torch.randint(0, SMALL.vocab_size, (2, 20), generator=torch.Generator().manual_seed(0))
+    fp32, bf16 = (randomize(Mellum2(SMALL), seed=5).eval() for _ in range(2))
+    bf16.to(torch.bfloat16)
+    with torch.no_grad():
+        want, _ = fp32(idx)
+        got, _ = bf16(idx)
+        cache = KVCache(SMALL, 2, 24, dtype=torch.bfloat16)
+        h, _ = bf16.trunk(idx, cache)
+        h_next, _ = bf16.trunk(idx[:, :1], cache)  # one decoding step: the per-token expert path
+    assert got.dtype == h.dtype == h_next.dtype == torch.bfloat16
+    # On average: where bf16 rounding flips a near-tied router choice, a position's experts differ.
+    assert (got.float() - want).abs().mean() < 0.05 * want.abs().mean()
+
+
 def test_moe_loop_and_grouped_agree_forward_and_backward():
     cfg = replace(SMALL, n_expert=8, n_expert_active=3)
     torch.manual_seed(0)
