@@ -25,6 +25,7 @@ import torch
 
 import data
 import mellum2
+import train
 from mellum2 import PRESETS, Mellum2, Mellum2Config
 
 
@@ -91,7 +92,6 @@ def model(args):
 
 def train_steps(args):
     """Whole optimizer steps as train.py takes them (forward, backward, clipping, optimizers)."""
-    import train
 
     torch.manual_seed(0)
     config = Mellum2Config.from_preset(args.size)
@@ -332,7 +332,7 @@ def positive(text):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = train.ArgumentParser(__doc__)
     sub = parser.add_subparsers(dest="what", required=True)
     sub.add_parser("params", help="parameter counts of every preset")
     p = sub.add_parser("model", help="forward+backward speed against transformers' MellumForCausalLM")
@@ -368,7 +368,6 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     except (RuntimeError, MemoryError) as e:
-        import train
         if not train.out_of_memory(e):
             raise
         advice = ": a smaller --batch or --size needs less" if args.what in ("model", "train") else ""

@@ -17,7 +17,6 @@ What is measured, and on what:
   - passkey retrieval at the model's full context (the long-context check of §4)
 """
 
-import argparse
 import json
 import math
 import os
@@ -131,7 +130,7 @@ def print_table(results, file=None):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = train.ArgumentParser(__doc__)
     p.add_argument("--init-from", default="out/tiny",
                    help="a train.py run folder, or a Hugging Face directory of ours (exported with save_pretrained)")
     p.add_argument("--json", metavar="PATH", help="also write the results here as JSON")

@@ -10,7 +10,6 @@ the project needs it; pip install matplotlib).
 Each command prints the files it wrote (FOLDER/plots/*.png).
 """
 
-import argparse
 import os
 import sys
 
@@ -96,7 +95,7 @@ def rope_figures(table, plt):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = train.ArgumentParser(__doc__)
     p.add_argument("folder", help="a train.py run folder, or a --stage long --compare folder")
     return p.parse_args(argv)
 

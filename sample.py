@@ -17,7 +17,6 @@ Decoding, step by step:
      output is identical to plain decoding; sampled output has the same distribution.
 """
 
-import argparse
 import dataclasses
 import os
 import re
@@ -321,7 +320,7 @@ def read_text(value):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = train.ArgumentParser(__doc__)
     p.add_argument("--init-from", default=os.path.join("out", "tiny"),
                    help="a train.py run folder or a Hugging Face directory (default: out/tiny)")
     p.add_argument("--start", help='the prompt, or FILE:path to read it from a file (default: "def ")')

@@ -2866,6 +2866,24 @@ def test_every_readme_command_parses():
     assert checked >= 25
 
 
+def test_a_mistyped_flag_or_value_is_one_line_on_every_script(capsys):
+    # argparse's own report starts with the whole usage: fifteen lines for train.py, the mistake last.
+    import bench
+    import plots
+    cases = [(train.parse_args, ["--bogus"], "unrecognized arguments: --bogus"),
+             (train.parse_args, ["--max-steps", "x"], "--max-steps: invalid int value"),
+             (sample.parse_args, ["--temperature", "warm"], "--temperature: invalid float value"),
+             (evaluate.parse_args, ["--n"], "--n: expected one argument"),
+             (plots.parse_args, [], "required: folder"),
+             (bench.parse_args, ["decode", "--prompts", "0"], "--prompts: must be at least 1")]
+    for parse, argv, message in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            parse(argv)
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and len(err.splitlines()) == 1, err
+        assert err.startswith("error: ") and message in err and "--help" in err, err
+
+
 @pytest.mark.parametrize("argv,message", [
     (["decode", "--new-tokens", "2"], "--new-tokens must be at least 3"),
     (["decode", "--init-from", "nowhere"], "nowhere: no such folder"),

@@ -1679,8 +1679,20 @@ def check_settings(s, world):
             raise ValueError(message)
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """The scripts' command lines (train, sample, evaluate, plots, bench): argparse, with a mistyped
+    flag or value reported in one line like every other error here. argparse would print the whole
+    usage first, fifteen lines for train.py, and the mistake last."""
+
+    def __init__(self, description=None, **kwargs):  # bench.py's subcommands come here with their prog
+        super().__init__(description=description, formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see python {self.prog} --help)\n")
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(__doc__)
     g = p.add_argument_group("run")
     g.add_argument("--size", default="tiny", choices=list(RUNS),
                    help="model preset and its run settings (default: tiny)")
