@@ -18,6 +18,7 @@ import sys
 import time
 import types
 import unittest.mock
+import weakref
 from dataclasses import replace
 
 import numpy as np
@@ -144,6 +145,32 @@ def test_mtp_tensors_are_read_when_config_json_leaves_out_their_count(tmp_path):
     again = Mellum2.from_pretrained(tmp_path, device="cpu")
     assert again.config == ours.config
     assert torch.equal(again.mtp.fc.weight, ours.mtp.fc.weight)
+
+
+def test_loading_lets_each_layers_experts_go_once_they_are_stacked(tmp_path, monkeypatch):
+    # The released checkpoint is 24 GB in bf16: holding every expert's matrix beside the stacks made
+    # of them would need twice that. Here a bf16 export is read into fp32, tensor by tensor.
+    ours = randomize(Mellum2(SMALL)).to(torch.bfloat16)
+    ours.save_pretrained(tmp_path)
+    tensors = mellum2.read_safetensors(tmp_path, "cpu", torch.float32)
+    assert {t.dtype for t in tensors.values()} == {torch.float32}
+    experts = [weakref.ref(t) for k, t in tensors.items() if mellum2.EXPERT_KEY.match(k)]
+    unstacked = lambda: sum(r() is not None for r in experts)  # noqa: E731
+    stack = torch.stack
+
+    def watched_stack(pieces, *args, **kwargs):
+        held = unstacked() - sum(1 for k in tensors if mellum2.EXPERT_KEY.match(k))  # read, not yet stacked
+        assert held <= 3 * SMALL.n_expert  # one layer's: shards list gate, up and down of each expert together
+        return stack(pieces, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "stack", watched_stack)
+    state = mellum2.hf_to_state_dict(tensors, SMALL)
+    monkeypatch.undo()
+    assert tensors == {} and unstacked() == 0  # nothing the caller holds keeps a second copy
+    for k, t in ours.state_dict().items():
+        assert state[k].dtype == torch.float32 and torch.equal(state[k], t.float()), k
+    again = Mellum2.from_pretrained(tmp_path, device="cpu", dtype=torch.float32)
+    assert {p.dtype for p in again.parameters()} == {torch.float32}
 
 
 def assert_rope_matches_transformers(config, hf, layer_type):
