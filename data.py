@@ -612,6 +612,8 @@ def write_atomically(path, write):
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         write(tmp)
+        with open(tmp, "rb+") as f:  # on the disk before the name points at it: after a power cut, a file
+            os.fsync(f.fileno())     # renamed unsynced can come back empty on some file systems
         os.replace(tmp, path)
     except BaseException:  # a full disk, an interrupt: no half-written file is left behind either
         if os.path.exists(tmp):

@@ -960,6 +960,21 @@ def test_bad_input_is_skipped_with_counts(tmp_path):
         data.build_corpus([tmp_path / "typo"], cache_dir=tmp_path / "cache", progress=False, default_sources=False)
 
 
+def test_an_atomic_write_reaches_the_disk_before_its_rename(tmp_path, monkeypatch):
+    # A rename can reach the disk before the data it names: after a power cut, an unsynced
+    # checkpoint could come back as an empty file where the previous one was.
+    events, fsync, replace_file = [], os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append(("fsync", os.fstat(fd).st_size)) or fsync(fd))
+    monkeypatch.setattr(os, "replace", lambda a, b: events.append(("replace", b)) or replace_file(a, b))
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            f.write(b"weights")
+
+    data.write_atomically(str(tmp_path / "ckpt.pt"), write)
+    assert events == [("fsync", 7), ("replace", str(tmp_path / "ckpt.pt"))]
+    assert (tmp_path / "ckpt.pt").read_bytes() == b"weights" and os.listdir(tmp_path) == ["ckpt.pt"]
+
+
 def test_cache_reused_and_rebuilt_on_change(tmp_path, enc):
     root = write_tiny_corpus(tmp_path / "src", seed=5, n=4)
     cache = tmp_path / "cache"
