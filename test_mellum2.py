@@ -2108,6 +2108,24 @@ def test_batch_decoding_equals_one_by_one():
 
 
 @torch.no_grad()
+def test_batch_decoding_survives_attention_that_gives_nan_where_a_query_sees_nothing():
+    # On a CPU, SDPA returns zeros for a row its mask hides entirely; a plain softmax (CUDA's math
+    # path, many kernels) returns NaN there. A padding query is given keys to look at, or its NaN
+    # would reach its values in the next layer and, through weight-0 terms, every real query.
+    def softmax_attend(q, k, v, mask, window):  # q (B, H, T, hd), k and v (B, Hkv, S, hd)
+        k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
+        scores = (q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])).masked_fill(~mask, float("-inf"))
+        return scores.softmax(dim=-1) @ v
+
+    model = randomize(Mellum2(replace(SMALL, max_seq_len=64)), seed=5).eval()
+    prompts = [[1, 2, 3], list(range(10, 27))]
+    alone = [sample.generate(model, [p], 6, temperature=0)[0] for p in prompts]
+    for layer in model.layers:
+        layer.self_attn.attend = softmax_attend
+    assert sample.generate(model, prompts, 6, temperature=0) == alone
+
+
+@torch.no_grad()
 def test_greedy_generation_equals_transformers_generate(tmp_path):
     cfg = replace(SMALL, max_seq_len=64, vocab_size=300)
     randomize(Mellum2(cfg), seed=11).save_pretrained(tmp_path)
