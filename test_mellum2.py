@@ -2061,6 +2061,18 @@ def test_cached_decoding_equals_a_full_forward():
     assert sizes == {cfg.sliding_window + 8}
 
 
+def test_a_prompt_longer_than_a_rolling_buffer_writes_each_slot_once():
+    # Of a chunk longer than the buffer only the last `size` tokens are stored: two writes to one
+    # slot in one indexing op land in an undefined order on a GPU (on a CPU, in order, so the
+    # decoding tests cannot see it).
+    slots = mellum2.Slots(batch_size=2, size=10, window=8, device="cpu")
+    positions = torch.stack([torch.arange(25), torch.arange(-3, 22).clamp(min=-1)])  # row 1: 3 padding
+    target, source, _, _ = slots.place(positions)
+    written = list(zip(*(t.tolist() for t in target)))
+    assert len(written) == len(set(written)) == 20
+    assert sorted(slots.pos[0].tolist()) == list(range(15, 25)) and sorted(slots.pos[1].tolist()) == list(range(12, 22))
+
+
 @torch.no_grad()
 def test_rollback_forgets_exactly_the_dropped_tokens():
     cfg = replace(SMALL, max_seq_len=64)
