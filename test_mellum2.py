@@ -966,6 +966,7 @@ def test_an_atomic_write_reaches_the_disk_before_its_rename(tmp_path, monkeypatc
     events, fsync, replace_file = [], os.fsync, os.replace
     monkeypatch.setattr(os, "fsync", lambda fd: events.append(("fsync", os.fstat(fd).st_size)) or fsync(fd))
     monkeypatch.setattr(os, "replace", lambda a, b: events.append(("replace", b)) or replace_file(a, b))
+
     def write(tmp):
         with open(tmp, "wb") as f:
             f.write(b"weights")
