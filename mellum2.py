@@ -191,11 +191,12 @@ def pick_device(requested=None):
 
 
 def pick_dtype(device):
-    """bf16 on GPUs that support it (the report trains in BF16, §3.4.4); fp32 elsewhere: CPUs without
-    bf16 instructions run bf16 matmuls slowly, CPU runs are where results are compared against
-    references, and MPS has known bf16 numerics problems."""
+    """bf16 on GPUs with bf16 matrix units, Ampere (compute capability 8) and later (the report
+    trains in BF16, §3.4.4); fp32 elsewhere: older GPUs only emulate bf16 (slowly, and Triton cannot
+    compile bf16 dots for them), CPUs without bf16 instructions run bf16 matmuls slowly, CPU runs are
+    where results are compared against references, and MPS has known bf16 numerics problems."""
     device = torch.device(device)
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8:
         return torch.bfloat16
     return torch.float32
 

@@ -1359,6 +1359,18 @@ def test_muon_orthogonalises_each_expert_on_its_own():
     assert not torch.allclose(flat, train.orthogonalize(flat.float()), atol=1e-2)
 
 
+def test_bf16_only_on_gpus_with_bf16_matrix_units(monkeypatch):
+    # A T4 (compute capability 7.5) emulates bf16, so torch.cuda.is_bf16_supported() says yes; but
+    # there it is slow, and Triton's bf16 dots do not compile. The capability is the asked device's.
+    asked = []
+    for capability, dtype in (((7, 5), torch.float32), ((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability",
+                            lambda device=None, capability=capability: asked.append(device) or capability)
+        assert mellum2.pick_dtype("cuda:1") == dtype
+    assert asked == [torch.device("cuda:1")] * 3
+    assert mellum2.pick_dtype("cpu") == mellum2.pick_dtype("mps") == torch.float32
+
+
 def test_muon_iterates_in_the_models_compute_dtype():
     # On a CPU the model computes in fp32, and so does Newton-Schulz: bf16 matmuls are emulated, and
     # slow, on CPUs without bf16 instructions. An explicit ns_dtype still wins.
@@ -1563,13 +1575,18 @@ def test_resume_continues_exactly(small_corpus, tmp_path, capsys):
         assert torch.equal(a, b), name
     losses = lambda d: [json.loads(line)["ntp"] for line in open(d / "metrics.jsonl")]  # noqa: E731
     assert losses(tmp_path / "a") == losses(tmp_path / "b")
+    # No GPU generator states: nothing draws from them, and restoring one per GPU of the machine that
+    # wrote the checkpoint failed (IndexError) on a machine with fewer.
+    assert set(train.load_checkpoint(tmp_path / "b" / "ckpt.pt")["rng"]) == {"torch", "python"}
 
 
 def test_a_resumed_run_may_split_its_steps_into_smaller_micro_batches(small_corpus, tmp_path, capsys, monkeypatch):
     # What to do after running out of memory: the same steps, in smaller pieces.
     for error in (RuntimeError("[enforce fail at alloc_cpu.cpp:127] . DefaultCPUAllocator: can't allocate memory: "
                                "you tried to allocate 40000000000000 bytes."),   # torch's, on a CPU
-                  MemoryError("Unable to allocate 191. GiB for an array")):       # numpy's (a huge batch)
+                  MemoryError("Unable to allocate 191. GiB for an array"),        # numpy's (a huge batch)
+                  RuntimeError("MPS backend out of memory (MPS allocated: 7.50 GiB, other allocations: 1.20 GiB, "
+                               "max allowed: 9.07 GiB). Tried to allocate 2.00 GiB on private pool.")):  # a Mac's
         def out_of_memory(args, error=error):
             raise error
         monkeypatch.setattr(train, "train", out_of_memory)
@@ -1615,7 +1632,19 @@ def test_a_checkpoint_that_cannot_be_written_leaves_the_last_one(tmp_path, monke
         train.save_checkpoint(tmp_path / "gone" / "ckpt.pt", Mellum2(SMALL), [], 2, {})  # its folder removed
 
 
-def test_fp8_training_runs(small_corpus, tmp_path):
+def test_fp8_training_runs(small_corpus, tmp_path, monkeypatch):
+    # Off a GPU scaled_mm takes any shapes; each call here also goes through torch._scaled_mm's shape
+    # checks (its meta kernel), so that a product a GPU would refuse fails here too: the MTP block's
+    # B * (T - 1) rows, summed over for dW, are no multiple of 16.
+    scaled_mm = train.scaled_mm
+
+    def checked(a8, scale_a, b8, scale_b, out_dtype):
+        meta = lambda t: torch.empty(t.shape, dtype=t.dtype, device="meta")  # noqa: E731
+        torch._scaled_mm(meta(a8), meta(b8.t()).t(), scale_a=meta(scale_a), scale_b=meta(scale_b),
+                         out_dtype=out_dtype)
+        return scaled_mm(a8, scale_a, b8, scale_b, out_dtype)
+
+    monkeypatch.setattr(train, "scaled_mm", checked)
     model = train.train(run_args(small_corpus, tmp_path, "--max-steps", "2", "--fp8"))
     assert isinstance(model.layers[0].self_attn.q_proj, train.Float8Linear)
     assert model.layers[0].mlp.grouped_mm is train.fp8_grouped_mm

@@ -252,8 +252,12 @@ class _FP8Matmul(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):  # g (M, out)
         x, w = ctx.saved_tensors
+        # dW sums over the M rows, and an FP8 matmul wants the length it sums over to be a multiple
+        # of 16 (the MTP block's M is B * (T - 1)): zero rows, which add nothing, make it one.
+        M = len(g)
+        g, x = F.pad(g, (0, 0, 0, -M % 16)), F.pad(x, (0, 0, 0, -M % 16))  # (M', out), (M', in)
         (g8, sg), (x8, sx), (w8, sw) = to_fp8(g, E5M2), to_fp8(x, E4M3), to_fp8(w, E4M3)
-        return scaled_mm(g8, sg, w8, sw, g.dtype), scaled_mm(g8.t(), sg, x8, sx, w.dtype)
+        return scaled_mm(g8[:M], sg, w8, sw, g.dtype), scaled_mm(g8.t(), sg, x8, sx, w.dtype)
 
 
 class Float8Linear(nn.Linear):
@@ -511,8 +515,9 @@ def save_checkpoint(path, model, optimizers, step, settings, tokens=0, **extra):
         "config": dataclasses.asdict(model.config),
         "settings": settings,
         "tokenizer": tokenizer_reference(),
-        "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+        # Not a GPU's generator: nothing draws from it (the weights are drawn on the CPU), and a run
+        # may resume on a machine with fewer GPUs, whose generators would not take one state each.
+        "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
         **extra,
     }
     try:
@@ -1001,8 +1006,6 @@ def train(args, stop_after=None, settings_of=None):
         rng = resumed["rng"]
         torch.set_rng_state(rng["torch"])
         random.setstate(rng["python"])
-        if rng["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
         start_step = resumed["step"]
     # Master weights stay fp32; on GPUs with bf16 the matmuls run in bf16 under autocast (§3.4.4).
     use_bf16 = pick_dtype(device) == torch.bfloat16
@@ -1874,9 +1877,10 @@ def main(argv=None):
 
 
 def out_of_memory(error):
-    """A GPU's OutOfMemoryError, the CPU allocator's plain RuntimeError for the same thing, or
-    Python's (and numpy's) MemoryError."""
-    return isinstance(error, (torch.OutOfMemoryError, MemoryError)) or "can't allocate memory" in str(error)
+    """A CUDA GPU's OutOfMemoryError, the plain RuntimeError of the CPU's and of Apple's MPS allocator
+    for the same thing, or Python's (and numpy's) MemoryError."""
+    return (isinstance(error, (torch.OutOfMemoryError, MemoryError))
+            or any(words in str(error) for words in ("can't allocate memory", "MPS backend out of memory")))
 
 
 def peer_stopped(error):
