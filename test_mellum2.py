@@ -4,6 +4,7 @@ torch.optim.Muon, brute-force loops, hand computations) and would fail if the th
 Run: python -m pytest -q"""
 
 import collections
+import contextlib
 import itertools
 import json
 import math
@@ -1630,6 +1631,20 @@ def test_a_checkpoint_that_cannot_be_written_leaves_the_last_one(tmp_path, monke
     monkeypatch.undo()
     with pytest.raises(CheckpointError, match="gone/ckpt.pt: cannot write the checkpoint \\(.*\\); the previous one"):
         train.save_checkpoint(tmp_path / "gone" / "ckpt.pt", Mellum2(SMALL), [], 2, {})  # its folder removed
+
+
+def test_fp8_is_refused_where_it_can_neither_run_nor_be_emulated(monkeypatch):
+    # An A100 (8.0) has no FP8 matrix units and MPS no 8-bit floats: such a run failed at its first step.
+    asked = []
+    for capability, refused in (((8, 0), True), ((8, 9), False), ((9, 0), False)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability",
+                            lambda device=None, capability=capability: asked.append(device) or capability)
+        with pytest.raises(ValueError, match="--fp8 needs a GPU with FP8") if refused else contextlib.nullcontext():
+            train.check_fp8("cuda:1")
+    assert asked == [torch.device("cuda:1")] * 3
+    with pytest.raises(ValueError, match="mps has none"):
+        train.check_fp8("mps")
+    train.check_fp8("cpu")
 
 
 def test_fp8_training_runs(small_corpus, tmp_path, monkeypatch):

@@ -303,10 +303,20 @@ def fp8_grouped_mm(x, w, offsets):
     return _FakeQuantGrad.apply(y)
 
 
+def check_fp8(device):
+    """FP8 runs on GPUs with FP8 matrix units (compute capability 8.9: Ada, Hopper and later) and is
+    emulated on a CPU; older GPUs cannot run torch._scaled_mm, and MPS has no 8-bit float types."""
+    device = torch.device(device)
+    if device.type == "mps" or (device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9)):
+        raise ValueError(f"--fp8 needs a GPU with FP8 matrix units (compute capability 8.9 or later) or a CPU; "
+                         f"{device} has none")
+
+
 def convert_to_fp8(model):
     """Swap the attention projections and the MTP projection for Float8Linear, and route every MoE's
     expert matmuls through fp8_grouped_mm. The router and the head stay in high precision: small
     rounding there flips expert choices or token probabilities."""
+    check_fp8(next(model.parameters()).device)
     for module in model.modules():
         if isinstance(module, mellum2.Attention):
             for name in ("q_proj", "k_proj", "v_proj", "o_proj"):  # same weight tensor, FP8 forward
