@@ -150,6 +150,10 @@ def draw(probs, generator):
     probability 0 is never drawn. A cumsum and a binary search take a fifth of the time of
     torch.multinomial on a 4K vocabulary, and decoding draws once per token."""
     cdf = probs.float().cumsum(dim=-1)  # (B, V)
+    # A GPU sums in parallel, in another order for each prefix, and can put the total of an id of
+    # probability 0 a rounding unit above the one before it, a sliver for u to land in. Zeroing such
+    # ids' totals and carrying the running maximum over them closes it (and keeps cdf sorted).
+    cdf = cdf.masked_fill(probs == 0, 0).cummax(dim=-1).values
     u = (1 - torch.rand(len(cdf), 1, generator=generator, device=cdf.device)) * cdf[:, -1:]  # (B, 1)
     return torch.searchsorted(cdf, u)[:, 0]  # (B,)
 

@@ -2325,6 +2325,17 @@ def test_draw_follows_the_distribution_and_never_draws_a_zero():
     assert ((counts - n * p).abs() <= 5 * (n * p * (1 - p)).sqrt()).all(), counts / n
     one_hot = F.one_hot(torch.tensor([4, 0, 6]), 7).float()
     assert sample.draw(one_hot, g).tolist() == [4, 0, 6]
+    # Nor with a GPU's cumsum, which can leave a zero's running total a rounding unit above the one
+    # before it; here u is the largest it can be, the total, and a zero is last.
+    cumsum = torch.Tensor.cumsum
+
+    def parallel_cumsum(self, dim):
+        totals = cumsum(self, dim)
+        return torch.where(self == 0, totals.nextafter(torch.tensor(math.inf)), totals)
+
+    with unittest.mock.patch.object(torch.Tensor, "cumsum", parallel_cumsum), \
+            unittest.mock.patch.object(torch, "rand", lambda *shape, **kwargs: torch.zeros(shape)):
+        assert sample.draw(torch.tensor([[0.5, 0.5, 0.0], [0.0, 1.0, 0.0]]), g).tolist() == [1, 1]
 
 
 def test_top_k_and_top_p_keep_the_right_tokens():
