@@ -255,7 +255,8 @@ class _FP8Matmul(torch.autograd.Function):
         # dW sums over the M rows, and an FP8 matmul wants the length it sums over to be a multiple
         # of 16 (the MTP block's M is B * (T - 1)): zero rows, which add nothing, make it one.
         M = len(g)
-        g, x = F.pad(g, (0, 0, 0, -M % 16)), F.pad(x, (0, 0, 0, -M % 16))  # (M', out), (M', in)
+        if M % 16:
+            g, x = F.pad(g, (0, 0, 0, -M % 16)), F.pad(x, (0, 0, 0, -M % 16))  # (M', out), (M', in)
         (g8, sg), (x8, sx), (w8, sw) = to_fp8(g, E5M2), to_fp8(x, E4M3), to_fp8(w, E4M3)
         return scaled_mm(g8[:M], sg, w8, sw, g.dtype), scaled_mm(g8.t(), sg, x8, sx, w.dtype)
 
