@@ -9,12 +9,14 @@ with medians.
   python bench.py decode          # decoding on a trained model: ours vs transformers, speculative vs plain,
                                   # what one plain, verify and draft pass costs, and what an unused long
                                   # context costs
+  python bench.py prefill         # a long prompt into the KV cache in chunks (as sample.py) vs in one pass
   python bench.py kernels         # kernels.py's Triton kernels vs their PyTorch fallbacks (GPU), fallbacks (CPU)
 
 On a shared machine set OMP_WAIT_POLICY=PASSIVE first: busy-waiting OpenMP threads distort timings.
 """
 
 import argparse
+import re
 import statistics
 import sys
 import tempfile
@@ -248,6 +250,56 @@ def decoding(args):
           f"{paired_speedup(seconds['trained'], seconds['long']):.2f}x the speed (identical outputs)")
 
 
+def peak_resident_kib(reset=False):
+    """The process's peak resident memory in KiB (Linux; None elsewhere). reset=True first lowers the
+    peak to what is resident now, so that a later call sees the peak of what ran in between."""
+    try:
+        if reset:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        with open("/proc/self/status") as f:
+            return int(re.search(r"VmHWM:\s+(\d+) kB", f.read()).group(1))
+    except OSError:
+        return None
+
+
+def prefill(args):
+    """A long prompt into the KV cache as sample.py feeds it (sample.PREFILL_CHUNK tokens at a time)
+    against all of it in one pass: time and peak memory, on the tiny preset stretched to the prompt's
+    length (untrained weights: a prefill costs the same whatever they hold)."""
+    import sample
+
+    torch.manual_seed(0)
+    config = Mellum2Config.from_preset("tiny", max_seq_len=args.prompt_len + 1)
+    model = Mellum2(config).eval()
+    prompt = torch.randint(0, config.vocab_size, (args.prompt_len,)).tolist()
+    chunked, outputs = sample.PREFILL_CHUNK, {}
+
+    def run(chunk, name):
+        def call():
+            sample.PREFILL_CHUNK = chunk
+            outputs[name] = sample.generate(model, [prompt], 1)
+        return call
+
+    # Peaks first, chunked first: memory a run frees may stay with the process and serve the next
+    # one unseen, which can only hide part of the larger peak, the one-pass run's.
+    peaks = {}
+    for name, chunk in (("chunked", chunked), ("one_pass", args.prompt_len)):
+        before = peak_resident_kib(reset=True)
+        run(chunk, name)()
+        peaks[name] = before and peak_resident_kib() - before
+    seconds = time_interleaved(args.steps, chunked=run(chunked, "chunked"), one_pass=run(args.prompt_len, "one_pass"))
+    sample.PREFILL_CHUNK = chunked
+    assert outputs["chunked"] == outputs["one_pass"], "outputs differ"
+    print(f"tiny preset, a {args.prompt_len}-token prompt, fp32 on the CPU, {torch.get_num_threads()} threads, "
+          f"median of {args.steps} interleaved rounds (the same next token both ways)")
+    print(f"  chunks of {chunked}: {seconds['chunked']:.2f} s; one pass: {seconds['one_pass']:.2f} s; "
+          f"chunked is {seconds['one_pass'] / seconds['chunked']:.2f}x as fast")
+    if peaks["chunked"] is not None:
+        print(f"  peak memory added: chunks of {chunked}: {peaks['chunked'] / 2**10:.0f} MiB; "
+              f"one pass: {peaks['one_pass'] / 2**10:.0f} MiB")
+
+
 def kernel_speed(args):
     """Each Triton kernel against the fallback the model runs without it (mellum2.sdpa_attend with
     the sliding-window mask; MoE.experts_grouped) and a plainer reference (causal SDPA without the
@@ -348,11 +400,14 @@ def parse_args(argv=None):
     d.add_argument("--prompts", type=positive, default=10, help="held-out code prompts (default: 10)")
     d.add_argument("--prompt-len", type=positive, default=64, help="prompt tokens (default: 64)")
     d.add_argument("--new-tokens", type=positive, default=128, help="tokens to generate per prompt (default: 128)")
+    f = sub.add_parser("prefill", help="a long prompt into the KV cache in chunks, as sample.py does, vs in one pass")
+    f.add_argument("--prompt-len", type=positive, default=16384, help="prompt tokens (default: 16384)")
+    f.add_argument("--steps", type=positive, default=3, help="timed rounds per candidate (default: 3)")
     k = sub.add_parser("kernels", help="Triton kernels vs their PyTorch fallbacks, forward and forward+backward")
     k.add_argument("--steps", type=positive, default=5, help="timed rounds per candidate")
     k.add_argument("--gpu-sizes", action="store_true",
                    help="the real model's sizes (T=8192, 64 experts of 896 at D=2304); automatic on CUDA")
-    for q in (p, t, d, k):
+    for q in (p, t, d, f, k):
         q.add_argument("--threads", type=positive, help="CPU threads (default: torch's choice)")
     return parser.parse_args(argv)
 
@@ -363,7 +418,8 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     try:
         {"params": params, "model": lambda: model(args), "train": lambda: train_steps(args),
-         "decode": lambda: decoding(args), "kernels": lambda: kernel_speed(args)}[args.what]()
+         "decode": lambda: decoding(args),
+         "prefill": lambda: prefill(args), "kernels": lambda: kernel_speed(args)}[args.what]()
     except (ValueError, mellum2.CheckpointError, data.DataError) as e:  # bad counts, a missing checkpoint or tokenizer
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

@@ -287,10 +287,12 @@ def attention_mask(q_positions, k_positions, window=None):
     """(..., Tq, Tk) boolean mask for positions (..., Tq) and (..., Tk), True where the query may
     look: causal, and for a sliding layer only the key at the query's own position and the window-1
     positions before it."""
-    distance = q_positions[..., :, None] - k_positions[..., None, :]  # >= 0 for keys in the past
-    allowed = distance >= 0
+    q, k = q_positions[..., :, None], k_positions[..., None, :]  # (..., Tq, 1), (..., 1, Tk)
+    # Compared as they are rather than through their difference: a (..., Tq, Tk) matrix of int64
+    # distances is 8x the size of the boolean mask (a 0.5 GiB matrix for an 8192-token sequence).
+    allowed = k <= q
     if window is not None:
-        allowed = allowed & (distance < window)
+        allowed &= k > q - window
     return allowed
 
 

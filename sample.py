@@ -179,6 +179,26 @@ def room_after(model, prompt_len, max_new_tokens):
 
 
 # -----------------------------------------------------------------------------------------------
+# Prefill, a chunk at a time
+#
+# Attention over a cache masks every new token against every key it could see: a (B, T, keys) mask,
+# and on CUDA, whose SDPA takes its math path for a mask with GQA, (B, H, T, keys) scores as well.
+# For the released model a 32K-token prompt in one pass would need at least 64 GiB of scores (bf16),
+# a 128K one a terabyte. Fed in chunks, a prompt needs them for one chunk's queries at a time, and gives the same
+# states: each chunk attends to the keys the ones before it stored.
+
+PREFILL_CHUNK = 1024  # queries per pass: long enough to keep a GPU busy, short enough for 128K keys
+
+
+def prefill(model, idx, cache, pad=None):
+    """Feed prompts idx (B, T) (pad (B, T): True at left padding) into the cache -> the trunk's
+    final states (B, T, D)."""
+    chunks = range(0, idx.shape[1], PREFILL_CHUNK)
+    pads = [None if pad is None else pad[:, i:i + PREFILL_CHUNK] for i in chunks]
+    return torch.cat([model.trunk(idx[:, i:i + PREFILL_CHUNK], cache, p)[0] for i, p in zip(chunks, pads)], dim=1)
+
+
+# -----------------------------------------------------------------------------------------------
 # Plain decoding: a batch of prompts of different lengths, left-padded
 #
 # Both decoding loops run under inference_mode rather than no_grad: it also skips the version
@@ -204,7 +224,7 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0
     # Room for what this call can reach, not the whole context: for the released model's 131072
     # positions the full layers' buffers would take 1.9 GB per row in bf16.
     cache = KVCache(model.config, B, longest + max_new_tokens, device, next(model.parameters()).dtype)
-    h, _ = model.trunk(idx, cache, pad)
+    h = prefill(model, idx, cache, pad)
     out, done = [[] for _ in range(B)], [False] * B
     if logprobs is not None:
         logprobs[:] = [[] for _ in range(B)]
@@ -265,13 +285,18 @@ def generate_speculative(model, prompt, max_new_tokens, temperature=0.0, top_k=0
         return [], 0, 0
     cache = KVCache(model.config, 1, len(prompt) + max_new_tokens, device, next(model.parameters()).dtype)
     idx = torch.tensor([prompt], device=device)
-    h, _ = model.trunk(idx, cache)                               # (1, n, D): positions 0..n-1
+    h = prefill(model, idx, cache)                               # (1, n, D): positions 0..n-1
     n = len(prompt)
     x_n, _ = choose(model.lm_head(h[:, -1]))
     out = [x_n]
     stopped = bool(on_token and on_token(0, x_n))
     # Confirmed (state at p-1, token at p) pairs the MTP layer has not read yet, p = 1..n.
     mtp_states, mtp_tokens = h, torch.cat([idx[:, 1:], torch.tensor([[x_n]], device=device)], dim=1)
+    while mtp_tokens.shape[1] > PREFILL_CHUNK:  # a long prompt's pairs go in chunks too, like the prompt
+        first = n - mtp_tokens.shape[1] + 1
+        positions = torch.arange(first, first + PREFILL_CHUNK, device=device)[None]
+        model.draft(mtp_states[:, :PREFILL_CHUNK], mtp_tokens[:, :PREFILL_CHUNK], cache, positions)
+        mtp_states, mtp_tokens = mtp_states[:, PREFILL_CHUNK:], mtp_tokens[:, PREFILL_CHUNK:]
     drafts = accepted = 0
     while len(out) < max_new_tokens and x_n not in stop_ids and not stopped:
         k = mtp_tokens.shape[1]

@@ -2183,6 +2183,34 @@ def test_batch_decoding_survives_attention_that_gives_nan_where_a_query_sees_not
 
 
 @torch.no_grad()
+def test_long_prompts_go_into_the_cache_a_chunk_at_a_time(monkeypatch):
+    """Attention over a cache masks every new query against every key (and CUDA's math path scores
+    them all), so prompts go in sample.PREFILL_CHUNK queries at a time: the states are those of a
+    pass over each prompt alone, in a padded batch whose short rows are padding for whole chunks."""
+    model = randomize(Mellum2(replace(SMALL, max_seq_len=64)), seed=3).eval()
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, SMALL.vocab_size, (n,), generator=g).tolist() for n in (45, 6, 20)]
+    queries = []
+    for layer in model.layers:
+        layer.self_attn.attend = lambda q, k, v, mask, window: queries.append(q.shape[2]) or mellum2.sdpa_attend(
+            q, k, v, mask, window)
+    monkeypatch.setattr(sample, "PREFILL_CHUNK", 7)
+    idx, pad = torch.zeros(3, 45, dtype=torch.long), torch.ones(3, 45, dtype=torch.bool)
+    for row, prompt in enumerate(prompts):  # left-padded, as generate() lays them out
+        idx[row, 45 - len(prompt):], pad[row, 45 - len(prompt):] = torch.tensor(prompt), False
+    h = sample.prefill(model, idx, KVCache(model.config, 3, 64), pad)
+    assert sorted(set(queries)) == [3, 7]  # 6 chunks of 7 and the last 3
+    for row, prompt in enumerate(prompts):
+        alone, _ = model(torch.tensor([prompt]))  # (1, n, V), no cache
+        torch.testing.assert_close(model.lm_head(h[row, 45 - len(prompt):]), alone[0], atol=1e-5, rtol=0)
+    queries.clear()
+    chunked = sample.generate(model, prompts, 10, temperature=0)
+    assert max(queries) == 7
+    monkeypatch.setattr(sample, "PREFILL_CHUNK", 1024)
+    assert sample.generate(model, prompts, 10, temperature=0) == chunked
+
+
+@torch.no_grad()
 def test_greedy_generation_equals_transformers_generate(tmp_path):
     cfg = replace(SMALL, max_seq_len=64, vocab_size=300)
     randomize(Mellum2(cfg), seed=11).save_pretrained(tmp_path)
@@ -2234,10 +2262,13 @@ def test_greedy_speculative_output_equals_plain(seed):
             assert sample.generate_speculative(model, prompt, 30, temperature=0, stop_ids={stop})[0] == expected
 
 
-def test_every_draft_equals_the_mtp_head_over_the_whole_text(monkeypatch):
+@pytest.mark.parametrize("chunk", [1024, 3])
+def test_every_draft_equals_the_mtp_head_over_the_whole_text(chunk, monkeypatch):
     """The MTP layer's cache stays in step with the text through accepted drafts (after which it
     reads two pairs) and rejected ones, in a window shorter than the text: each draft's logits equal,
-    within fp32 rounding, the hand-computed MTP logits of the final text at the draft's position."""
+    within fp32 rounding, the hand-computed MTP logits of the final text at the draft's position.
+    With chunks of 3 the MTP layer reads the prompt's pairs 3 at a time, as the trunk its tokens."""
+    monkeypatch.setattr(sample, "PREFILL_CHUNK", chunk)
     cfg = replace(SMALL, max_seq_len=48, sliding_window=5)
     model = randomize(Mellum2(cfg), seed=2)
     pattern = torch.arange(48)[None] % 11
@@ -2249,13 +2280,15 @@ def test_every_draft_equals_the_mtp_head_over_the_whole_text(monkeypatch):
     model.eval()
     drafted, draft = [], model.draft
     monkeypatch.setattr(model, "draft", lambda h, ids, cache, positions: drafted.append(
-        (int(positions[0, -1]), draft(h, ids, cache, positions))) or drafted[-1][1])
+        (int(positions[0, -1]), ids.shape[1], draft(h, ids, cache, positions))) or drafted[-1][2])
     prompt = [3, 4, 5, 6, 7, 8, 9]
     new, drafts, accepted = sample.generate_speculative(model, prompt, 36, temperature=0)
     assert 0 < accepted < drafts
     _, expected = naive_final_states_and_mtp_logits(model, torch.tensor(prompt + new))
-    for position, logits in drafted:  # a draft reads (h at position - 1, the token at position)
+    for position, _, logits in drafted:  # a draft reads (h at position - 1, the token at position)
         torch.testing.assert_close(logits[0], expected[position - 1], atol=1e-4, rtol=1e-4)
+    prompt_pairs = [3, 3, 1] if chunk == 3 else [7]  # (state, token) pairs the first calls read
+    assert [pairs for _, pairs, _ in drafted[:len(prompt_pairs)]] == prompt_pairs
 
 
 @pytest.mark.parametrize("temperature, top_k", [(1.0, 0), (0.5, 0), (1.0, 3)])
@@ -3022,6 +3055,15 @@ def test_bench_bad_input(argv, message, capsys):
         bench.main(argv)
     err = capsys.readouterr().err.strip()
     assert exit_info.value.code == 1 and message in err and len(err.splitlines()) == 1
+
+
+def test_bench_prefill_compares_chunks_with_one_pass(monkeypatch, capsys):
+    import bench
+    monkeypatch.setattr(sample, "PREFILL_CHUNK", 16)
+    bench.main(["prefill", "--prompt-len", "40", "--steps", "1"])  # it also checks both give the same token
+    out = capsys.readouterr().out
+    assert "a 40-token prompt" in out and re.search(r"chunks of 16: [\d.]+ s; one pass: [\d.]+ s", out)
+    assert sample.PREFILL_CHUNK == 16
 
 
 @pytest.mark.parametrize("error,code,message", [
