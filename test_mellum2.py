@@ -2755,6 +2755,19 @@ def test_an_interrupted_compare_resumes_the_variants_it_started(tmp_path, monkey
     assert all(settings == begun for _, _, settings in calls)
 
 
+def test_a_compare_run_refuses_an_unfinished_variant_before_training_any(tmp_path, monkeypatch):
+    """Without --resume, an unfinished variant is refused up front, not after the finished variants
+    before it have been trained again."""
+    for variant, step in (("selective-yarn", 2), ("theta", 1)):
+        (tmp_path / variant).mkdir()
+        train.save_checkpoint(tmp_path / variant / "ckpt.pt", Mellum2(SMALL), [], step, {"stage": "long", "steps": 2})
+    calls = []
+    monkeypatch.setattr(train, "train", lambda args, settings_of: calls.append(args.rope_variant))
+    with pytest.raises(ValueError, match=r"theta holds an unfinished run \(step 1 of 2\)"):
+        train.compare_rope_variants(train.parse_args(["--stage", "long", "--compare", "--out-dir", str(tmp_path)]))
+    assert calls == []
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--stage", "long"], "give --init-from"),
     (["--stage", "long", "--init-from", "{base}", "--context", "256"], "must be longer"),

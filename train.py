@@ -1149,6 +1149,9 @@ def compare_rope_variants(args):
     # The variants not begun yet start with the settings of those that were, so that all of them
     # train on the same tokens for the same steps, whatever flags the resuming command gives.
     settings = load_checkpoint(begun[0], mmap=True)["settings"] if begun else None
+    if not args.resume:  # all refusals first: an unfinished last variant would stop the loop after the others ran
+        for path in checkpoints:
+            check_out_dir(os.path.dirname(path), args.stage, say=lambda message: None)  # train() says its notes
     start = time.time()
     for variant, path in zip(ROPE_VARIANTS, checkpoints):
         train(argparse.Namespace(**{**vars(args), "rope_variant": variant, "out_dir": os.path.dirname(path),
