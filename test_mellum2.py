@@ -1572,6 +1572,7 @@ def test_resume_continues_exactly(small_corpus, tmp_path, capsys):
     resumed = train.train(run_args(small_corpus, tmp_path / "b", "--resume", "--lr", "0.5"))
     note = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:")]
     assert "--lr" in note[0] and note[0].endswith("ignored: a resumed run keeps its own settings")
+    assert "--size" in note[0]  # with --out-dir given it names no folder either
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
     losses = lambda d: [json.loads(line)["ntp"] for line in open(d / "metrics.jsonl")]  # noqa: E731
@@ -1779,6 +1780,8 @@ def test_a_stop_request_in_the_last_step_lets_the_run_finish(small_corpus, tmp_p
     (["--resume", "--stage", "sft", "--out-dir", "{tmp}/unfinished"], "resume it with --stage pretrain"),
     (["--resume", "--stage", "sft", "--variant", "thinking", "--out-dir", "{tmp}/instruct"],
      "holds a run of the instruct variant: resume it with --variant instruct"),
+    (["--resume", "--stage", "sft", "--variant", "instruct", "--out-dir", "{tmp}/thinking"],  # typed at its default
+     "holds a run of the thinking variant: resume it with --variant thinking"),
     (["--resume", "--stage", "long", "--rope-variant", "theta", "--out-dir", "{tmp}/long"],
      "holds a run of the selective-yarn RoPE variant: resume it with --rope-variant selective-yarn"),
     (["--out-dir", "{tmp}/unfinished"], "holds an unfinished run (step 3 of 10)"),
@@ -1790,6 +1793,7 @@ def test_a_stop_request_in_the_last_step_lets_the_run_finish(small_corpus, tmp_p
     (["--stage", "grpo", "--init-from", "{tmp}/finished", "--batch-size", "64"], "--batch-size is for --stage"),
     (["--stage", "sft", "--init-from", "{tmp}/finished", "--sync"], "--sync is for --stage grpo, not --stage sft"),
     (["--variant", "thinking"], "--variant is for --stage sft or grpo"),
+    (["--variant", "instruct"], "--variant is for --stage sft or grpo"),  # the default value, but typed
     (["--context", "1024"], "--context is for --stage long"),
     (["--stage", "long", "--compare", "--resume", "--init-from", "{tmp}/finished", "--out-dir", "{tmp}/nothing"],
      "no --compare run to resume there"),
@@ -1824,6 +1828,9 @@ def test_bad_input_gives_one_line_and_a_nonzero_exit(argv, message, tmp_path, ca
     (tmp_path / "instruct").mkdir()
     train.save_checkpoint(tmp_path / "instruct" / "ckpt.pt", Mellum2(SMALL), [], 3,
                           {"stage": "sft", "variant": "instruct", "steps": 10})
+    (tmp_path / "thinking").mkdir()
+    train.save_checkpoint(tmp_path / "thinking" / "ckpt.pt", Mellum2(SMALL), [], 3,
+                          {"stage": "sft", "variant": "thinking", "steps": 10})
     (tmp_path / "long").mkdir()
     train.save_checkpoint(tmp_path / "long" / "ckpt.pt", Mellum2(SMALL), [], 3,
                           {"stage": "long", "rope_variant": "selective-yarn", "steps": 10})

@@ -630,14 +630,16 @@ def resumed_run(args, out_dir, say):
     saved = state["settings"].get("stage", "pretrain")
     if saved != args.stage:
         raise ValueError(f"{out_dir} holds a {saved} run: resume it with --stage {saved}")
-    given_flags = flags_given(args)
     for flag, key, kind in (("--variant", "variant", "variant"), ("--rope-variant", "rope_variant", "RoPE variant")):
         saved_value = state["settings"].get(key)  # these decide what the run is: they cannot change midway
-        if flag in given_flags and getattr(args, key) != saved_value:
+        if flag in args.typed_flags and getattr(args, key) != saved_value:
             raise ValueError(f"{out_dir} holds a run of the {saved_value} {kind}: resume it with {flag} {saved_value}")
     say(f"resuming {ckpt_path} at step {state['step']} with the settings it was started with")
-    ignored = given_flags - {"--resume", "--out-dir", "--stage", "--variant", "--size", "--device",
-                                   "--kernels", "--rope-variant", "--micro-batch"}
+    used = {"--resume", "--out-dir", "--stage", "--variant", "--device", "--kernels", "--rope-variant", "--micro-batch",
+            "--compare"}
+    if "--out-dir" not in args.typed_flags:
+        used.add("--size")  # it named the folder, out/SIZE...
+    ignored = args.typed_flags - used
     if ignored:
         say(f"note: {', '.join(sorted(ignored))} ignored: a resumed run keeps its own settings")
     return state
@@ -668,12 +670,6 @@ def check_out_dir(out_dir, stage, say):
     os.makedirs(out_dir, exist_ok=True)  # now rather than at the first checkpoint: a bad path fails at once
     if not os.access(out_dir, os.W_OK):
         raise ValueError(f"--out-dir {out_dir} is not writable")
-
-
-def flags_given(args):
-    """The flags of args that differ from their defaults, spelled as on the command line."""
-    defaults = vars(parse_args([]))
-    return {"--" + name.replace("_", "-") for name, value in vars(args).items() if value != defaults.get(name, value)}
 
 
 # The stages a run folder must have finished to start each stage from it (a Hugging Face directory
@@ -1773,7 +1769,14 @@ def parse_args(argv=None):
                    help="print tokens per source and split, the plan per phase and each source's repetition, then exit")
     g.add_argument("--allow-over-repetition", action="store_true",
                    help="allow a plan that repeats a source more than 4 times (the report's cap)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    # The flags typed, whatever their values: one typed at its default value still says what the user
+    # means (--variant instruct to resume a thinking run is a mistake). argparse keeps no record of
+    # them; parsed again with every default suppressed, only they are left.
+    for action in p._actions:
+        action.default = argparse.SUPPRESS
+    args.typed_flags = {"--" + name.replace("_", "-") for name in vars(p.parse_args(argv))}
+    return args
 
 
 FP32_MAX = torch.finfo(torch.float32).max  # larger settings overflow the fp32 tensors they scale
@@ -1795,7 +1798,7 @@ STAGE_FLAGS = {
 
 def check_command(args):
     """What the flags alone can tell is wrong, before any file is read or written."""
-    for flag in sorted(flags_given(args) & set(STAGE_FLAGS)):
+    for flag in sorted(args.typed_flags & set(STAGE_FLAGS)):
         if args.stage not in STAGE_FLAGS[flag]:
             raise ValueError(f"{flag} is for --stage {' or '.join(STAGE_FLAGS[flag])}, not --stage {args.stage}")
     problems = [
