@@ -18,6 +18,7 @@ Decoding, step by step:
 """
 
 import dataclasses
+import io
 import os
 import re
 import sys
@@ -395,7 +396,7 @@ def build_prompt(args, vocab):
     ordinary text: a special token's spelling in a prompt is just characters."""
     enc, special = vocab.enc, vocab.special
     if args.prefix is not None:
-        if "<fim_middle>" not in special:
+        if not {"<fim_prefix>", "<fim_suffix>", "<fim_middle>"} <= special.keys():
             raise ValueError("this tokenizer has no FIM sentinels (<fim_prefix>, <fim_suffix>, <fim_middle>)")
         texts = [read_text(args.prefix), read_text(args.suffix)]
         ids = data.fim_prompt(*map(enc.encode_ordinary, texts), special=special)
@@ -473,6 +474,10 @@ def on_closed_pipe():
 
 def main(argv=None):
     args = parse_args(argv)
+    # A file or pipe in a legacy encoding (cp1252: a redirect on Windows) cannot take every character
+    # a model writes; those print as "?" instead of ending the output.
+    if isinstance(sys.stdout, io.TextIOWrapper):
+        sys.stdout.reconfigure(errors="replace")
     try:
         check_args(args)
         model, vocab = load_model(args.init_from, args.device)

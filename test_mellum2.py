@@ -5,6 +5,7 @@ Run: python -m pytest -q"""
 
 import collections
 import contextlib
+import io
 import itertools
 import json
 import math
@@ -2423,6 +2424,7 @@ def test_sampling_distribution_equals_transformers_warpers(temperature, top_k, t
 
 @pytest.mark.parametrize("argv,message", [
     (["--init-from", "{tmp}/nothing"], "no such folder"),
+    (["--init-from", ""], "--init-from needs a folder name"),
     (["--init-from", "{tmp}"], "no ckpt.pt"),
     (["--init-from", "{tmp}/corrupt"], "unreadable checkpoint"),
     (["--start", ""], "the prompt is empty"),
@@ -2586,6 +2588,26 @@ def test_chat_runs_the_calculator_and_lets_the_model_go_on(tmp_path, monkeypatch
     assert prompts[1] == prompts[0] + turns[0] + reply  # the model reads its call and the reply, then goes on
     # The second turn goes on drawing from the seeded stream instead of repeating its first numbers.
     assert draws == torch.rand(2, generator=torch.Generator().manual_seed(1337)).tolist()
+
+
+def test_sample_prints_what_the_output_encoding_cannot_hold_as_question_marks(tmp_path, monkeypatch):
+    """A redirect on Windows writes cp1252, say: a character outside it must not end the output."""
+    ids = data.load_tokenizer().encode_ordinary("s = '日本'\n")
+    monkeypatch.setattr(sample, "generate", lambda model, prompts, max_new_tokens, on_token=None, **options: [
+        [token for token in ids if not on_token(0, token)]])
+    train.save_checkpoint(tmp_path / "ckpt.pt", Mellum2(Mellum2Config.from_preset("tiny")), [], 1, {})
+    out = io.BytesIO()
+    monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(out, encoding="ascii"))
+    sample.main(["--init-from", str(tmp_path), "--start", "x"])
+    sys.stdout.flush()
+    assert out.getvalue() == b"s = '??'\n\n"  # and the newline that ends the output
+
+
+def test_fill_in_the_middle_needs_all_three_sentinels():
+    special = {t: data.SPECIAL_TOKENS[t] for t in ("<|endoftext|>", "<fim_middle>")}  # no <fim_prefix>, <fim_suffix>
+    vocab = sample.Vocabulary(data.load_tokenizer(), special, {data.EOT})
+    with pytest.raises(ValueError, match="this tokenizer has no FIM sentinels"):
+        sample.build_prompt(sample.parse_args(["--prefix", "a", "--suffix", "b"]), vocab)
 
 
 def test_sample_stops_on_ctrl_c_with_one_line(monkeypatch, capsys):

@@ -679,6 +679,8 @@ START_STAGES = {"pretrain": (), "long": ("pretrain",), "sft": ("pretrain", "long
 
 def missing_folder(path):
     """The error for a model folder that is not one: a file (the run's ckpt.pt, say), or nothing."""
+    if not path:
+        return CheckpointError("--init-from needs a folder name")
     if os.path.isfile(path):
         return CheckpointError(f"{path} is a file: give the folder that holds it (a train.py run or a Hugging "
                                f"Face directory)")
