@@ -2784,6 +2784,20 @@ def test_an_interrupted_compare_resumes_the_variants_it_started(tmp_path, monkey
     assert all(settings == begun for _, _, settings in calls)
 
 
+def test_a_model_of_another_vocabulary_is_refused_before_it_is_built(small_corpus, tmp_path, monkeypatch):
+    """The mellum2-12b preset has the released 98K vocabulary: train.py says so at once, not after
+    allocating 48 GB (or with advice to find more memory)."""
+    monkeypatch.setattr(train, "check_memory", lambda config, device: pytest.fail("got as far as the memory check"))
+    args = run_args(small_corpus, tmp_path / "run", "--size", "mellum2-12b")
+    with pytest.raises(CheckpointError, match="--size mellum2-12b has a 98304-token vocabulary, and train.py trains "
+                                              "with this project's 4096-token tokenizer"):
+        train.train(args)
+    Mellum2(replace(SMALL, vocab_size=8192)).save_pretrained(tmp_path / "wider")
+    with pytest.raises(CheckpointError, match="the model has a 8192-token vocabulary"):
+        train.train(run_args(small_corpus, tmp_path / "long", "--stage", "long", "--init-from",
+                             str(tmp_path / "wider")))
+
+
 def test_a_compare_run_refuses_an_unfinished_variant_before_training_any(tmp_path, monkeypatch):
     """Without --resume, an unfinished variant is refused up front, not after the finished variants
     before it have been trained again."""

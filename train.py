@@ -977,6 +977,10 @@ def train(args, stop_after=None, settings_of=None):
         seq_len = long_context(s, config) if s["stage"] == "long" and not resumed else config.max_seq_len
         data.data_report(corpus, s["steps"] * s["batch_size"] * seq_len, phase=only_phase)
         return None
+    if config.vocab_size != data.VOCAB_SIZE:  # before a model is built: the released shape takes minutes and 48 GB
+        what = f"--size {s['size']}" if not (resumed or s["init_from"]) else "the model"
+        raise CheckpointError(f"{what} has a {config.vocab_size}-token vocabulary, and train.py trains with this "
+                              f"project's {data.VOCAB_SIZE}-token tokenizer")
     check_memory(config, device)
     torch.manual_seed(s["seed"])
     raw = model_from_checkpoint(resumed) if resumed else init_model(config, s["init_from"], START_STAGES[s["stage"]])
@@ -990,9 +994,6 @@ def train(args, stop_after=None, settings_of=None):
     # tenth of pre-training's; --aux-coef sets any stage's).
     raw.config = dataclasses.replace(raw.config, aux_loss_coef=s["aux_coef"])
     config = raw.config
-    if config.vocab_size != data.VOCAB_SIZE:
-        raise CheckpointError(f"the model's vocabulary ({config.vocab_size}) is not the tokenizer's "
-                              f"({data.VOCAB_SIZE})")
     seq_len = config.max_seq_len
     token_budget = s["steps"] * s["batch_size"] * seq_len
     if sft:
@@ -1710,7 +1711,8 @@ def parse_args(argv=None):
     p = ArgumentParser(__doc__)
     g = p.add_argument_group("run")
     g.add_argument("--size", default="tiny", choices=list(RUNS),
-                   help="model preset and its run settings (default: tiny)")
+                   help="model preset and its run settings (default: tiny; mellum2-12b, the released shape with "
+                        "its 98K vocabulary, is for --data-report: train.py trains with this project's tokenizer)")
     g.add_argument("--out-dir", help="folder for ckpt.pt and metrics.jsonl (default: out/SIZE, out/SIZE-long, "
                    "out/SIZE-sft-VARIANT, out/SIZE-grpo-VARIANT by --stage)")
     g.add_argument("--resume", action="store_true", help="continue the run in --out-dir exactly where it stopped")
@@ -1725,8 +1727,7 @@ def parse_args(argv=None):
     g.add_argument("--stage", default="pretrain", choices=list(START_STAGES),
                    help="pretrain; long: continue --init-from at a longer context with layer-selective YaRN; "
                         "sft and grpo: post-training (see below)")
-    g.add_argument("--context", type=int, help="the long stage's sequence length (default: 4x the model's; "
-                        "16x for mellum2-12b, the report's 131072)")
+    g.add_argument("--context", type=int, help="the long stage's sequence length (default: 4x the model's)")
     g.add_argument("--yarn-factor", type=float, help="YaRN scale factor (default: context / original context)")
     g.add_argument("--rope-variant", default="selective-yarn", choices=list(ROPE_VARIANTS),
                    help="; ".join(f"{k}: {v}" for k, v in ROPE_VARIANTS.items()))
@@ -1739,7 +1740,7 @@ def parse_args(argv=None):
                    help="instruct: answers directly, trained on every assistant turn; thinking: reasons in "
                         "<think> first, trained on the final turn with its reasoning (default: instruct)")
     g.add_argument("--group-size", type=int,
-                   help="GRPO: answers sampled per prompt (default from --size: 8, 16 for mellum2-12b)")
+                   help="GRPO: answers sampled per prompt (default from --size: 8)")
     g.add_argument("--max-staleness", type=int, default=1,
                    help="GRPO: rollouts come from the policy this many steps old while the learner trains "
                         "(default 1; the report allows 2)")
