@@ -309,6 +309,8 @@ def parse_turn(enc, ids):
     text = lambda part: enc.decode([i for i in part if i < data.N_RANKS])  # noqa: E731
     if special["</think>"] in ids:  # the answer is what follows the last reasoning block
         ids = ids[len(ids) - ids[::-1].index(special["</think>"]):]
+    if special["<think>"] in ids:  # and it ends where a block opens that never closes: reasoning is no answer
+        ids = ids[:ids.index(special["<think>"])]
     tool_call = None
     if special["<tool_call>"] in ids:
         start = ids.index(special["<tool_call>"])

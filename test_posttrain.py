@@ -255,6 +255,10 @@ def test_a_turn_is_parsed_into_its_answer_and_its_call():
     t = enc.encode_ordinary
     turn = [S["<think>"], *t("7"), S["</think>"], *t("so "), S["<think>"], *t("8"), S["</think>"], *t("9")]
     assert tasks.parse_turn(enc, turn) == tasks.Turn("9", None)  # what follows the last reasoning block
+    # A block that never closes is reasoning to its end, not an answer the verifier may read.
+    unclosed = [S["<think>"], *t("3 + 4 = 7. So 3 + 4 = 7.")]
+    assert tasks.parse_turn(enc, unclosed) == tasks.Turn("", None)
+    assert tasks.parse_turn(enc, [*turn, S["<think>"], *t("10")]) == tasks.Turn("9", None)
     call = [*t("ok "), S["</tool_call>"], *t("a"), S["<tool_call>"], *t('{"x": 1}'), S["</tool_call>"], *t("b")]
     assert tasks.parse_turn(enc, call) == tasks.Turn("ok a" + "b", '{"x": 1}')  # a stray closing tag stays text
     assert tasks.parse_turn(enc, [S["<tool_call>"], *t("{")]) == tasks.Turn("", "{")  # a call never closed
