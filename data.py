@@ -923,8 +923,8 @@ class BatchSampler:
     model taught that it is would learn to stop mid-file (a FIM example always ends with it, which
     is where its middle ends). A piece cut from inside a file leaves up to 4 tokens of its row free
     (the room kept for FIM's tokens), which a piece drawn later may fill: those few targets follow
-    one document into another with no <|endoftext|> between. Pieces are drawn uniformly; a row's last piece is cut
-    to fit, so a piece's first tokens are read a little more often than its last ones.
+    one document into another with no <|endoftext|> between. Pieces are drawn uniformly; a row's
+    last piece is cut to fit, so a piece's first tokens are read a little more often than its last.
     """
 
     def __init__(self, corpus, seed, batch_size, seq_len, total_steps, allow_over_repetition=False, phase=None):

@@ -185,8 +185,8 @@ def room_after(model, prompt_len, max_new_tokens):
 # Attention over a cache masks every new token against every key it could see: a (B, T, keys) mask,
 # and on CUDA, whose SDPA takes its math path for a mask with GQA, (B, H, T, keys) scores as well.
 # For the released model a 32K-token prompt in one pass would need at least 64 GiB of scores (bf16),
-# a 128K one a terabyte. Fed in chunks, a prompt needs them for one chunk's queries at a time, and gives the same
-# states: each chunk attends to the keys the ones before it stored.
+# a 128K one a terabyte. Fed in chunks, a prompt needs them for one chunk's queries at a time, and
+# gives the same states: each chunk attends to the keys the ones before it stored.
 
 PREFILL_CHUNK = 1024  # queries per pass: long enough to keep a GPU busy, short enough for 128K keys
 

@@ -977,7 +977,7 @@ def train(args, stop_after=None, settings_of=None):
         seq_len = long_context(s, config) if s["stage"] == "long" and not resumed else config.max_seq_len
         data.data_report(corpus, s["steps"] * s["batch_size"] * seq_len, phase=only_phase)
         return None
-    if config.vocab_size != data.VOCAB_SIZE:  # before a model is built: the released shape takes minutes and 48 GB
+    if config.vocab_size != data.VOCAB_SIZE:  # before a model is built (the released shape: 48 GB in fp32)
         what = f"--size {s['size']}" if not (resumed or s["init_from"]) else "the model"
         raise CheckpointError(f"{what} has a {config.vocab_size}-token vocabulary, and train.py trains with this "
                               f"project's {data.VOCAB_SIZE}-token tokenizer")
