@@ -1309,6 +1309,19 @@ def test_val_batches_lay_the_documents_end_to_end(tmp_path):
         assert rows_of(data.val_batches(corpus, "code", batch_size=2, seq_len=T, max_batches=1)) == \
             [rows[0], rows[len(rows) // 2]]
 
+
+@torch.no_grad()
+def test_the_validation_loss_is_the_mean_over_rows_whatever_the_batching(tmp_path):
+    corpus = data.build_corpus([write_tiny_corpus(tmp_path / "src", n=60)], cache_dir=tmp_path / "cache",
+                               progress=False, default_sources=False)
+    model = randomize(Mellum2(replace(SMALL, vocab_size=data.VOCAB_SIZE))).eval()
+    rows = [(x, y) for x, y in data.val_batches(corpus, "code", batch_size=1, seq_len=5)]
+    batch_size = next(b for b in range(2, len(rows)) if len(rows) % b)  # the last batch is short
+    per_row = [F.cross_entropy(model(x)[0][0], y[0]).item() for x, y in rows]
+    loss = train.validation_loss(model, corpus, "code", batch_size, 5, None, "cpu")
+    assert loss == pytest.approx(sum(per_row) / len(per_row), rel=1e-5)
+
+
 # -----------------------------------------------------------------------------------------------
 # Pre-training (train.py): Muon against torch.optim.Muon, the schedule, FP8, distributed, resume
 

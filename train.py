@@ -734,12 +734,14 @@ def validation_losses(model, corpus, micro_batch, seq_len, max_batches, device):
 
 @torch.no_grad()
 def validation_loss(model, corpus, source, batch_size, seq_len, max_batches, device):
-    """Mean next-token loss over validation batches of one source; None if its split is too short."""
-    losses = []
+    """Mean next-token loss over the validation rows of one source (a short last batch weighs no more
+    than its tokens); None if its split is too short."""
+    total, count = 0.0, 0
     for x, y in data.val_batches(corpus, source, batch_size, seq_len, max_batches):
         logits, _ = model(x.to(device))  # (B, T, V)
-        losses.append(F.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten()).item())
-    return sum(losses) / len(losses) if losses else None
+        total += F.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten(), reduction="sum").item()
+        count += y.numel()
+    return total / count if count else None
 
 
 def expert_balance(expert_load):
