@@ -24,6 +24,7 @@ import ast
 import concurrent.futures
 import dataclasses
 import inspect
+import itertools
 import json
 import math
 import os
@@ -219,6 +220,13 @@ REFLECTION_PATTERN = re.compile(r"\b(" + "|".join(re.escape(w) for w in REFLECTI
 
 def count_reflection_words(text):
     return len(REFLECTION_PATTERN.findall(text))
+
+
+def reflection_words_written(enc, ids):
+    """Reflection words in generated ids, in <think> blocks and around tool calls too. Each run of text
+    between special tokens is read on its own: "wait</think>2" holds "wait", not "wait2"."""
+    return sum(count_reflection_words(enc.decode(list(run)))
+               for is_text, run in itertools.groupby(ids, key=lambda i: i < data.N_RANKS) if is_text)
 
 
 def demonstration(task, reflective=False):

@@ -206,9 +206,9 @@ def test_concision_tiers_at_their_boundaries():
 
 
 def rollout_of(task, reward, answer="", written=3):
-    r = train.Rollout(task, prompt=[A], ids=[1] * written, written=[1] * written, logp=[0.0] * written,
-                      finished=True, answer=answer, reward=reward)
-    return r
+    return train.Rollout(task, prompt=[A], ids=[1] * written, written=[1] * written, logp=[0.0] * written,
+                         finished=True, answer=answer, reward=reward,
+                         reflections=tasks.count_reflection_words(answer))
 
 
 def test_shaping_applies_concision_to_instruct_only_and_groups_drop_zero_variance():
@@ -627,6 +627,28 @@ def test_a_rollout_cut_off_by_the_cap_is_unfinished(enc):
     torch.nn.init.zeros_(model.lm_head.weight)   # every logit 0: greedy writes id 0 forever, never <|end|>
     row, = train.rollout(model, enc, [tasks.math_task(random.Random(0))], max_tokens=5, temperature=0.0)
     assert row.ids == [0] * 5 and row.written == [1] * 5 and not row.finished and row.answer == ""
+
+
+def test_reflection_words_count_in_the_reasoning_and_the_calls_too(enc, monkeypatch):
+    """The concision penalty reads all a rollout wrote: a "wait" moved into <think> tags or before a
+    tool call, where the answer the verifier reads leaves it out, still counts."""
+    import sample
+    t = enc.encode_ordinary
+    turns = [[*t("Hmm, wait. "), S["<tool_call>"], *t('{"name": "calculator", "arguments": {"expression": "2"}}'),
+              S["</tool_call>"], E],
+             [THINK, *t("actually, wait"), END_THINK, *t("2"), E]]
+
+    def scripted(model, prompts, max_new_tokens, temperature, logprobs, **options):
+        turn = turns.pop(0)
+        logprobs[:] = [[0.0] * len(turn)]
+        return [turn]
+
+    monkeypatch.setattr(sample, "generate", scripted)
+    row, = train.rollout(Mellum2(SMALL_TASKS).eval(), enc, [tasks.tool_task(random.Random(0))], max_tokens=96)
+    assert row.finished and row.answer == "2" and row.reflections == 4
+    row.reward = 1.0
+    train.shape_rewards([row], "instruct", cap=96)
+    assert row.shaped == 0.7
 
 
 def test_a_tool_call_that_reaches_the_cap_is_unfinished(enc, monkeypatch):

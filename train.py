@@ -1213,6 +1213,7 @@ class Rollout:
     answer: str = ""          # the final turn's text, which the verifier reads
     reward: float = None      # the verifier's score; None when our side failed to score it
     shaped: float = None      # after the overlong and concision shaping: what the advantage uses
+    reflections: int = 0      # reflection words in all the model wrote, every turn and <think> block
 
 
 def rollout(model, enc, task_list, max_tokens, temperature=1.0, seed=None):
@@ -1238,6 +1239,9 @@ def rollout(model, enc, task_list, max_tokens, temperature=1.0, seed=None):
         talking = []
         for r, ids, lps in zip(active, new, logprobs):
             r.ids, r.written, r.logp = r.ids + ids, r.written + [1] * len(ids), r.logp + lps
+            # Counted in the reasoning and the calls too: else a "wait" moved into <think> tags or before
+            # a tool call would slip past the concision penalty.
+            r.reflections += tasks.reflection_words_written(enc, ids)
             if not ids or ids[-1] not in (end, data.EOT):
                 continue   # cut off by the cap (or the context): unfinished
             said = tasks.parse_turn(enc, ids[:-1])
@@ -1281,7 +1285,7 @@ def evaluate_tasks(model, n_per_suite, max_tokens, seed=0):
     for suite in tasks.SUITES:  # over the answers scored: None is our verifier failing, not a wrong answer
         rewards = [r.reward for r in rows if r.task.suite == suite and r.reward is not None]
         result[suite] = sum(reward == 1.0 for reward in rewards) / len(rewards) if rewards else math.nan
-    result["reflection_words"] = sum(tasks.count_reflection_words(r.answer) for r in rows) / len(rows)
+    result["reflection_words"] = sum(r.reflections for r in rows) / len(rows)
     return result
 
 
@@ -1368,7 +1372,7 @@ def shape_rewards(rollouts, variant, cap, concision=True):
         # Correct answers only (a partly right program keeps its share), and Instruct only: Thinking
         # answers may reflect, that is their reasoning.
         if concision and variant == "instruct" and r.reward == 1.0:
-            shaped *= concision_multiplier(tasks.count_reflection_words(r.answer))
+            shaped *= concision_multiplier(r.reflections)
         r.shaped = shaped
 
 
@@ -1615,7 +1619,7 @@ def grpo(args, stop_after=None):
                                           max(1, sum(r.task.suite == suite for r in rows)) for suite in tasks.SUITES},
                           groups_kept=len(groups), unfinished=sum(not r.finished for r in rows) / len(rows),
                           answer_tokens=sum(sum(r.written) for r in rows) / len(rows),
-                          reflection_words=sum(tasks.count_reflection_words(r.answer) for r in rows) / len(rows),
+                          reflection_words=sum(r.reflections for r in rows) / len(rows),
                           icepop_masked=totals["icepop_masked"] / tokens, clipped=totals["clipped"] / tokens,
                           abs_log_rho=totals["abs_log_rho"] / tokens, loss=totals["loss"],
                           sample_s=sample_time, wait_s=waited, train_s=t_train,
