@@ -8,9 +8,10 @@ the MTP layer as the draft model (report §2.1.5, §6).
     python sample.py --speculative --start FILE:prompt.py   # the MTP layer drafts, the trunk checks
 
 Decoding, step by step:
-  1. prefill: the prompt goes through the model once; every layer's keys and values stay in a
-     KVCache (only the 4 KV heads of GQA; a rolling window-sized buffer on sliding layers; room for
-     the prompt and the new tokens on full layers, of which attention reads the filled part)
+  1. prefill: the prompt goes through the model once, 1024 tokens at a time (see prefill); every
+     layer's keys and values stay in a KVCache (only the 4 KV heads of GQA; a rolling window-sized
+     buffer on sliding layers; room for the prompt and the new tokens on full layers, of which
+     attention reads the filled part)
   2. decode: each new token is one forward pass of length 1 that reads the cache
   3. speculative: the MTP layer guesses the token after the next one from the trunk's last state;
      the trunk then scores both in one pass of length 2 and keeps the guess when it agrees. Greedy

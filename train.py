@@ -1273,7 +1273,7 @@ def score(rollouts, verifier):
 @torch.no_grad()
 def evaluate_tasks(model, n_per_suite, max_tokens, seed=0):
     """Greedy held-out accuracy per suite (a task counts when its verifier gives full marks), plus
-    the reflection words per answer (what the concision penalty acts on)."""
+    the reflection words per rollout, reasoning and calls included (what the concision penalty counts)."""
     was_training = model.training
     model.eval()
     task_list = [task for suite in tasks.SUITES for task in tasks.eval_tasks(suite, n_per_suite, seed)]
