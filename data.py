@@ -19,7 +19,7 @@ Public API (train.py / sample.py use these):
   build_corpus(extra_dirs, cache_dir, ...) -> Corpus   .train / .val: {source: TokenSplit}, .skipped
   PHASES, phase_index(step, total_steps), plan_tokens(...), planned_repetition(...)
   BatchSampler(corpus, seed, batch_size, seq_len, total_steps, phase=None).get_batch(step) -> (x, y)
-  val_batches(corpus, source, batch_size, seq_len, max_batches) -> iterator of (x, y)
+  val_batches(corpus, source, batch_size, seq_len, max_rows) -> iterator of (x, y)
   fim_prompt(prefix_ids, suffix_ids), render_chat(enc, messages),
   render_training_chat(enc, messages, trained, reasoning)   (post-training's loss masks)
   passkey_example(enc, length, depth, key)          (the long-context test, train.py --stage long)
@@ -1024,12 +1024,13 @@ class BatchSampler:
         return batch.x, batch.y
 
 
-def val_batches(corpus, source, batch_size, seq_len, max_batches=None):
+def val_batches(corpus, source, batch_size, seq_len, max_rows=None):
     """Validation batches (x, y) of one source, from its held-out split only; the same every call.
 
     No FIM, no packing: the split's documents, each followed by <|endoftext|>, are laid end to end
     and cut into rows of seq_len + 1 tokens, so the loss measures plain next-token prediction and is
-    comparable between runs. With max_batches, the rows used are spread evenly over the whole split.
+    comparable between runs. With max_rows, the rows used are spread evenly over the whole split, and
+    they are the same rows whatever the batch size.
     Yields nothing if the split, with its <|endoftext|> separators, holds fewer than seq_len + 1 tokens.
     """
     split = corpus.val.get(source)
@@ -1037,7 +1038,7 @@ def val_batches(corpus, source, batch_size, seq_len, max_batches=None):
         return
     stream = np.insert(split.tokens.astype(np.int64), split.offsets[1:], EOT)   # (N + D,)
     n_rows = (len(stream) - 1) // seq_len
-    n_used = n_rows if max_batches is None else min(n_rows, max_batches * batch_size)
+    n_used = n_rows if max_rows is None else min(n_rows, max_rows)
     starts = np.arange(n_used) * n_rows // max(n_used, 1) * seq_len
     for b in range(0, n_used, batch_size):
         rows = torch.from_numpy(np.stack([stream[s:s + seq_len + 1] for s in starts[b:b + batch_size]]))

@@ -36,12 +36,12 @@ from mellum2 import CheckpointError
 
 
 @torch.no_grad()
-def loss_and_bits_per_byte(model, enc, corpus, source, seq_len, max_batches, batch_size=8):
+def loss_and_bits_per_byte(model, enc, corpus, source, seq_len, max_rows, batch_size=8):
     """(mean next-token loss in nats, bits per byte) on a source's held-out split. Bits per byte:
     the summed loss in bits over the UTF-8 bytes of the text predicted (special tokens carry none)."""
     nats, n_tokens, n_bytes = 0.0, 0, 0
     device = next(model.parameters()).device
-    for x, y in data.val_batches(corpus, source, batch_size, seq_len, max_batches):
+    for x, y in data.val_batches(corpus, source, batch_size, seq_len, max_rows):
         logits, _ = model(x.to(device))
         nats += F.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten(), reduction="sum").item()
         n_tokens += y.numel()
@@ -103,14 +103,14 @@ def synthetic_math_accuracy(model, enc, corpus, n, max_new_tokens=128):
 MIN_CONTEXT = 128  # a FIM prompt of 64 tokens and room for its middle; the chat tasks' prompts and answers
 
 
-def evaluate(model, corpus, n=64, max_batches=8):
+def evaluate(model, corpus, n=64, max_rows=64):
     """Every score above -> one flat dict (what --json writes)."""
     enc, seq_len, results = data.load_tokenizer(), model.config.max_seq_len, {}
     if seq_len < MIN_CONTEXT:
         raise ValueError(f"the model's context ({seq_len} tokens) is too short for this evaluation, "
                          f"which needs {MIN_CONTEXT}")
     for source in corpus.sources:
-        loss, bpb = loss_and_bits_per_byte(model, enc, corpus, source, seq_len, max_batches)
+        loss, bpb = loss_and_bits_per_byte(model, enc, corpus, source, seq_len, max_rows)
         results[f"val_loss/{source}"], results[f"bits_per_byte/{source}"] = loss, bpb
     results["fim_exact_match"] = fim_exact_match(model, enc, fim_examples(enc, corpus, n, seq_len - 64))
     results["synthetic_math"] = synthetic_math_accuracy(model, enc, corpus, n)

@@ -1280,9 +1280,9 @@ def test_unique_token_filter(tmp_path):
 def test_val_batches(tiny):
     seen = []
     for source in data.SOURCES:
-        batches = list(data.val_batches(tiny, source, batch_size=2, seq_len=16, max_batches=3))
+        batches = list(data.val_batches(tiny, source, batch_size=2, seq_len=16, max_rows=6))
         assert 1 <= len(batches) <= 3
-        again = list(data.val_batches(tiny, source, batch_size=2, seq_len=16, max_batches=3))
+        again = list(data.val_batches(tiny, source, batch_size=2, seq_len=16, max_rows=6))
         for (x, y), (x2, y2) in zip(batches, again):
             assert x.shape[1] == 16 and torch.equal(x[:, 1:], y[:, :-1])
             assert torch.equal(x, x2) and torch.equal(y, y2)
@@ -1294,7 +1294,7 @@ def test_val_batches(tiny):
 
 def test_val_batches_lay_the_documents_end_to_end(tmp_path):
     """The held-out documents, each followed by <|endoftext|>, cut into consecutive rows of T + 1
-    tokens (a row's last target is the next row's first input); with max_batches, rows from all over."""
+    tokens (a row's last target is the next row's first input); with max_rows, rows from all over."""
     corpus = data.build_corpus([write_tiny_corpus(tmp_path / "src", n=60)], cache_dir=tmp_path / "cache",
                                progress=False, default_sources=False)
     split = corpus.val["code"]
@@ -1306,8 +1306,9 @@ def test_val_batches_lay_the_documents_end_to_end(tmp_path):
     for T in (4, 5):
         rows = [stream[s:s + T + 1] for s in range(0, len(stream) - T, T)]
         assert rows_of(data.val_batches(corpus, "code", batch_size=3, seq_len=T)) == rows
-        assert rows_of(data.val_batches(corpus, "code", batch_size=2, seq_len=T, max_batches=1)) == \
-            [rows[0], rows[len(rows) // 2]]
+        for batch_size in (1, 2):
+            assert rows_of(data.val_batches(corpus, "code", batch_size, seq_len=T, max_rows=2)) == \
+                [rows[0], rows[len(rows) // 2]]
 
 
 @torch.no_grad()
@@ -1320,6 +1321,9 @@ def test_the_validation_loss_is_the_mean_over_rows_whatever_the_batching(tmp_pat
     per_row = [F.cross_entropy(model(x)[0][0], y[0]).item() for x, y in rows]
     loss = train.validation_loss(model, corpus, "code", batch_size, 5, None, "cpu")
     assert loss == pytest.approx(sum(per_row) / len(per_row), rel=1e-5)
+    # A number of rows is the same rows whatever the batch size (a run resumed with another --micro-batch)
+    assert train.validation_loss(model, corpus, "code", batch_size, 5, 3, "cpu") == \
+        pytest.approx(train.validation_loss(model, corpus, "code", 1, 5, 3, "cpu"), rel=1e-5)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -1619,10 +1623,17 @@ def test_a_resumed_run_may_split_its_steps_into_smaller_micro_batches(small_corp
 
     straight = train.train(run_args(small_corpus, tmp_path / "a", "--max-steps", "4"))
     train.train(run_args(small_corpus, tmp_path / "b", "--max-steps", "4"), stop_after=2)
+    # As an earlier version wrote it: validation counted in batches of the micro-batch (16 x 4 rows).
+    state = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)
+    assert state["settings"].pop("eval_rows") == 64 and state["settings"]["micro_batch"] == 4
+    torch.save({**state, "settings": {**state["settings"], "eval_batches": 16}}, tmp_path / "b" / "ckpt.pt")
     capsys.readouterr()
     resumed = train.train(run_args(small_corpus, tmp_path / "b", "--resume", "--micro-batch", "2"))
     assert "--micro-batch" not in capsys.readouterr().out  # the flag is taken, not ignored
     assert train.load_checkpoint(tmp_path / "b" / "ckpt.pt")["settings"]["micro_batch"] == 2
+    # Validated on the same rows, two at a time: the same losses, up to the rounding the weights took on.
+    last_val = lambda d: json.loads(open(d / "metrics.jsonl").readlines()[-1])["val"]  # noqa: E731
+    assert last_val(tmp_path / "b") == pytest.approx(last_val(tmp_path / "a"), rel=1e-4)
     # The same steps up to fp32 rounding (and the balance loss, taken per micro-batch): the weights
     # stay close and so does the loss; Adam's normalised steps make single weights a poor measure.
     losses = lambda d: [json.loads(line)["ntp"] for line in open(d / "metrics.jsonl")]  # noqa: E731
@@ -2898,7 +2909,7 @@ def test_fim_exact_match_scores_whole_lines(monkeypatch, enc):
 
 def test_evaluate_runs_on_a_small_model_and_writes_json(small_built_corpus, tmp_path, monkeypatch, capsys):
     model = Mellum2(replace(SMALL, vocab_size=data.VOCAB_SIZE, max_seq_len=128)).eval()
-    results = evaluate.evaluate(model, small_built_corpus, n=2, max_batches=1)
+    results = evaluate.evaluate(model, small_built_corpus, n=2, max_rows=8)
     assert {"val_loss/code", "bits_per_byte/web", "fim_exact_match", "synthetic_math", "tasks/code",
             "passkey"} <= set(results)
     assert results["val_loss/code"] > 0 and math.isnan(results["synthetic_math"])   # this corpus has no math

@@ -340,7 +340,7 @@ class Run:
     lr: float            # peak learning rate of both optimizers
     warmup_steps: int
     eval_every: int      # steps between validation passes
-    eval_batches: int    # validation batches per source
+    eval_rows: int       # validation sequences per source (the same ones whatever the micro-batch)
     ckpt_every: int      # steps between checkpoints
     decay_fraction: float = 0.159  # the final share of steps over which the LR decays to 0 (phase 3)
     ramp_fraction: float = 0.06    # the first share of steps at half batch
@@ -352,26 +352,26 @@ class Run:
 RUNS = {
     # About 10 minutes on 2 CPU cores: 200 steps of 16 x 256 tokens, 0.8M tokens in all.
     "tiny": Run(batch_size=16, micro_batch=16, steps=200, lr=3e-3, warmup_steps=10, eval_every=50,
-                eval_batches=4, ckpt_every=50),
+                eval_rows=64, ckpt_every=50),
     "small": Run(batch_size=64, micro_batch=16, steps=5000, lr=2e-3, warmup_steps=100, eval_every=250,
-                 eval_batches=16, ckpt_every=500),
+                 eval_rows=256, ckpt_every=500),
     # The report's run (Table 4, App. B): 4096 x 8192 tokens per step (2048 while ramping), micro-batch 2.
     # Its LR decays over the last 15.9% of the steps (phase 3's share), 51,430, where App. B lists
     # 49,306: the report counts the phase in tokens (see the README's Warmup-Hold-Decay paragraph).
     "mellum2-12b": Run(batch_size=4096, micro_batch=2, steps=323459, lr=3e-4, warmup_steps=2000,
-                       eval_every=1000, eval_batches=8, ckpt_every=1000),
+                       eval_every=1000, eval_rows=16, ckpt_every=1000),
 }
 
 # The long-context stage (§4.3): a tenth of the pre-training LR, Warmup-Hold-Decay with the last
 # 1/7 decaying (500 of 3,500 iterations), no batch ramp; for the small sizes about the same tokens
 # per step as pre-training at 4x the sequence length, for the release 8K -> 128K (§4), 16x.
 LONG_RUNS = {
-    "tiny": Run(batch_size=4, micro_batch=4, steps=60, lr=3e-4, warmup_steps=6, eval_every=30, eval_batches=2,
+    "tiny": Run(batch_size=4, micro_batch=4, steps=60, lr=3e-4, warmup_steps=6, eval_every=30, eval_rows=8,
                 ckpt_every=30, decay_fraction=0.143, ramp_fraction=0.0),
     "small": Run(batch_size=16, micro_batch=4, steps=500, lr=2e-4, warmup_steps=50, eval_every=100,
-                 eval_batches=4, ckpt_every=100, decay_fraction=0.143, ramp_fraction=0.0),
+                 eval_rows=16, ckpt_every=100, decay_fraction=0.143, ramp_fraction=0.0),
     "mellum2-12b": Run(batch_size=256, micro_batch=1, steps=3500, lr=3e-5, warmup_steps=100, eval_every=500,
-                       eval_batches=4, ckpt_every=500, decay_fraction=0.143, ramp_fraction=0.0, context_factor=16),
+                       eval_rows=4, ckpt_every=500, decay_fraction=0.143, ramp_fraction=0.0, context_factor=16),
 }
 
 
@@ -383,12 +383,12 @@ LONG_RUNS = {
 # not have learnt it by then: README, Post-training.)
 SFT_RUNS = {
     "tiny": Run(batch_size=32, micro_batch=32, steps=250, lr=1e-3, warmup_steps=10, eval_every=50,
-                eval_batches=0, ckpt_every=50, ramp_fraction=0.0, eval_tasks=64),
+                eval_rows=0, ckpt_every=50, ramp_fraction=0.0, eval_tasks=64),
     "small": Run(batch_size=64, micro_batch=16, steps=1000, lr=2e-4, warmup_steps=50, eval_every=250,
-                 eval_batches=0, ckpt_every=250, ramp_fraction=0.0, eval_tasks=128),
+                 eval_rows=0, ckpt_every=250, ramp_fraction=0.0, eval_tasks=128),
     # 3 epochs of 119,334 (Instruct) or 425,322 (Thinking) packed sequences, 64 per step.
     "mellum2-12b": Run(batch_size=64, micro_batch=1, steps=5594, lr=3e-5, warmup_steps=100, eval_every=500,
-                       eval_batches=0, ckpt_every=500, ramp_fraction=0.0, eval_tasks=256, thinking_steps=19937),
+                       eval_rows=0, ckpt_every=500, ramp_fraction=0.0, eval_tasks=256, thinking_steps=19937),
 }
 
 
@@ -723,21 +723,22 @@ def init_model(config, init_from, after=()):
 # Logging: one progress line, a JSON-lines metrics file, and per-source validation loss
 
 @torch.no_grad()
-def validation_losses(model, corpus, micro_batch, seq_len, max_batches, device):
-    """Mean next-token loss on each source's held-out split (the MTP head is not scored)."""
+def validation_losses(model, corpus, micro_batch, seq_len, rows, device):
+    """Mean next-token loss on `rows` sequences of each source's held-out split, micro_batch at a time
+    (the MTP head is not scored)."""
     model.eval()
-    losses = {source: validation_loss(model, corpus, source, micro_batch, seq_len, max_batches, device)
+    losses = {source: validation_loss(model, corpus, source, micro_batch, seq_len, rows, device)
               for source in corpus.sources}
     model.train()
     return {source: loss for source, loss in losses.items() if loss is not None}
 
 
 @torch.no_grad()
-def validation_loss(model, corpus, source, batch_size, seq_len, max_batches, device):
+def validation_loss(model, corpus, source, batch_size, seq_len, rows, device):
     """Mean next-token loss over the validation rows of one source (a short last batch weighs no more
     than its tokens); None if its split is too short."""
     total, count = 0.0, 0
-    for x, y in data.val_batches(corpus, source, batch_size, seq_len, max_batches):
+    for x, y in data.val_batches(corpus, source, batch_size, seq_len, rows):
         logits, _ = model(x.to(device))  # (B, T, V)
         total += F.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten(), reduction="sum").item()
         count += y.numel()
@@ -929,6 +930,8 @@ def train(args, stop_after=None, settings_of=None):
     resumed = resumed_run(args, out_dir, say) if args.resume else None
     if resumed or settings_of:
         settings = resumed["settings"] if resumed else {**settings_of, "rope_variant": args.rope_variant}
+        if "eval_rows" not in settings:  # an earlier version's run, which validated on batches of micro_batch
+            settings["eval_rows"] = settings.pop("eval_batches") * settings["micro_batch"]
         # Taken: it changes how a step is split, not what it computes (up to rounding and the balance
         # loss, taken per micro-batch), and it is how a run that ran out of memory goes on.
         if args.micro_batch is not None:
@@ -940,7 +943,7 @@ def train(args, stop_after=None, settings_of=None):
                         batch_size=batch_size, micro_batch=given(args.micro_batch, min(run.micro_batch, batch_size)),
                         lr=given(args.lr, run.lr), warmup_steps=warmup_within(run.warmup_steps, steps),
                         decay_fraction=run.decay_fraction,
-                        ramp_fraction=run.ramp_fraction, eval_every=run.eval_every, eval_batches=run.eval_batches,
+                        ramp_fraction=run.ramp_fraction, eval_every=run.eval_every, eval_rows=run.eval_rows,
                         ckpt_every=run.ckpt_every, optimizer=args.optimizer, mtp=not args.no_mtp, fp8=args.fp8,
                         aux_coef=given(args.aux_coef, 1e-4 if sft else 1e-3), eval_tasks=run.eval_tasks,
                         dense=args.dense,
@@ -1085,7 +1088,7 @@ def train(args, stop_after=None, settings_of=None):
                 if sft:
                     val = evaluate_tasks(raw, s["eval_tasks"], MAX_ANSWER_TOKENS[s["variant"]])
                 else:
-                    val = validation_losses(raw, corpus, s["micro_batch"], seq_len, s["eval_batches"], device)
+                    val = validation_losses(raw, corpus, s["micro_batch"], seq_len, s["eval_rows"], device)
                 record["val"] = val
                 progress.message(f"step {step}: " + describe_eval(val, s["stage"]))
             if master:
