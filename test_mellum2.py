@@ -1441,6 +1441,13 @@ def test_warmup_hold_decay_at_its_boundaries():
                 assert train.warmup_within(run.warmup_steps, steps) == run.warmup_steps
 
 
+def test_the_learning_rate_falls_from_the_first_step_of_phase_3():
+    for run in (train.RUNS["tiny"], train.RUNS["small"]):
+        first = next(step for step in range(run.steps) if data.phase_index(step, run.steps) == 2)
+        assert train.lr_multiplier(first - 1, run.steps, run.warmup_steps, run.decay_fraction) == 1.0
+        assert train.lr_multiplier(first, run.steps, run.warmup_steps, run.decay_fraction) < 1.0
+
+
 def test_sft_cosine_goes_from_the_peak_to_a_tenth_of_it():
     m = lambda s: train.cosine_multiplier(s, 111, 10)  # noqa: E731  (after warmup, progress (s - 10) / 100)
     assert m(0) == pytest.approx(0.1) and m(9) == 1.0 and m(10) == pytest.approx(1.0)

@@ -167,9 +167,11 @@ def build_optimizers(model, lr, weight_decay=0.1, optimizer="muon", ns_dtype=Non
 
 def lr_multiplier(step, total_steps, warmup_steps, decay_fraction=0.159):
     """Linear warmup to the peak, hold it, then decay linearly toward zero (reached one step after
-    the last) over the final decay_fraction of the steps: phase 3, which data.phase_index also counts
-    in steps (the report's 15.9% of tokens), found better than a cosine to a non-zero floor. One
-    multiplier scales both optimizers."""
+    the last) over the final decay_fraction of the steps: phase 3, the report's 15.9% of the tokens,
+    here of the steps, found better than a cosine to a non-zero floor. One multiplier scales both
+    optimizers. (For tiny and small the first lowered step is data.phase_index's first of phase 3.
+    Table 3's shares add up to 100.1, so that phase is 15.88% of the steps, and for the 12B recipe
+    the decay begins 51 of its 323,459 steps early.)"""
     decay_start = total_steps - round(decay_fraction * total_steps)
     if step < warmup_steps:
         return (step + 1) / warmup_steps
@@ -376,10 +378,10 @@ LONG_RUNS = {
 
 
 # SFT (§5.1.2): a lower LR than pre-training (the report's 3e-5 is a tenth; tiny's 1e-3 a third), 100
-# warmup iterations, cosine to a tenth of the peak, no batch ramp. Tiny: 22 (Instruct) to 25 (Thinking)
+# warmup iterations, cosine to a tenth of the peak, no batch ramp. Tiny: 14 (Thinking) to 20 (Instruct)
 # minutes on 2 CPU cores. RL needs a model that is sometimes right: the tiny model makes the calculator
 # call early but copies the numbers into it wrongly for a long time (Instruct's held-out tool accuracy:
-# 8% at 150 steps, 58% at 250), so it runs 250 steps. (Thinking, with its longer answers, may still
+# 9% at 150 steps, 59% at 250), so it runs 250 steps. (Thinking, with its longer answers, may still
 # not have learnt it by then: README, Post-training.)
 SFT_RUNS = {
     "tiny": Run(batch_size=32, micro_batch=32, steps=250, lr=1e-3, warmup_steps=10, eval_every=50,
@@ -1349,8 +1351,9 @@ OVERLONG_FLOOR = 0.0     # the reward at the cap; the report's floor is not publ
 
 def overlong_shaped(reward, length, cap, buffer_fraction=OVERLONG_BUFFER, floor=OVERLONG_FLOOR):
     """The report's soft overlong penalty: inside the buffer below the cap the reward slides linearly
-    from its raw value (at the buffer's start) to the floor (at the cap). Rollouts past the cap
-    never get here: they are left out of the loss."""
+    from its raw value (at the buffer's start) to the floor (at the cap). A rollout cut off at the
+    cap scored 0 unchecked, the floor: its tokens are left out of the loss (grpo_tensors), but its
+    reward still counts in its group's baseline, as a failure."""
     start = cap - buffer_fraction * cap
     if length <= start:
         return reward
@@ -1462,7 +1465,7 @@ class RLRun:
 
 
 GRPO_RUNS = {
-    # 4 (Instruct) to 7.5 (Thinking) minutes on 2 CPU cores. AdamW at 1e-4, a common choice at this size,
+    # 2.5 (Instruct) to 5 (Thinking) minutes on 2 CPU cores. AdamW at 1e-4, a common choice at this size,
     # made held-out tool accuracy swing by 50 points between evaluations; 3e-5 by up to 20 (README).
     "tiny": RLRun(steps=60, prompts=8, group_size=8, lr=3e-5, warmup_steps=5, eval_every=20, eval_tasks=64,
                   ckpt_every=10),
@@ -1736,7 +1739,8 @@ def parse_args(argv=None):
     g.add_argument("--stage", default="pretrain", choices=list(START_STAGES),
                    help="pretrain; long: continue --init-from at a longer context with layer-selective YaRN; "
                         "sft and grpo: post-training (see below)")
-    g.add_argument("--context", type=int, help="the long stage's sequence length (default: 4x the model's)")
+    g.add_argument("--context", type=int,
+                   help="the long stage's sequence length (default: 4x the model's, 16x for mellum2-12b)")
     g.add_argument("--yarn-factor", type=float, help="YaRN scale factor (default: context / original context)")
     g.add_argument("--rope-variant", default="selective-yarn", choices=list(ROPE_VARIANTS),
                    help="; ".join(f"{k}: {v}" for k, v in ROPE_VARIANTS.items()))
@@ -1749,7 +1753,7 @@ def parse_args(argv=None):
                    help="instruct: answers directly, trained on every assistant turn; thinking: reasons in "
                         "<think> first, trained on the final turn with its reasoning (default: instruct)")
     g.add_argument("--group-size", type=int,
-                   help="GRPO: answers sampled per prompt (default from --size: 8)")
+                   help="GRPO: answers sampled per prompt (default from --size: 8, 16 for mellum2-12b)")
     g.add_argument("--max-staleness", type=int, default=1,
                    help="GRPO: rollouts come from the policy this many steps old while the learner trains "
                         "(default 1; the report allows 2)")
