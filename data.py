@@ -364,7 +364,9 @@ def _user_inputs(dirs, skipped):
             rel = path.relative_to(folder)
             source = (rel.parts[0] if len(rel.parts) > 1 and rel.parts[0] in SOURCES
                       else "code" if path.suffix.lower() in CODE_SUFFIXES else "web")
-            inputs.append(InputFile(source, "text", f"{folder.name}/{rel.as_posix()}", text))
+            # Keys are hashed as UTF-8: a name that is not (an old Latin-1 archive's) keeps its bytes as \xNN
+            key = os.fsencode(f"{folder.name}/{rel.as_posix()}").decode("utf-8", "backslashreplace")
+            inputs.append(InputFile(source, "text", key, text))
     return inputs
 
 

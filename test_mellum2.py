@@ -962,6 +962,19 @@ def test_bad_input_is_skipped_with_counts(tmp_path):
         data.build_corpus([tmp_path / "typo"], cache_dir=tmp_path / "cache", progress=False, default_sources=False)
 
 
+def test_a_name_that_is_not_utf8_is_read_like_any_other(tmp_path):
+    folder = tmp_path / os.fsdecode(b"caf\xe9")  # Latin-1 names, as an old archive may hold
+    try:
+        folder.mkdir()
+        (folder / os.fsdecode(b"r\xe9sum\xe9.py")).write_text("print('bonjour')\n")
+    except (OSError, UnicodeEncodeError):
+        pytest.skip("this file system takes UTF-8 names only")
+    (folder / "other.py").write_text("print('hello')\n")
+    corpus = data.build_corpus([folder], cache_dir=tmp_path / "cache", progress=False, default_sources=False)
+    keys = corpus.train["code"].keys + corpus.val["code"].keys
+    assert sorted(keys) == ["caf\\xe9/other.py", "caf\\xe9/r\\xe9sum\\xe9.py"] and not any(corpus.skipped.values())
+
+
 def test_an_atomic_write_reaches_the_disk_before_its_rename(tmp_path, monkeypatch):
     # A rename can reach the disk before the data it names: after a power cut, an unsynced
     # checkpoint could come back as an empty file where the previous one was.
@@ -1830,7 +1843,10 @@ def test_a_stop_request_in_the_last_step_lets_the_run_finish(small_corpus, tmp_p
     (["--stage", "long", "--compare", "--resume", "--init-from", "{tmp}/finished", "--out-dir", "{tmp}/nothing"],
      "no --compare run to resume there"),
     (["--seed", "-1"], "--seed"),
-    (["--lr", "inf"], "--lr must be positive and finite"),
+    (["--lr", "inf"], "--lr must be positive and at most 1,000,000"),
+    (["--lr", "1e38"], "--lr must be positive and at most"),  # finite, but AdamW's first step overflows fp32
+    (["--stage", "long", "--init-from", "{tmp}/finished", "--rope-variant", "unchanged", "--yarn-factor", "4"],
+     "--yarn-factor has no effect with --rope-variant unchanged"),
     (["--aux-coef", "nan"], "--aux-coef"),
     (["--yarn-factor", "inf", "--stage", "long", "--init-from", "{tmp}/finished"], "--yarn-factor"),
     (["--stage", "long", "--init-from", "{tmp}/finished", "--context", "1000000", "--out-dir", "{tmp}/long-run"],

@@ -1796,6 +1796,9 @@ def parse_args(argv=None):
 
 
 FP32_MAX = torch.finfo(torch.float32).max  # larger settings overflow the fp32 tensors they scale
+# Far above any learning rate that trains (the presets' peak is 3e-3): the optimizers scale it (AdamW by
+# 10 in its first step), and well below fp32's limit their arithmetic would overflow with a traceback.
+MAX_LR = 1e6
 
 
 # The flags only some stages read: given to another, they would change nothing, silently.
@@ -1819,9 +1822,11 @@ def check_command(args):
             raise ValueError(f"{flag} is for --stage {' or '.join(STAGE_FLAGS[flag])}, not --stage {args.stage}")
     problems = [
         (0 <= args.seed < 2**63, f"--seed must be between 0 and 2**63 - 1, got {args.seed}"),
-        (args.lr is None or 0 < args.lr < FP32_MAX, f"--lr must be positive and finite, got {args.lr}"),
+        (args.lr is None or 0 < args.lr <= MAX_LR, f"--lr must be positive and at most {MAX_LR:,.0f}, got {args.lr}"),
         (args.yarn_factor is None or 1 <= args.yarn_factor < FP32_MAX,
          f"--yarn-factor must be at least 1 and finite, got {args.yarn_factor}"),
+        (not (args.yarn_factor is not None and args.rope_variant == "unchanged" and not args.compare),
+         "--yarn-factor has no effect with --rope-variant unchanged"),
         (not (args.init_from and (args.dense or args.no_mtp)),
          "--dense and --no-mtp shape a fresh model; with --init-from the model comes as it was trained"),
         (args.out_dir != "", "--out-dir needs a folder name"),
