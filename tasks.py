@@ -402,6 +402,10 @@ if settings["uid"] is not None:
 here = os.getcwd() + os.sep
 BLOCKED = ("os.system", "os.exec", "os.posix_spawn", "os.spawn", "os.fork", "os.forkpty", "subprocess.Popen",
            "os.kill", "os.killpg", "socket.", "ctypes.", "sys.addaudithook", "os.setuid", "os.setgid")
+# The modules beneath those calls, which start processes and send signals without an audit event of
+# their own. _signal is loaded at start-up: out of sys.modules, importing it again meets the guard.
+BLOCKED_MODULES = ("_posixsubprocess", "signal", "_signal")
+sys.modules.pop("_signal", None)
 PATH_EVENTS = ("os.remove", "os.rename", "os.rmdir", "os.mkdir", "os.chmod", "os.chown", "os.symlink",
                "os.link", "os.truncate", "os.utime", "shutil.")
 TWO_PATH_EVENTS = ("os.rename", "os.symlink", "os.link", "shutil.copy", "shutil.move")  # both ends count
@@ -412,6 +416,8 @@ def inside(path):
 def guard(event, args):
     if event.startswith(BLOCKED):
         raise PermissionError(f"sandbox: {event} is not allowed")
+    if event == "import" and args[0] in BLOCKED_MODULES:
+        raise PermissionError(f"sandbox: importing {args[0]} is not allowed")
     if event == "open" and not isinstance(args[0], int):
         writes = any(c in args[1] for c in "wax+") if args[1] else args[2] & WRITE_FLAGS
         if writes and not inside(args[0]):
@@ -498,8 +504,9 @@ class VerifierError(Exception):
 
 
 def last_number(text):
-    """The last number in text, decimals whole ("2.5" is not a 5), thousands' commas dropped."""
-    numbers = re.findall(r"-?\d+(?:\.\d+)?", text.replace(",", ""))
+    """The last number in text, decimals whole ("2.5" is not a 5), thousands' commas dropped ("1,234"
+    is 1234; "4,2" and "1, 2" are two numbers)."""
+    numbers = re.findall(r"-?\d+(?:\.\d+)?", re.sub(r"(?<=\d),(?=\d{3}(?!\d))", "", text))
     return float(numbers[-1]) if numbers else None
 
 
@@ -534,7 +541,7 @@ def code_reward(task, text, timeout=2.0):
     reports = [line[len(tag) + 1:] for line in result.stdout.splitlines() if line.startswith(tag + " ")]
     try:
         results = json.loads(reports[-1]) if result.ok and reports else None
-    except ValueError:
+    except (ValueError, RecursionError):  # mangled, or nested deeper than the decoder follows
         results = None
     if not isinstance(results, list) or len(results) != len(task.cases):
         return 0.0   # syntax error, crash, timeout, limit, no report or a mangled one: reward 0

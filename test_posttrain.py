@@ -245,6 +245,9 @@ def test_math_and_tool_verifiers():
     assert tasks.reward(math_task, "-42") == 0.0
     assert tasks.reward(math_task, "4.2") == 0.0 and tasks.reward(math_task, "42.0") == 1.0  # a decimal is whole
     assert tasks.reward(math_task, "1,042") == 0.0 and tasks.reward(math_task, "2 * 21 = 42") == 1.0
+    # A comma groups thousands, and only them: "4,2" is no 42, "1,234" is 1234
+    assert tasks.reward(math_task, "4,2") == 0.0 and tasks.reward(math_task, "1, 4,2") == 0.0
+    assert tasks.reward(dataclasses.replace(math_task, answer="1234567"), "It is 1,234,567.") == 1.0
     tool = tasks.tool_task(random.Random(1))
     assert tasks.reward(tool, f"{tool.tool_call['arguments']['expression']} = {tool.answer}") == 1.0
     assert tasks.reward(tool, str(int(tool.answer) + 1)) == 0.0
@@ -340,6 +343,9 @@ CHEATS = {
                                       "        text = open(name).read()\n    except OSError:\n        continue\n"
                                       "    tag = re.search(r\"__print\\('(\\w+)'\", text)\n"
                                       "    if tag:\n        print(tag.group(1), 3)\n        raise SystemExit",
+    "a report nested deeper than the decoder follows": "import sys\nsys.setrecursionlimit(10000)\ndef f(x):\n"
+                                                       "    v = []\n    for _ in range(1200):\n        v = [v]\n"
+                                                       "    return v",
     "the harness read again from stdin": "import os, re\nos.lseek(0, 0, 0)\ntext = os.read(0, 1 << 16).decode()\n"
                                          "print(re.search(r\"__print\\('(\\w+)'\", text).group(1), 3)\n"
                                          "raise SystemExit",
@@ -434,6 +440,17 @@ def test_sandbox_contains_hostile_programs(name):
     assert not result.ok and len(result.stdout) <= 65536
     task = tasks.Task("code", "", "", key="", reasoning=("",), cases=(((1,), 1),))
     assert tasks.code_reward(task, "def f(x):\n    return x\n" + HOSTILE[name], timeout=1.0) == 0.0
+
+
+@pytest.mark.parametrize("program", [
+    "import _posixsubprocess",  # its fork_exec starts a process with no audit event of its own
+    "import os, _signal\n_signal.pidfd_send_signal(os.pidfd_open(os.getppid()), 0)",  # signal 0: only "may it?"
+])
+def test_the_sandbox_refuses_the_modules_beneath_its_audited_calls(program, monkeypatch):
+    for user in (tasks.sandbox_user(), (None, None)):  # as CI runs it (root drops to nobody), and the guard alone
+        monkeypatch.setattr(tasks, "sandbox_user", lambda user=user: user)
+        result = tasks.run_sandboxed(program)
+        assert not result.ok and "is not allowed" in result.stderr
 
 
 def test_sandbox_bounds_the_files_a_program_writes():
