@@ -170,7 +170,10 @@ def verify_draft(p, q, draft, generator):
     u = 1 - torch.rand((), generator=generator, device=p.device)  # in (0, 1]: a p of 0 never keeps the draft
     if u * q[draft] <= p[draft]:
         return True, draft
-    return False, int(draw((p - q).clamp(min=0)[None], generator))  # the leftover, renormalised by draw
+    leftover = (p - q).clamp(min=0)  # renormalised by draw
+    if not leftover.any():  # p and q equal but for rounding, q a hair above p at the draft: p is what is left
+        leftover = p
+    return False, int(draw(leftover[None], generator))
 
 
 def room_after(model, prompt_len, max_new_tokens):
@@ -437,9 +440,9 @@ class Printer:
         text = self.enc.decode_bytes(self.ids).decode("utf-8", errors="replace")
         if self.hide_thinking:
             text = without_thinking(text)
-        for stop in self.stops:
-            if stop in text:
-                text, self.stopped = text[:text.index(stop)], True
+        cuts = [text.index(stop) for stop in self.stops if stop in text]
+        if cuts:  # at the stop string that starts first, whichever order they were given in
+            text, self.stopped = text[:min(cuts)], True
         self.text = text
         if self.stopped:
             self.show(text)

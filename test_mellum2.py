@@ -2401,6 +2401,15 @@ def test_a_draft_the_trunk_rules_out_is_never_kept(monkeypatch):
     assert sample.verify_draft(torch.tensor([0.0, 1.0]), torch.tensor([1.0, 0.0]), 0, None) == (False, 1)
 
 
+def test_a_rejected_draft_with_nothing_left_over_is_redrawn_from_the_trunk():
+    """When q lies above p wherever they differ (the same distribution up to rounding), max(p - q, 0)
+    is empty: the redraw comes from p itself, never an id p rules out."""
+    p, q = torch.tensor([0.0, 0.5, 0.5]), torch.tensor([0.1, 0.5, 0.5])  # the draft, id 0, is always rejected
+    g = torch.Generator().manual_seed(0)
+    tokens = [sample.verify_draft(p, q, 0, g) for _ in range(200)]
+    assert {ok for ok, _ in tokens} == {False} and {token for _, token in tokens} == {1, 2}
+
+
 def test_draw_follows_the_distribution_and_never_draws_a_zero():
     """Inverse-CDF sampling against the probabilities it was given: frequencies within 5 binomial
     standard deviations on an unnormalised row with zeros at both ends; a one-hot row is its argmax."""
@@ -2564,6 +2573,12 @@ def test_printer_holds_back_what_may_still_change(capsys):
     assert capsys.readouterr().out == text
     printer.finish()
     assert capsys.readouterr().out == "import o"
+    # Two stop strings: the text ends where the first of them starts, in whatever order they were given
+    for stops in (["port", "import"], ["import", "port"]):
+        printer = sample.Printer(vocab, stops, hide_thinking=False)
+        any(printer(0, i) for i in ids)
+        printer.finish()
+        assert capsys.readouterr().out == "x = '日本語 €'\n", stops
 
 
 def test_printer_hides_every_think_block_and_only_them(capsys):
