@@ -358,9 +358,12 @@ def grouped_mm(x, w, offsets):
     """Multiply consecutive row groups of x (M, in) by their own matrix w[g] (G, in, out): rows
     offsets[g-1]:offsets[g] use w[g]."""
     x, w = in_compute_dtype(x, w)
-    if x.device.type == "cpu" or (x.device.type == "cuda" and x.dtype == torch.bfloat16):
+    # torch's kernel wants rows whose bytes are a multiple of 16 (dims of 4 in fp32, 8 in bf16)
+    rows_fit = all(n * x.element_size() % 16 == 0 for n in (x.shape[-1], w.shape[-1]))
+    if rows_fit and (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
+                     or x.device.type == "cuda" and x.dtype == torch.bfloat16):
         return torch._grouped_mm(x, w, offs=offsets)
-    # Elsewhere (MPS, fp32 on CUDA) torch has no grouped matmul: one matmul per contiguous group.
+    # Elsewhere (MPS, fp32 on CUDA, float64, odd sizes) one matmul per contiguous group.
     starts = [0] + offsets[:-1].tolist()
     return torch.cat([x[s:e] @ w[g] for g, (s, e) in enumerate(zip(starts, offsets.tolist()))])
 
@@ -819,7 +822,8 @@ class Mellum2(nn.Module):
 
     def save_pretrained(self, path, max_shard_bytes=5 * 2**30):
         """Write config.json and safetensors shards that `transformers` loads as MellumForCausalLM
-        (it reads the trunk and ignores mtp.*). Each file is written whole, then renamed into place."""
+        (it reads the trunk and ignores mtp.*), replacing an export already in the folder. Each file
+        is written whole, then renamed into place."""
         os.makedirs(path, exist_ok=True)
         tensors = state_dict_to_hf(self.state_dict(), self.config)
         shards, current, size = [], {}, 0
@@ -844,6 +848,13 @@ class Mellum2(nn.Module):
         dtype = next(iter(tensors.values())).dtype
         text = json.dumps(config_to_hf(self.config, dtype), indent=2)
         write_atomically(os.path.join(path, "config.json"), lambda tmp: Path(tmp).write_text(text))
+        # An earlier export's shards and index go: a folder must hold one checkpoint, or a loader may
+        # read old tensors (transformers prefers a model.safetensors to an index beside it).
+        ours = set(names) | ({"model.safetensors.index.json"} if len(shards) > 1 else set())
+        for name in os.listdir(path):
+            if re.fullmatch(r"model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json", name) \
+                    and name not in ours:
+                os.remove(os.path.join(path, name))
 
 
 def state_mismatch(model, state, shown=4):
@@ -880,8 +891,9 @@ def read_hf_config(path):
 
 
 def read_safetensors(path, device="cpu", dtype=None):
-    """Every tensor of every *.safetensors shard in the directory, by name, on `device` and in
-    `dtype` (None: as stored)."""
+    """Every tensor of the checkpoint's safetensors shards, the ones model.safetensors.index.json lists
+    or, without one, every *.safetensors file in the directory, by name, on `device` and in `dtype`
+    (None: as stored)."""
     files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
     if not files:
         raise CheckpointError(f"{path}: no *.safetensors files")
@@ -895,6 +907,7 @@ def read_safetensors(path, device="cpu", dtype=None):
         if missing := sorted(listed - set(files)):
             raise CheckpointError(f"{path}: missing {', '.join(missing)}, listed in model.safetensors.index.json "
                                   f"(a download not finished?)")
+        files = sorted(listed)  # and only those: another file there is not part of this checkpoint
     tensors = {}
     for name in files:
         try:
@@ -1015,7 +1028,7 @@ def settings_from_hf(hf):
             raise CheckpointError(f"config.json: unreadable ({key} lists {len(hf[key])} layers, "
                                   f"num_hidden_layers is {n_layer})")
     for key, wanted in [("norm_topk_prob", True), ("attention_bias", False), ("hidden_act", "silu"),
-                        ("tie_word_embeddings", False)]:
+                        ("tie_word_embeddings", False), ("attention_dropout", 0.0)]:
         if hf.get(key, wanted) != wanted:
             raise unsupported(f"{key}={hf[key]!r}")
     if hf.get("mlp_layer_types", ["sparse"] * n_layer) != ["sparse"] * n_layer:
@@ -1036,7 +1049,9 @@ def settings_from_hf(hf):
     # The layer types as a repeating pattern: the one we wrote if it still fits, else the shortest.
     candidates = [ours.get("attn_pattern", "")] + [letters[:p] for p in range(1, n_layer + 1)]
     pattern = next(c for c in candidates if c and all(letters[i] == c[i % len(c)] for i in range(n_layer)))
-    rope = hf.get("rope_parameters") or {  # MellumConfig's default: base 10000 on sliding layers
+    # rope_scaling is the older name, which transformers still reads as rope_parameters. Neither given:
+    # MellumConfig's default, base 10000 on sliding layers.
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {
         "full_attention": {"rope_type": "default", "rope_theta": defaults.rope_theta},
         "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}
     if not set(rope) <= {"full_attention", "sliding_attention"}:  # as transformers, which reads it per layer type

@@ -138,6 +138,29 @@ def test_ours_exported_into_hf_match_ours(config, tmp_path):
         assert torch.equal(a, b), k
 
 
+def test_an_export_replaces_the_one_in_its_folder(tmp_path):
+    """Sharded over single-file and the other way round: only the new export's files stay, and both
+    loaders read the new weights (a stale model.safetensors would win in transformers, stale shards
+    in a loader that reads every file)."""
+    idx = torch.randint(0, SMALL.vocab_size, (1, 9))
+    for max_shard_bytes in (100_000, 2**40, 200_000, 100_000):
+        model = randomize(Mellum2(SMALL)).eval()
+        model.save_pretrained(tmp_path, max_shard_bytes=max_shard_bytes)
+        shards = sorted(f for f in os.listdir(tmp_path) if f.startswith("model"))
+        index = tmp_path / "model.safetensors.index.json"
+        assert shards == ["model.safetensors"] if max_shard_bytes == 2**40 else \
+            shards == sorted({*json.load(open(index))["weight_map"].values(), index.name})
+        with torch.no_grad():
+            expected = model(idx)[0]
+            assert torch.equal(Mellum2.from_pretrained(tmp_path, device="cpu")(idx)[0], expected)
+            assert (logits_of_hf(tmp_path, idx) - expected).abs().max() < 1e-5
+    # A file the index does not list is no part of the checkpoint, whatever it holds.
+    from safetensors.torch import save_file
+    save_file({"model.norm.weight": torch.zeros(SMALL.n_embd)}, tmp_path / "model-00099-of-00099.safetensors")
+    with torch.no_grad():
+        assert torch.equal(Mellum2.from_pretrained(tmp_path, device="cpu")(idx)[0], expected)
+
+
 def test_mtp_tensors_are_read_when_config_json_leaves_out_their_count(tmp_path):
     ours = randomize(Mellum2(SMALL)).eval()
     ours.save_pretrained(tmp_path)
@@ -305,6 +328,19 @@ def test_moe_loop_and_grouped_agree_forward_and_backward():
     assert torch.allclose(logits_a, logits_b, atol=1e-5)
     for name in grads_a:
         assert torch.allclose(grads_a[name], grads_b[name], atol=1e-5), name
+
+
+def test_grouped_experts_take_any_size_and_float64():
+    """torch's grouped matmul wants rows of a multiple of 16 bytes, in fp32 or half precision; other
+    sizes (expert_dim 6, an fp32 row of 24 bytes) and float64 take the matmul-per-expert path."""
+    for expert_dim, dtype in ((6, torch.float32), (12, torch.float32), (16, torch.float64)):
+        moe = mellum2.MoE(replace(SMALL, n_expert=4, n_expert_active=2, expert_dim=expert_dim)).to(dtype)
+        for p in moe.parameters():
+            torch.nn.init.normal_(p, std=0.5)
+        x = torch.randn(10, SMALL.n_embd, dtype=dtype)
+        _, weights, experts = moe.route(x)
+        expected = moe.experts_loop(x, weights, experts)
+        assert torch.allclose(moe.experts_grouped(x, weights, experts), expected, atol=1e-5), (expert_dim, dtype)
 
 
 def test_moe_decoding_path_matches_the_loop_forward_and_backward(monkeypatch):
@@ -583,14 +619,15 @@ def test_config_keys_left_out_mean_what_they_mean_to_transformers():
     """A hand-written config.json gets transformers' MellumConfig defaults for the keys it leaves
     out (the released sizes, 131072 positions, full attention everywhere), and the keys it sets
     the meaning transformers gives them."""
+    yarn_on_full_layers = {
+        "full_attention": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 8.0,
+                           "original_max_position_embeddings": 4096},
+        "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}
+    four_layers = {"num_hidden_layers": 4, "layer_types": ["sliding_attention"] * 3 + ["full_attention"]}
     written = [
         {"model_type": "mellum"},
-        {"model_type": "mellum", "num_hidden_layers": 4,
-         "layer_types": ["sliding_attention"] * 3 + ["full_attention"],
-         "rope_parameters": {
-             "full_attention": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 8.0,
-                                "original_max_position_embeddings": 4096},
-             "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}},
+        {"model_type": "mellum", **four_layers, "rope_parameters": yarn_on_full_layers},
+        {"model_type": "mellum", **four_layers, "rope_scaling": yarn_on_full_layers},  # the older name
     ]
     for keys in written:
         hf = transformers.MellumConfig(**{k: v for k, v in keys.items() if k != "model_type"})
@@ -625,6 +662,7 @@ def test_config_keys_left_out_mean_what_they_mean_to_transformers():
     ({"rope_parameters": {"sliding_attention": {"rope_type": "default", "partial_rotary_factor": 0.5}}},
      "partial_rotary_factor"),
     ({"initializer_range": None}, "init_std must be float, got None"),
+    ({"attention_dropout": 0.1}, "attention_dropout=0.1"),                  # transformers applies it in training
 ])
 def test_config_json_that_cannot_be_loaded_says_why(keys, message):
     with pytest.raises(CheckpointError, match=message):
