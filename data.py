@@ -350,10 +350,18 @@ def _default_inputs():
 
 
 def _user_inputs(dirs, skipped):
-    inputs = []
+    inputs, names, resolved = [], collections.Counter(), set()
     for folder in map(Path, dirs):
         if not folder.is_dir():
             raise DataError(f"--data folder {folder} does not exist or is not a folder")
+        if folder.resolve() in resolved:
+            raise DataError(f"--data folder {folder} is given twice")
+        resolved.add(folder.resolve())
+        # A document's key starts with its folder's name; two folders of one name (a/src, b/src) are
+        # src and src#2, or their files' keys could coincide, and the held-out split, drawn by key,
+        # would hold out both files of a pair (a source of two such files, all of it).
+        names[folder.name] += 1
+        label = folder.name if names[folder.name] == 1 else f"{folder.name}#{names[folder.name]}"
         paths = list(_walk(folder, skipped))
         if not paths:
             skipped["empty folder"] += 1
@@ -365,7 +373,7 @@ def _user_inputs(dirs, skipped):
             source = (rel.parts[0] if len(rel.parts) > 1 and rel.parts[0] in SOURCES
                       else "code" if path.suffix.lower() in CODE_SUFFIXES else "web")
             # Keys are hashed as UTF-8: a name that is not (an old Latin-1 archive's) keeps its bytes as \xNN
-            key = os.fsencode(f"{folder.name}/{rel.as_posix()}").decode("utf-8", "backslashreplace")
+            key = os.fsencode(f"{label}/{rel.as_posix()}").decode("utf-8", "backslashreplace")
             inputs.append(InputFile(source, "text", key, text))
     return inputs
 

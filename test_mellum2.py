@@ -1013,6 +1013,22 @@ def test_a_name_that_is_not_utf8_is_read_like_any_other(tmp_path):
     assert sorted(keys) == ["caf\\xe9/other.py", "caf\\xe9/r\\xe9sum\\xe9.py"] and not any(corpus.skipped.values())
 
 
+def test_data_folders_of_one_name_keep_their_files_apart(tmp_path):
+    """a/src/README.md and b/src/README.md are two documents: one of them is trained on (with one
+    key for both, both were held out, and the web source was gone)."""
+    for parent in ("a", "b"):
+        (tmp_path / parent / "src").mkdir(parents=True)
+        (tmp_path / parent / "src" / "README.md").write_text(f"Notes from {parent}, in a few words.\n")
+        (tmp_path / parent / "src" / f"{parent}.py").write_text(f"print('{parent}')\n")
+    folders = [tmp_path / "a" / "src", tmp_path / "b" / "src"]
+    corpus = data.build_corpus(folders, cache_dir=tmp_path / "cache", progress=False, default_sources=False)
+    web = corpus.train["web"].keys + corpus.val["web"].keys
+    assert sorted(web) == ["src#2/README.md", "src/README.md"] and len(corpus.train["web"].keys) == 1
+    with pytest.raises(data.DataError, match="is given twice"):
+        data.build_corpus([folders[0], folders[0]], cache_dir=tmp_path / "cache", progress=False,
+                          default_sources=False)
+
+
 def test_an_atomic_write_reaches_the_disk_before_its_rename(tmp_path, monkeypatch):
     # A rename can reach the disk before the data it names: after a power cut, an unsynced
     # checkpoint could come back as an empty file where the previous one was.
