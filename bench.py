@@ -185,6 +185,8 @@ def decoding(args):
     drafts = accepted = 0
 
     def with_transformers(use_mtp):
+        # With use_mtp, every generate() loads the MTP layer from the folder first (about 3% of a call
+        # here): timed as transformers' API does it.
         def run(prompt):
             with torch.no_grad():
                 return hf.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False,

@@ -6,8 +6,9 @@ post-training) in miniature, on held-out data this project never trains on.
     python evaluate.py --init-from out/tiny-grpo-instruct --json results.json
 
 What is measured, and on what:
-  - validation loss and bits per byte, per source: the held-out 5% of each source (data.py). Bits per
-    byte divide out the tokenizer, so models with different vocabularies compare
+  - validation loss and bits per byte, per source: 64 sequences spread over the held-out 5% of each
+    source (data.py), those tiny's training validates on. Bits per byte divide out the tokenizer, so
+    models with different vocabularies compare
   - FIM exact match: one whole line cut out of held-out standard-library code, filled in greedily
     from the code around it (the task Mellum is built for: completion inside a file)
   - synthetic math: held-out GSM-style problems from the math source, answered in the pre-training
@@ -52,19 +53,18 @@ def loss_and_bits_per_byte(model, enc, corpus, source, seq_len, max_rows, batch_
 
 
 def fim_examples(enc, corpus, n, budget, seed=0):
-    """n FIM line-completion problems from held-out code: (prompt ids, the line). The line is a
-    non-blank one; the prompt keeps the nearest code around it within `budget` tokens, 3/4 before."""
-    split, rng, examples = corpus.val.get("code"), random.Random(seed), []
-    documents = list(range(len(split.offsets) - 1)) if split else []
-    while len(examples) < n and documents:
-        lines = enc.decode(split.doc(rng.choice(documents)).tolist()).split("\n")
-        candidates = [i for i, line in enumerate(lines) if len(line.strip()) >= 4]
-        if not candidates:
-            continue
-        i = rng.choice(candidates)
-        prefix = enc.encode_ordinary("\n".join(lines[:i]) + "\n")[-(3 * budget // 4):]
-        suffix = enc.encode_ordinary("\n" + "\n".join(lines[i + 1:]))[:budget // 4]
-        examples.append((data.fim_prompt(prefix, suffix), lines[i]))
+    """n FIM line-completion problems from held-out code (fewer if it has fewer lines), each line a
+    different one: (prompt ids, the line). The line has 4 or more characters besides spaces; the
+    prompt keeps the nearest code around it within `budget` tokens, 3/4 before."""
+    split = corpus.val.get("code")
+    files = [enc.decode(split.doc(d).tolist()).split("\n") for d in range(len(split.offsets) - 1)] if split else []
+    lines = [(f, i) for f, text in enumerate(files) for i, line in enumerate(text) if len(line.strip()) >= 4]
+    examples = []
+    for f, i in random.Random(seed).sample(lines, min(n, len(lines))):
+        text = files[f]
+        prefix = enc.encode_ordinary("".join(line + "\n" for line in text[:i]))[-(3 * budget // 4):]
+        suffix = enc.encode_ordinary("\n" + "\n".join(text[i + 1:]))[:budget // 4]
+        examples.append((data.fim_prompt(prefix, suffix), text[i]))
     return examples
 
 

@@ -2985,10 +2985,15 @@ def test_fim_examples_cut_one_held_out_line(small_built_corpus, enc):
     held_out = [enc.decode(small_built_corpus.val["code"].doc(i).tolist())
                 for i in range(len(small_built_corpus.val["code"].offsets) - 1)]
     assert len(examples) == 6
-    for prompt, line in examples:   # prefix + line + suffix is a stretch of a held-out file, cut at lines
+    # Asked for more than there are, every line comes once: no problem is scored twice.
+    every = evaluate.fim_examples(enc, small_built_corpus, 10**6, budget=64, seed=1)
+    assert len(every) == sum(len(line.strip()) >= 4 for doc in held_out for line in doc.split("\n"))
+    assert len({(tuple(prompt), line) for prompt, line in every}) == len(every)
+    for prompt, line in examples + every:   # prefix + line + suffix is a stretch of a held-out file, cut at lines
         assert line.strip() and prompt[-1] == data.FIM_MIDDLE
         text = enc.decode(fim_reassemble(prompt + enc.encode_ordinary(line)))
-        assert f"\n{line}\n" in text and any(text in doc for doc in held_out)
+        first_line = text.startswith(f"{line}\n") and any(doc.startswith(text) for doc in held_out)
+        assert (f"\n{line}\n" in text or first_line) and any(text in doc for doc in held_out)
 
 
 def test_fim_exact_match_scores_whole_lines(monkeypatch, enc):
