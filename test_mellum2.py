@@ -2085,6 +2085,20 @@ def test_micro_batches_add_up_to_one_step_when_rows_hold_different_numbers_of_ta
     torch.testing.assert_close(results[0][1], results[1][1], rtol=0, atol=1e-6)
 
 
+def test_the_expert_balance_logged_is_the_whole_steps():
+    """Max over mean expert load, from the routing slots of every micro-batch: the same step reads
+    the same however it is split (the last micro-batch alone reads less balanced the smaller it is)."""
+    torch.manual_seed(0)
+    x = torch.randint(0, 200, (8, 16))
+    model = randomize(Mellum2(SMALL), seed=1)
+    model(x, x.roll(-1, dims=1))  # the whole batch in one forward: each trunk layer's load over all its rows
+    expected = train.expert_balance(model.loss_parts["expert_load"])
+    for micro_batch in (8, 2, 1):
+        parts, _ = train.train_step(model, x, x.roll(-1, dims=1), micro_batch,
+                                    [torch.optim.SGD(model.parameters(), lr=0.0)], torch.autocast("cpu", enabled=False))
+        assert parts["expert_balance"] == pytest.approx(expected, rel=1e-6), micro_batch
+
+
 def test_a_training_step_leaves_padding_out_of_the_routing_losses():
     model = randomize(Mellum2(replace(SMALL, vocab_size=data.VOCAB_SIZE)))
     torch.manual_seed(0)

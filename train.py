@@ -862,19 +862,20 @@ def train_step(model, x, y, micro_batch, optimizers, autocast, grad_clip=1.0):
     at once even when SFT rows hold different numbers of them (pre-training rows are all targets);
     under DDP the gradients are averaged across processes during the last micro-batch's backward,
     so a share there is of the mean count per process, and a target weighs the same on every one.
-    Returns the loss parts (weighted alike, averaged over processes) and the gradient norm before
-    clipping. SFT's right padding is passed to the model, which leaves it out of the routing losses."""
+    Returns the loss parts (weighted alike, averaged over processes) with the step's expert balance,
+    and the gradient norm before clipping. SFT's right padding is passed to the model, which leaves
+    it out of the routing losses and the expert load."""
     raw = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
     device = next(raw.parameters()).device
     # x and y arrive on the CPU: counting targets and padding there costs a GPU no synchronisation.
     starts = range(0, len(x), micro_batch)
-    targets = y != mellum2.IGNORE_INDEX
-    n_targets = targets.sum().item()
+    targets, routed = y != mellum2.IGNORE_INDEX, x != data.PAD
+    n_targets, n_routed = targets.sum().item(), routed.sum().item()
     if dist.is_initialized():
         count = torch.tensor(float(n_targets), dtype=torch.float64, device=device)
         dist.all_reduce(count)
         n_targets = count.item() / dist.get_world_size()
-    parts = {}
+    parts, load = {}, 0.0
     for i, start in enumerate(starts):
         last = i == len(starts) - 1
         sync = contextlib.nullcontext() if last or raw is model else model.no_sync()
@@ -887,9 +888,14 @@ def train_step(model, x, y, micro_batch, optimizers, autocast, grad_clip=1.0):
         for k, v in raw.loss_parts.items():
             if k != "expert_load":
                 parts[k] = parts.get(k, 0.0) + v.float() * share
+        # Each expert's share of the step's routing slots: the micro-batch's, by its share of the tokens
+        # routed. (The last micro-batch's alone, 2 of the 12B recipe's 4096 rows, would read as far
+        # less balanced than the step is.)
+        load = load + raw.loss_parts["expert_load"] * (routed[start:start + micro_batch].sum().item() / n_routed)
     stacked = torch.stack(list(parts.values()))
     if dist.is_initialized():
         dist.all_reduce(stacked, op=dist.ReduceOp.AVG)
+        dist.all_reduce(load, op=dist.ReduceOp.AVG)
     if not torch.isfinite(stacked).all():
         raise NonFiniteLoss(", ".join(f"{k} {v:.4g}" for k, v in zip(parts, stacked.tolist())))
     grad_norm = clip_finite_grad_norm(raw, grad_clip)
@@ -897,7 +903,7 @@ def train_step(model, x, y, micro_batch, optimizers, autocast, grad_clip=1.0):
         opt.step()
     for opt in optimizers:
         opt.zero_grad(set_to_none=True)
-    return dict(zip(parts, stacked.tolist())), grad_norm.item()
+    return {**dict(zip(parts, stacked.tolist())), "expert_balance": expert_balance(load)}, grad_norm.item()
 
 
 def preset_steps(run, args):
@@ -1080,7 +1086,7 @@ def train(args, stop_after=None, settings_of=None):
             parts, grad_norm = train_step(model, x, y, s["micro_batch"], optimizers, autocast)
             step += 1
             tokens_seen += batch * x.shape[1]
-            balance = expert_balance(raw.loss_parts["expert_load"])
+            balance = parts.pop("expert_balance")
             elapsed = time.time() - t_start
             speed = (tokens_seen - tokens_at_start) / elapsed
             phase = s["variant"] if sft else sampler.phase_at(step - 1).name
