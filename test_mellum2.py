@@ -615,6 +615,7 @@ def test_a_list_of_end_ids_survives_export():
     assert Mellum2Config.from_preset("tiny").eos_ids == (4080,) and replace(SMALL, eos_token_id=None).eos_ids == ()
 
 
+@pytest.mark.filterwarnings("ignore:`rope_scaling` is deprecated:FutureWarning")  # read all the same, as tested
 def test_config_keys_left_out_mean_what_they_mean_to_transformers():
     """A hand-written config.json gets transformers' MellumConfig defaults for the keys it leaves
     out (the released sizes, 131072 positions, full attention everywhere), and the keys it sets
