@@ -354,9 +354,9 @@ def _user_inputs(dirs, skipped):
     for folder in map(Path, dirs):
         if not folder.is_dir():
             raise DataError(f"--data folder {folder} does not exist or is not a folder")
-        if folder.resolve() in resolved:
+        if (where := folder.resolve()) in resolved:
             raise DataError(f"--data folder {folder} is given twice")
-        resolved.add(folder.resolve())
+        resolved.add(where)
         # A document's key starts with its folder's name; two folders of one name (a/src, b/src) are
         # src and src#2, or their files' keys could coincide, and the held-out split, drawn by key,
         # would hold out both files of a pair (a source of two such files, all of it).

@@ -58,13 +58,13 @@ def fim_examples(enc, corpus, n, budget, seed=0):
     prompt keeps the nearest code around it within `budget` tokens, 3/4 before."""
     split = corpus.val.get("code")
     files = [enc.decode(split.doc(d).tolist()).split("\n") for d in range(len(split.offsets) - 1)] if split else []
-    lines = [(f, i) for f, text in enumerate(files) for i, line in enumerate(text) if len(line.strip()) >= 4]
+    candidates = [(f, i) for f, lines in enumerate(files) for i, line in enumerate(lines) if len(line.strip()) >= 4]
     examples = []
-    for f, i in random.Random(seed).sample(lines, min(n, len(lines))):
-        text = files[f]
-        prefix = enc.encode_ordinary("".join(line + "\n" for line in text[:i]))[-(3 * budget // 4):]
-        suffix = enc.encode_ordinary("\n" + "\n".join(text[i + 1:]))[:budget // 4]
-        examples.append((data.fim_prompt(prefix, suffix), text[i]))
+    for f, i in random.Random(seed).sample(candidates, min(n, len(candidates))):
+        lines = files[f]
+        prefix = enc.encode_ordinary("".join(line + "\n" for line in lines[:i]))[-(3 * budget // 4):]
+        suffix = enc.encode_ordinary("\n" + "\n".join(lines[i + 1:]))[:budget // 4]
+        examples.append((data.fim_prompt(prefix, suffix), lines[i]))
     return examples
 
 

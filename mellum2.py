@@ -850,10 +850,10 @@ class Mellum2(nn.Module):
         write_atomically(os.path.join(path, "config.json"), lambda tmp: Path(tmp).write_text(text))
         # An earlier export's shards and index go: a folder must hold one checkpoint, or a loader may
         # read old tensors (transformers prefers a model.safetensors to an index beside it).
-        ours = set(names) | ({"model.safetensors.index.json"} if len(shards) > 1 else set())
+        written = set(names) | ({"model.safetensors.index.json"} if len(shards) > 1 else set())
         for name in os.listdir(path):
             if re.fullmatch(r"model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json", name) \
-                    and name not in ours:
+                    and name not in written:
                 os.remove(os.path.join(path, name))
 
 

@@ -888,9 +888,9 @@ def train_step(model, x, y, micro_batch, optimizers, autocast, grad_clip=1.0):
         for k, v in raw.loss_parts.items():
             if k != "expert_load":
                 parts[k] = parts.get(k, 0.0) + v.float() * share
-        # Each expert's share of the step's routing slots: the micro-batch's, by its share of the tokens
-        # routed. (The last micro-batch's alone, 2 of the 12B recipe's 4096 rows, would read as far
-        # less balanced than the step is.)
+        # Each expert's share of the step's routing slots, (n_layer, E): the micro-batch's, by its share
+        # of the tokens routed. (The last micro-batch's alone, 2 of the 12B recipe's 4096 rows, would
+        # read as far less balanced than the step is.)
         load = load + raw.loss_parts["expert_load"] * (routed[start:start + micro_batch].sum().item() / n_routed)
     stacked = torch.stack(list(parts.values()))
     if dist.is_initialized():
