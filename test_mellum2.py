@@ -1489,6 +1489,17 @@ def test_optimizer_routing():
     for n in ("embed_tokens.weight", "lm_head.weight", "layers.0.mlp.gate.weight", "norm.weight"):
         assert n not in names
     assert sum(len(g["params"]) for g in adamw.param_groups) + len(in_muon) == len(list(model.parameters()))
+    assert adamw.defaults["betas"] == (0.9, 0.95) and adamw.defaults["eps"] == 1e-8  # App. B
+    # With no gradient, one step only decays: the matrices by lr * 0.1, the norm gains not at all.
+    gain, head = model.norm.weight, model.lm_head.weight
+    with torch.no_grad():
+        gain.mul_(2.0)
+    before = {p: p.detach().clone() for p in (gain, head)}
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    for optimizer in (adamw, muon):
+        optimizer.step()
+    assert torch.equal(gain, before[gain]) and torch.allclose(head, before[head] * (1 - 1e-3 * 0.1))
 
 
 def test_warmup_hold_decay_at_its_boundaries():
@@ -1535,6 +1546,9 @@ def test_the_released_thinking_runs_have_their_own_length():
 def test_batch_ramp_at_its_boundary():
     sizes = [train.batch_size_at(s, 100, 16) for s in range(100)]
     assert sizes[:6] == [8] * 6 and sizes[6:] == [16] * 94
+    # 6% of 108 steps is 6.48: steps 0..6 are at half batch, the 7 that train() announces (a ceil).
+    sizes = [train.batch_size_at(s, 108, 16) for s in range(108)]
+    assert sizes.count(8) == 7 == math.ceil(0.06 * 108) and sizes[7] == 16
 
 
 def test_fp8_matmul_error_within_the_format_bound():
@@ -1609,10 +1623,20 @@ def run_args(corpus, out_dir, *extra):
                              "--batch-size", "4", "--allow-over-repetition", *extra])
 
 
-def test_training_reduces_the_loss_and_writes_metrics(small_corpus, tmp_path):
+def test_training_reduces_the_loss_and_writes_metrics(small_corpus, tmp_path, monkeypatch):
+    rows, train_step = [], train.train_step
+
+    def counting_rows(model, x, *args, **kwargs):
+        rows.append(len(x))
+        return train_step(model, x, *args, **kwargs)
+
+    monkeypatch.setattr(train, "train_step", counting_rows)
     train.train(run_args(small_corpus, tmp_path, "--max-steps", "12", "--lr", "3e-3"))
     records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     assert [r["step"] for r in records] == list(range(1, 13))
+    # The batch ramp (6% of 12 steps: the first) trains on half of --batch-size 4, and the token count says so.
+    assert rows == [2] + [4] * 11
+    assert [r["tokens"] for r in records] == [256 * sum(rows[:i + 1]) for i in range(12)]
     assert records[-1]["ntp"] < records[0]["ntp"] - 1.0
     assert {"ntp", "mtp", "aux", "z", "lr", "expert_balance", "phase"} <= set(records[0])
     assert records[-1]["lr"] > 0 and "val" in records[-1]
@@ -1668,8 +1692,10 @@ def test_resume_continues_exactly(small_corpus, tmp_path, capsys):
     assert "--size" in note[0]  # with --out-dir given it names no folder either
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
-    losses = lambda d: [json.loads(line)["ntp"] for line in open(d / "metrics.jsonl")]  # noqa: E731
-    assert losses(tmp_path / "a") == losses(tmp_path / "b")
+    logged = lambda d, key: [json.loads(line)[key] for line in open(d / "metrics.jsonl")]  # noqa: E731
+    for key in ("ntp", "tokens"):
+        assert logged(tmp_path / "a", key) == logged(tmp_path / "b", key), key
+    assert train.load_checkpoint(tmp_path / "b" / "ckpt.pt")["tokens"] == logged(tmp_path / "a", "tokens")[-1]
     # No GPU generator states: nothing draws from them, and restoring one per GPU of the machine that
     # wrote the checkpoint failed (IndexError) on a machine with fewer.
     assert set(train.load_checkpoint(tmp_path / "b" / "ckpt.pt")["rng"]) == {"torch", "python"}
@@ -2122,6 +2148,18 @@ def test_a_non_finite_gradient_stops_before_the_step(tmp_path):
     with pytest.raises(train.NonFiniteLoss, match="gradient norm"):
         train.train_step(model, x, x, 2, opts, torch.autocast("cpu", enabled=False))
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_the_gradient_is_clipped_to_norm_one():
+    model = Mellum2(SMALL)
+    x = torch.randint(0, SMALL.vocab_size, (2, 16))
+    model(x, x)[1].mul(1e3).backward()  # a gradient far above norm 1
+    total_norm = lambda: torch.cat([p.grad.double().flatten() for p in model.parameters()]).norm()  # noqa: E731
+    expected = total_norm()
+    norm = train.clip_finite_grad_norm(model, 1.0)
+    after = total_norm()
+    assert expected > 10 and norm == pytest.approx(expected.item(), rel=1e-4)  # the norm before clipping
+    assert after == pytest.approx(1.0, rel=1e-4)
 
 
 def test_unknown_size_is_refused(capsys):

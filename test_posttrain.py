@@ -10,6 +10,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import tempfile
 import time
@@ -147,6 +148,11 @@ def test_held_out_problems_never_appear_in_training():
         held = {t.key for t in tasks.eval_tasks(suite, 50)}
         trained = {tasks.make_task(suite, rng).key for _ in range(500)}
         assert held and not held & trained
+    # The same sum in other words ("What is 5 + 3?", "Ava has 5 ... and gets 3 more") is the same
+    # problem: the calculation its worked answer ends with never occurs on both sides.
+    problem = lambda t: re.findall(r"\d+ [-+*] \d+ = \d+", t.reasoning[-1])[-1]  # noqa: E731
+    held = {problem(t) for t in tasks.eval_tasks("math", 200)}
+    assert held and not held & {problem(tasks.make_task("math", rng)) for _ in range(2000)}
 
 
 # -----------------------------------------------------------------------------------------------
@@ -221,6 +227,9 @@ def test_shaping_applies_concision_to_instruct_only_and_groups_drop_zero_varianc
     assert [r.shaped for r in rows[:2]] == [0.7, 1.0] and partly_right.shaped == 0.5
     kept, n_groups = train.usable_groups(rows, group_size=2, wanted=8)
     assert n_groups == 3 and kept == [rows[:2]]
+    mixed = [rollout_of(task, 1.0), rollout_of(task, 0.0), rollout_of(task, None)]  # varied, but one unscored
+    train.shape_rewards(mixed, "instruct", cap=96)
+    assert train.usable_groups(mixed, group_size=3, wanted=8) == ([], 1)
     train.shape_rewards(rows, "thinking", cap=96)
     assert rows[0].shaped == 1.0
 
@@ -480,7 +489,10 @@ def test_sandbox_cannot_write_outside_its_directory():
                         f"import os\nos.remove({str(keep)!r})",
                         f"import os\nopen('x', 'w').write('x')\nos.rename('x', {str(target)!r})",
                         f"import os\nos.symlink('x', {str(target)!r})",
-                        f"import os\nos.chmod(os.open({str(keep)!r}, os.O_RDONLY), 0o600)"):  # by descriptor
+                        f"import os\nos.chmod(os.open({str(keep)!r}, os.O_RDONLY), 0o600)",  # by descriptor
+                        f"open({str(target)!r}, 'x').write('x')",  # create-only, no 'w' in the mode
+                        # a sibling whose name starts with the sandbox folder's
+                        "import os\nos.mkdir(os.getcwd() + 'X')\nopen(os.getcwd() + 'X/f', 'w').write('x')"):
             keep.write_text("precious")
             keep.chmod(0o666)
             result = train.run_sandboxed(program)
@@ -542,6 +554,10 @@ def test_sft_stage_runs_and_scores_the_held_out_tasks(sft_run):
     state = train.load_checkpoint(sft_run / "sft" / "ckpt.pt")
     assert state["settings"]["stage"] == "sft" and state["settings"]["variant"] == "instruct"
     assert state["config"]["aux_loss_coef"] == 1e-4
+    # §5.1.2's cosine, not pre-training's schedule: a two-step warmup to the peak, down to a tenth.
+    lrs = [r["lr"] for r in records[1:]]
+    assert lrs[:2] == pytest.approx([1.5e-3, 3e-3]) and lrs[-1] == pytest.approx(3e-4)
+    assert all(a >= b for a, b in zip(lrs[1:], lrs[2:]))
 
 
 TINY_RL = train.RLRun(steps=3, prompts=2, group_size=4, lr=1e-3, warmup_steps=1, eval_every=3, eval_tasks=2,
@@ -568,6 +584,11 @@ def test_grpo_runs_end_to_end_and_resumes_exactly(sft_run, tmp_path, monkeypatch
     assert [r["staleness"] for r in steps] == [0, 1, 1]           # batch k from the policy of step k - 1
     assert sum(r["groups_kept"] for r in steps) > 0
     assert any(not torch.equal(a, b) for a, b in zip(start.parameters(), straight.parameters()))
+    # §5.2.4: AdamW (0.9, 0.999), weight decay 0.01 (norm gains none), for every parameter
+    (adamw,) = train.load_checkpoint(tmp_path / "a" / "ckpt.pt")["optimizers"]
+    assert [(tuple(g["betas"]), g["weight_decay"]) for g in adamw["param_groups"]] == [((0.9, 0.999), 0.01),
+                                                                                        ((0.9, 0.999), 0.0)]
+    assert sum(len(g["params"]) for g in adamw["param_groups"]) == len(list(start.parameters()))
     # Stopped after one step and resumed: the same parameters, the same logged rewards.
     train.grpo(grpo_args(sft_run, tmp_path / "b"), stop_after=1)
     resumed = train.grpo(grpo_args(sft_run, tmp_path / "b", "--resume"))
