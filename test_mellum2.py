@@ -83,11 +83,14 @@ def random_configs():
     g = torch.Generator().manual_seed(1234)
     pick = lambda options: options[torch.randint(len(options), (1,), generator=g).item()]  # noqa: E731
     configs = []
-    for yarn, layers in ((1.0, "full"), (1.0, "full"), (4.0, "full"), (4.0, "full"), (4.0, "all")):
+    # 12 experts in two of them: the checkpoint lists experts.10 before experts.2, and they must still
+    # be stacked by number.
+    for yarn, layers, n_expert in ((1.0, "full", 4), (1.0, "full", 12), (4.0, "full", 8), (4.0, "full", 12),
+                                   (4.0, "all", 4)):
         n_kv = pick([1, 2, 4])
         configs.append(replace(SMALL, n_kv_head=n_kv, n_head=n_kv * pick([1, 2, 4]), n_layer=pick([4, 5]),
                                sliding_window=pick([3, 8, 16]), attn_pattern=pick(["SSSF", "SF", "FS"]),
-                               n_expert=pick([4, 8]), n_expert_active=pick([1, 2, 3]), yarn_factor=yarn,
+                               n_expert=n_expert, n_expert_active=pick([1, 2, 3]), yarn_factor=yarn,
                                yarn_original_max_seq_len=16 if yarn > 1 else 8192, yarn_layers=layers,
                                rms_norm_eps=pick([1e-6, 1e-5, 1e-2])))
     return configs
@@ -214,6 +217,10 @@ def test_yarn_frequencies_match_transformers():
         cfg = Mellum2Config.from_preset("mellum2-12b", yarn_factor=yarn_factor)
         for layer_type in ("full_attention", "sliding_attention"):
             assert_rope_matches_transformers(cfg, hf_config(cfg), layer_type)
+    # A correction range that reaches past the last pair (hd/2 pairs, clamped at hd - 1 as transformers does)
+    cfg = replace(SMALL, n_head=2, n_kv_head=1, head_dim=16, rope_theta=100.0, yarn_factor=4.0,
+                  yarn_original_max_seq_len=2048)
+    assert_rope_matches_transformers(cfg, hf_config(cfg), "full_attention")
     cfg = Mellum2Config.from_preset("mellum2-12b", yarn_factor=16.0)
     got, factor = rope_inv_freq(cfg, "full_attention")
     assert factor == pytest.approx(1.2772588722239782)
@@ -521,6 +528,17 @@ def test_mtp_loss_matches_hand_computation():
     # "aux"): each row the shares of the routing slots, summing to 1.
     assert parts["expert_load"].shape == (cfg.n_layer, cfg.n_expert)
     assert torch.allclose(parts["expert_load"].sum(-1), torch.ones(cfg.n_layer))
+    # Each coefficient multiplies its own loss (SFT sets the balance loss's to 1e-4, --aux-coef any).
+    model.config = replace(cfg, mtp_loss_weight=0.3, aux_loss_coef=0.05, z_loss_coef=0.003)
+    with torch.no_grad():
+        _, loss = model(idx, targets)
+    total = parts["ntp"] + 0.3 * parts["mtp"] + n_moe * (0.05 * parts["aux"] + 0.003 * parts["z"])
+    assert loss.item() == pytest.approx(total.item(), abs=1e-6)
+    # Two tokens are the shortest text with an MTP target: token 1 read at position 0, scored on target 1.
+    with torch.no_grad():
+        model(idx[:, :2], targets[:, :2])
+        expected_mtp = F.cross_entropy(mtp_logits[:1], targets[0, 1:2])
+    assert model.loss_parts["mtp"].item() == pytest.approx(expected_mtp.item(), abs=1e-5)
 
 
 def naive_trunk_states(model, tokens):
@@ -613,6 +631,20 @@ def test_a_list_of_end_ids_survives_export():
     assert transformers.MellumConfig(**{k: v for k, v in mellum2.config_to_hf(config).items()
                                         if k != "model_type"}).eos_token_id == [28, 5]
     assert Mellum2Config.from_preset("tiny").eos_ids == (4080,) and replace(SMALL, eos_token_id=None).eos_ids == ()
+
+
+def test_a_config_survives_export_with_every_setting_changed():
+    config = replace(SMALL, yarn_factor=4.0, yarn_original_max_seq_len=32, yarn_beta_fast=16.0, yarn_beta_slow=2.0,
+                     yarn_attention_factor=1.3, yarn_layers="all", rope_theta=20000.0, rms_norm_eps=1e-5,
+                     mtp_loss_weight=0.3, aux_loss_coef=0.05, z_loss_coef=0.003, init_std=0.01, moe_impl="loop",
+                     attn_pattern="SF", bos_token_id=1, eos_token_id=2)
+    hf = mellum2.config_to_hf(config)
+    assert mellum2.config_from_hf(hf) == config
+    # and transformers reads the same RoPE from it, YaRN's attention factor and ramp included
+    hf_read = transformers.MellumConfig(**{k: v for k, v in hf.items() if k != "model_type"})
+    for layer_type in ("full_attention", "sliding_attention"):
+        assert_rope_matches_transformers(config, hf_read, layer_type)
+    assert rope_inv_freq(config, "full_attention")[1] == 1.3
 
 
 @pytest.mark.filterwarnings("ignore:`rope_scaling` is deprecated:FutureWarning")  # read all the same, as tested
@@ -2324,6 +2356,11 @@ def test_batch_decoding_equals_one_by_one():
     together = sample.generate(model, prompts, 12, temperature=0)
     alone = [sample.generate(model, [p], 12, temperature=0)[0] for p in prompts]
     assert together == alone
+    # A row that meets a stop id ends there while the others go on.
+    stops = {alone[0][2], alone[1][7]}
+    alone = [sample.generate(model, [p], 12, temperature=0, stop_ids=stops)[0] for p in prompts]
+    assert [len(new) for new in alone] == [3, 8, 12]
+    assert sample.generate(model, prompts, 12, temperature=0, stop_ids=stops) == alone
 
 
 @torch.no_grad()
@@ -2553,6 +2590,8 @@ def test_top_k_and_top_p_keep_the_right_tokens():
     # A tie at the threshold: the best token alone holds exactly top_p, so it is the whole nucleus.
     tie = torch.tensor([[math.log(2.0), 0.0, 0.0]])
     assert sample.next_token_probs(tie, 1.0, top_p=0.5)[0].tolist() == [1.0, 0.0, 0.0]
+    # A top_k beyond the vocabulary keeps all of it.
+    torch.testing.assert_close(sample.next_token_probs(logits, 1.0, top_k=50), logits.softmax(-1))
 
 
 @torch.no_grad()
@@ -2566,6 +2605,9 @@ def test_generate_records_the_log_probability_each_token_was_drawn_with():
         logits, _ = model(torch.tensor([prompt + new[:-1]]))
         probs = sample.next_token_probs(logits[0, len(prompt) - 1:], 0.7, top_k=50)  # (6, V)
         assert recorded == pytest.approx(probs[torch.arange(6), new].log().tolist(), abs=1e-4)
+    # Greedy: the chosen token had all the probability, and the text is greedy decoding's.
+    out = sample.generate(model, prompts, 6, temperature=0, logprobs=logprobs)
+    assert out == sample.generate(model, prompts, 6, temperature=0) and logprobs == [[0.0] * 6] * 2
 
 
 @pytest.mark.parametrize("temperature", [0.3, 1.0, 1.7])
