@@ -2953,6 +2953,37 @@ def test_passkey_prompts_and_scoring():
     assert not train.passkey_correct(logits, 5, answer)
 
 
+class PasskeyOracle(torch.nn.Module):
+    """Given the text of the last passkey prompt made and its answer but the last token, writes the
+    answer (or, with `miss`, its last digit wrong); anything else gets no preference at all."""
+
+    def __init__(self, vocab_size, miss=False):
+        super().__init__()
+        self.vocab_size, self.miss, self.anchor = vocab_size, miss, torch.nn.Parameter(torch.zeros(()))
+        self.prompt = self.answer = None
+
+    def forward(self, idx):
+        logits = torch.zeros(*idx.shape, self.vocab_size)
+        if idx[0].tolist() == self.prompt + self.answer[:-1]:
+            for i, token in enumerate(self.answer):
+                wrong = self.miss and i == len(self.answer) - 1
+                logits[0, len(self.prompt) - 1 + i, (token + 1) % self.vocab_size if wrong else token] = 1.0
+        return logits, None
+
+
+def test_passkey_accuracy_counts_the_passkeys_written(monkeypatch, enc):
+    example = data.passkey_example
+    for miss, expected in ((False, 1.0), (True, 0.0)):
+        oracle = PasskeyOracle(data.VOCAB_SIZE, miss)
+
+        def remembered(*args):
+            oracle.prompt, oracle.answer = example(*args)
+            return oracle.prompt, oracle.answer
+        monkeypatch.setattr(data, "passkey_example", remembered)
+        assert train.passkey_accuracy(oracle, enc, 120, 3, random.Random(0)) == expected
+        assert len(oracle.prompt) == 120
+
+
 def test_long_stage_trains_from_a_checkpoint(small_corpus, tmp_path, capsys):
     train.train(run_args(small_corpus, tmp_path / "base", "--max-steps", "2"))
     model = train.train(run_args(small_corpus, tmp_path / "long", "--stage", "long", "--init-from",
@@ -3068,8 +3099,9 @@ def small_built_corpus(small_corpus, tmp_path_factory):
 
 def test_bits_per_byte_of_a_uniform_model(small_built_corpus, enc):
     config = Mellum2Config.from_preset("tiny")
-    loss, bpb = evaluate.loss_and_bits_per_byte(UniformModel(config), enc, small_built_corpus, "code", 32, 2)
-    targets = torch.cat([y.flatten() for _, y in data.val_batches(small_built_corpus, "code", 8, 32, 2)])
+    loss, bpb = evaluate.loss_and_bits_per_byte(UniformModel(config), enc, small_built_corpus, "web", 256, 8)
+    targets = torch.cat([y.flatten() for _, y in data.val_batches(small_built_corpus, "web", 8, 256, 8)])
+    assert data.EOT in targets.tolist()  # rows that cross from one file to the next: a special token has no bytes
     n_bytes = len(enc.decode_bytes([t for t in targets.tolist() if t < data.N_RANKS]))
     assert loss == pytest.approx(math.log(config.vocab_size))
     assert bpb == pytest.approx(len(targets) * math.log2(config.vocab_size) / n_bytes)
@@ -3092,16 +3124,20 @@ def test_fim_examples_cut_one_held_out_line(small_built_corpus, enc):
 
 
 def test_fim_exact_match_scores_whole_lines(monkeypatch, enc):
-    examples = [([1], "x = 1"), ([2], "    return x"), ([3], "y = 2")]
-    answers = {1: " x = 1\n", 2: "    return y", 3: "y = 2"}
+    examples = [([1], "x = 1"), ([2], "    return x"), ([3], "y = 2"), ([4], "    return z")]
+    answers = {1: " x = 1\n", 2: "    return y", 3: "y = 2", 4: "    return z"}
     monkeypatch.setattr(evaluate.sample, "generate", lambda model, prompts, *a, **k: [
         enc.encode_ordinary(answers[p[0]]) + [data.EOT] for p in prompts])
-    assert evaluate.fim_exact_match(None, enc, examples) == pytest.approx(2 / 3)
+    assert evaluate.fim_exact_match(None, enc, examples) == pytest.approx(3 / 4)
 
 
 def test_evaluate_runs_on_a_small_model_and_writes_json(small_built_corpus, tmp_path, monkeypatch, capsys):
     model = Mellum2(replace(SMALL, vocab_size=data.VOCAB_SIZE, max_seq_len=128)).eval()
+    lengths, passkey_accuracy = [], train.passkey_accuracy
+    monkeypatch.setattr(train, "passkey_accuracy", lambda m, enc, length, *a: lengths.append(length) or
+                        passkey_accuracy(m, enc, length, *a))
     results = evaluate.evaluate(model, small_built_corpus, n=2, max_rows=8)
+    assert lengths == [128 - 8]  # at the model's full context, less the answer's room
     assert {"val_loss/code", "bits_per_byte/web", "fim_exact_match", "synthetic_math", "tasks/code",
             "passkey"} <= set(results)
     assert results["val_loss/code"] > 0 and math.isnan(results["synthetic_math"])   # this corpus has no math
@@ -3115,12 +3151,14 @@ def test_evaluate_runs_on_a_small_model_and_writes_json(small_built_corpus, tmp_
 def test_synthetic_math_leaves_out_problems_also_trained_on(tmp_path, enc, monkeypatch):
     """A drill generated twice can land on both sides of the split: the held-out copy is not held
     out, and is not asked. The others are, and a model writing the reference solutions gets all."""
-    for i in range(100):
+    # The single ones all have negative answers, which the verifier must read with their sign.
+    negative = (p for p in (data.synthetic_math(1, seed)[0] for seed in itertools.count(1000)) if "#### -" in p)
+    for i, single in zip(range(100), negative):
         problem = data.synthetic_math(1, i)[0]
         (tmp_path / "src" / "math").mkdir(parents=True, exist_ok=True)
         (tmp_path / "src" / "math" / f"twin{i}a.txt").write_text(problem)
         (tmp_path / "src" / "math" / f"twin{i}b.txt").write_text(problem)
-        (tmp_path / "src" / "math" / f"single{i}.txt").write_text(data.synthetic_math(1, 1000 + i)[0])
+        (tmp_path / "src" / "math" / f"single{i}.txt").write_text(single)
     corpus = data.build_corpus([tmp_path / "src"], cache_dir=tmp_path / "cache", progress=False,
                                default_sources=False)
     split, trained = corpus.val["math"], set(corpus.train["math"].keys)
