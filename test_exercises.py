@@ -28,7 +28,8 @@ something.
  6  train.orthogonalize             §3.4.1        Newton-Schulz quintic on G / ||G||; transpose tall matrices first;
                                                   an (E, out, in) expert stack is E matrices, each on its own
  7  train.lr_multiplier             §3.4.2        linear warmup, step 0 at 1/warmup; hold; linear decay over the
-                                                  last share, reaching exactly 0 at step total_steps (one past the last)
+                                                  last share (rounded to whole steps), reaching exactly 0 at step
+                                                  total_steps (one past the last)
  8  data.fim_format                 §3.2.2        PSM: prefix, suffix, middle; SPM: suffix first; a sentinel each;
                                                   an int64 numpy array, no <|endoftext|>
  9  train.leave_one_out_advantages  §5.2.3        each reward minus the mean of the other G-1 rewards of its group
@@ -111,6 +112,7 @@ def check_route():
             assert sorted(chosen) == sorted(best)
             tolerance = 1e-6 if x.dtype == torch.float32 else 1e-2  # the weights come back in x's dtype
             assert [chosen[e] for e in best] == pytest.approx([probs[e] / total for e in best], abs=tolerance)
+        assert weights.dtype == x.dtype, "the weights come back in x's dtype, ready to scale its experts' outputs"
 
 
 def check_load_balancing_loss():
@@ -120,7 +122,12 @@ def check_load_balancing_loss():
     share = [sum(int(e == i) for e in experts.flatten().tolist()) / (N * K) for i in range(E)]
     mean_prob = [sum(logits[n].softmax(-1)[i].item() for n in range(N)) / N for i in range(E)]
     expected = E * sum(f * p for f, p in zip(share, mean_prob))
-    assert mellum2.load_balancing_loss(logits, experts, E).item() == pytest.approx(expected, rel=1e-5)
+    assert mellum2.load_balancing_loss(logits.requires_grad_(), experts, E).item() == pytest.approx(expected, rel=1e-5)
+    # The loss trains the router through P (f counts discrete choices and carries no gradient).
+    mellum2.load_balancing_loss(logits, experts, E).backward()
+    probs, f = logits.detach().softmax(-1), torch.tensor(share)
+    expected_grad = E / N * probs * (f - (probs @ f)[:, None])  # d/dlogits[n, j] = E/N p_nj (f_j - sum_e f_e p_ne)
+    assert torch.allclose(logits.grad, expected_grad, atol=1e-6), "no gradient reaches the router's logits"
 
 
 def check_orthogonalize():
@@ -147,6 +154,10 @@ def check_lr_multiplier():
     assert [m(s) for s in (10, 50, 79, 80)] == pytest.approx([1.0, 1.0, 1.0, 1.0])
     assert [m(s) for s in (85, 90, 99)] == pytest.approx([0.75, 0.5, 0.05])
     assert train.lr_multiplier(100, 100, 10, 0.2) == 0.0
+    # A share that is no whole number of steps: 159.4 of 1000 decay over 159 steps, 159.6 over 160.
+    for share, last_held in ((0.1594, 841), (0.1596, 840)):
+        assert [train.lr_multiplier(s, 1000, 10, share) for s in (last_held, last_held + 1)] == \
+            pytest.approx([1.0, (1000 - last_held - 1) / (1000 - last_held)]), share
 
 
 def check_fim_format():
@@ -157,6 +168,10 @@ def check_fim_format():
     assert psm.tolist() == [P, 1, 2, S_, 5, M, 3, 4]
     assert data.fim_format([1, 2], [5], [3, 4], spm=True).tolist() == [S_, 5, P, 1, 2, M, 3, 4]
     assert data.fim_format([], [], spm=True).tolist() == [S_, P, M]
+    # Another tokenizer's sentinel ids (a released checkpoint's), as `special` gives them
+    theirs = {t: i + 1000 for t, i in s.items()}
+    assert data.fim_format([1, 2], [5], [3, 4], spm=False, special=theirs).tolist() == [P + 1000, 1, 2, S_ + 1000, 5,
+                                                                                        M + 1000, 3, 4]
 
 
 def check_leave_one_out_advantages():
@@ -170,6 +185,8 @@ def check_icepop_weight():
     rho = torch.tensor([0.0, 0.3, 0.4999, 0.5, 0.9, 1.0, 2.5, 5.0, 5.0001, 80.0])
     expected = [r if 0.5 <= r <= 5.0 else 0.0 for r in rho.tolist()]
     assert train.icepop_weight(rho).tolist() == pytest.approx(expected)
+    narrow = [r if 0.8 <= r <= 2.0 else 0.0 for r in rho.tolist()]  # a band of its own, not the report's
+    assert train.icepop_weight(rho, band=(0.8, 2.0)).tolist() == pytest.approx(narrow)
 
 
 EXERCISES = {
