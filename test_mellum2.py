@@ -3376,6 +3376,25 @@ def test_bench_prefill_compares_chunks_with_one_pass(monkeypatch, capsys):
     assert sample.PREFILL_CHUNK == 16
 
 
+def test_bench_times_in_turn_and_compares_each_prompts_pair(monkeypatch):
+    import bench
+    # A clock that advances only when a candidate runs: a takes 5 s on its first (warm-up) call, then 1,
+    # 1 and 9 (a burst of load); b takes 2 s each time. Calls alternate a, b, a, b, ...
+    clock, calls, costs = [0.0], [], {"a": iter([5.0, 1.0, 1.0, 9.0]), "b": iter([2.0] * 4)}
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: clock[0])
+
+    def candidate(name):
+        def call():
+            calls.append(name)
+            clock[0] += next(costs[name])
+        return call
+    medians = bench.time_interleaved(3, a=candidate("a"), b=candidate("b"))
+    assert calls == ["a", "b"] * 4 and medians == {"a": 1.0, "b": 2.0}  # warm-up left out, medians not means
+    # The median of each prompt's ratio: a burst on one pair drops out, and it says how many times faster.
+    assert bench.paired_speedup([1.0, 2.0, 9.0], [1.0, 1.0, 1.0]) == 2.0
+    assert bench.paired_speedup([4.0, 4.0, 40.0], [2.0, 1.0, 10.0]) == 4.0  # a ratio of medians would give 2
+
+
 @pytest.mark.parametrize("error,code,message", [
     (RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 9 GB"), 1,
      "error: out of memory (RuntimeError: DefaultCPUAllocator"),
