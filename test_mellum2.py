@@ -3134,8 +3134,12 @@ def test_fim_exact_match_scores_whole_lines(monkeypatch, enc):
 def test_evaluate_runs_on_a_small_model_and_writes_json(small_built_corpus, tmp_path, monkeypatch, capsys):
     model = Mellum2(replace(SMALL, vocab_size=data.VOCAB_SIZE, max_seq_len=128)).eval()
     lengths, passkey_accuracy = [], train.passkey_accuracy
-    monkeypatch.setattr(train, "passkey_accuracy", lambda m, enc, length, *a: lengths.append(length) or
-                        passkey_accuracy(m, enc, length, *a))
+
+    def recording_the_length(model, enc, length, *args):
+        lengths.append(length)
+        return passkey_accuracy(model, enc, length, *args)
+
+    monkeypatch.setattr(train, "passkey_accuracy", recording_the_length)
     results = evaluate.evaluate(model, small_built_corpus, n=2, max_rows=8)
     assert lengths == [128 - 8]  # at the model's full context, less the answer's room
     assert {"val_loss/code", "bits_per_byte/web", "fim_exact_match", "synthetic_math", "tasks/code",
