@@ -2767,11 +2767,12 @@ def test_sample_notes_a_capped_length_and_stops_quietly_on_a_closed_pipe(tmp_pat
 
 def test_chat_with_a_base_model_says_what_teaches_it_to_chat(tmp_path, capsys):
     model = Mellum2(Mellum2Config.from_preset("tiny"))
-    for stage in ("long", "sft"):
-        (tmp_path / stage).mkdir()
-        train.save_checkpoint(tmp_path / stage / "ckpt.pt", model, [], 1, {"stage": stage, "steps": 1})
-        sample.main(["--init-from", str(tmp_path / stage), "--chat", "--start", "hi", "--max-new-tokens", "2"])
-        assert ("is a pre-trained base model" in capsys.readouterr().err) == (stage == "long")
+    for stage in ("long", "sft", None):  # None: a run of a version that wrote no stage, all pre-training
+        (tmp_path / str(stage)).mkdir()
+        settings = {"steps": 1} if stage is None else {"stage": stage, "steps": 1}
+        train.save_checkpoint(tmp_path / str(stage) / "ckpt.pt", model, [], 1, settings)
+        sample.main(["--init-from", str(tmp_path / str(stage)), "--chat", "--start", "hi", "--max-new-tokens", "2"])
+        assert ("is a pre-trained base model" in capsys.readouterr().err) == (stage != "sft")
 
 
 def test_chat_runs_the_calculator_and_lets_the_model_go_on(tmp_path, monkeypatch, capsys):
@@ -2909,6 +2910,13 @@ def test_layer_selective_yarn_changes_only_the_full_layers():
     theta, _ = rope_inv_freq(train.long_context_config(base, 1024, variant="theta"), "full_attention")
     plain, _ = rope_inv_freq(base, "full_attention")
     assert (plain[-1] / theta[-1]).item() == pytest.approx(4.0, rel=1e-5) and theta[0] == plain[0] == 1.0
+    # --yarn-factor, when given, rather than the ratio of the contexts
+    assert train.long_context_config(base, 1024, yarn_factor=8.0).yarn_factor == 8.0
+    theta, _ = rope_inv_freq(train.long_context_config(base, 1024, 8.0, variant="theta"), "full_attention")
+    assert (plain[-1] / theta[-1]).item() == pytest.approx(8.0, rel=1e-5)
+    # With --compare it is for the variants that use it, whatever --rope-variant says: not refused there.
+    train.check_command(train.parse_args(["--stage", "long", "--compare", "--rope-variant", "unchanged",
+                                          "--yarn-factor", "8"]))
 
 
 def test_the_long_stage_of_the_release_size_reaches_the_released_context():
@@ -3251,7 +3259,8 @@ def test_plot_series_come_from_the_metrics(tmp_path, capsys, monkeypatch):
     assert plots.series(records, "val", "code") == ([2], [4.5])
     for variant, loss in (("selective-yarn", 4.0), ("unchanged", 4.2)):
         (tmp_path / variant).mkdir()
-        (tmp_path / variant / "metrics.jsonl").write_text(
+        (tmp_path / variant / "metrics.jsonl").write_text(  # evaluated twice (a resumed run): the last counts
+            json.dumps({"step": 10, "long_context_eval": {"256": [9.0, 0.0], "512": [9.0, 0.0]}}) + "\n" +
             json.dumps({"step": 9, "loss": 1.0}) + "\n" +
             json.dumps({"step": 10, "long_context_eval": {"256": [loss, 0.5], "512": [loss + 1, 0.0]}}) + "\n")
     (tmp_path / "theta").mkdir()  # still training: no evaluation yet, and a line cut short by a crash
