@@ -21,7 +21,6 @@ Decoding, step by step:
 import dataclasses
 import io
 import os
-import re
 import sys
 import time
 
@@ -424,49 +423,76 @@ class Printer:
     """Streams decoded text to stdout as tokens arrive, hides <think> blocks if asked, and notices
     stop strings in what it prints (not in hidden reasoning). What may still change waits for the
     next token: a character whose UTF-8 bytes have not all arrived, and an ending that could be the
-    start of a stop string."""
+    start of a think tag or of a stop string. Each stage keeps only what it is still unsure of, so a
+    token costs the same at the end of a 100K-token answer as at its start."""
 
     def __init__(self, vocab, stops, hide_thinking):
         self.enc, self.stops, self.hide_thinking = vocab.enc, stops, hide_thinking
         shown = {"<think>", "</think>", "<tool_call>", "</tool_call>"}
         self.silent = {i for t, i in vocab.special.items() if t not in shown}  # not printed
-        self.ids, self.text, self.printed, self.stopped = [], "", 0, False
+        self.ids, self.start, self.settled = [], 0, 0  # ids[settled:]: not yet whole characters
+        self.thinking, self.tag_start = False, ""      # inside a think block; what may begin a tag
+        self.held, self.stopped = "", False            # text that may begin a stop string
 
     def __call__(self, row, token):
         if self.stopped or token in self.silent:
             return self.stopped
         self.ids.append(token)
-        # "replace" marks an unfinished character with U+FFFD, as a tokenizer.json's decoder does
-        text = self.enc.decode_bytes(self.ids).decode("utf-8", errors="replace")
-        if self.hide_thinking:
-            text = without_thinking(text)
-        cuts = [text.index(stop) for stop in self.stops if stop in text]
-        if cuts:  # at the stop string that starts first, whichever order they were given in
-            text, self.stopped = text[:min(cuts)], True
-        self.text = text
-        if self.stopped:
-            self.show(text)
-        else:
-            settled = text.rstrip("\ufffd")
-            self.show(settled[:len(settled) - self.stop_start(settled)])
+        text = self.new_text()
+        if not text.endswith("\ufffd"):  # whole characters: final
+            self.start, self.settled = self.settled, len(self.ids)
+            self.add(self.visible(text))
         return self.stopped
 
-    def stop_start(self, text):
-        """How many characters at the end of text begin a stop string."""
-        return max((n for stop in self.stops for n in range(1, len(stop)) if text.endswith(stop[:n])), default=0)
+    def new_text(self):
+        """The text the ids since the last whole character add, U+FFFD marking a character not yet
+        whole (as a tokenizer.json's decoder does). A decoder may treat the start of a text apart (drop
+        a leading space, say), so the new ids are decoded after the piece before them, and only what
+        they add is kept."""
+        def decode(ids):
+            return self.enc.decode_bytes(ids).decode("utf-8", errors="replace")
+        return decode(self.ids[self.start:])[len(decode(self.ids[self.start:self.settled])):]
 
-    def show(self, text):
-        print(text[self.printed:], end="", flush=True)
-        self.printed = max(self.printed, len(text))
+    def visible(self, text, final=False):
+        """text minus what lies inside think blocks (when hiding them). An ending that may be the
+        start of the next tag waits for more, unless the text is over."""
+        if not self.hide_thinking:
+            return text
+        text, shown = self.tag_start + text, []
+        while True:
+            tag = "</think>" if self.thinking else "<think>"
+            at = text.find(tag)
+            if at < 0:
+                break
+            if not self.thinking:
+                shown.append(text[:at])
+            text, self.thinking = text[at + len(tag):], not self.thinking
+        wait = 0 if final else max((n for n in range(1, len(tag)) if text.endswith(tag[:n])), default=0)
+        self.tag_start = text[len(text) - wait:]
+        if not self.thinking:
+            shown.append(text[:len(text) - wait])
+        return "".join(shown)
+
+    def add(self, text):
+        """Print new visible text, up to a stop string (the one that starts first) or, without one,
+        up to an ending that may be the start of one."""
+        self.held += text
+        cuts = [self.held.index(stop) for stop in self.stops if stop in self.held]
+        if cuts:
+            self.held, self.stopped = self.held[:min(cuts)], True
+            wait = 0
+        else:
+            wait = max((n for stop in self.stops for n in range(1, len(stop)) if self.held.endswith(stop[:n])),
+                       default=0)
+        print(self.held[:len(self.held) - wait], end="", flush=True)
+        self.held = self.held[len(self.held) - wait:]
 
     def finish(self):
         """The text has ended: what was held back is final."""
-        self.show(self.text)
-
-
-def without_thinking(text):
-    """text without its <think>...</think> blocks, cut at a block still open (its end has not come)."""
-    return re.sub(r"<think>.*?</think>", "", text, flags=re.DOTALL).split("<think>", 1)[0]
+        if not self.stopped:
+            self.add(self.visible(self.new_text(), final=True))
+            print(self.held, end="", flush=True)
+            self.held = ""
 
 
 def on_closed_pipe():

@@ -2750,6 +2750,69 @@ def test_printer_hides_every_think_block_and_only_them(capsys):
         assert not any("plan" in piece for piece in shown) or not hide
 
 
+class RecordingDecoder:
+    """A tokenizer's decoder for the printer tests: the project's, optionally dropping the leading
+    space of each text it decodes (as a tokenizer.json's Metaspace decoder does), and recording how
+    many ids each call was given."""
+
+    def __init__(self, enc, drop_leading_space=False):
+        self.enc, self.drop_leading_space, self.lengths = enc, drop_leading_space, []
+
+    def decode_bytes(self, ids):
+        self.lengths.append(len(ids))
+        text = self.enc.decode_bytes(ids)
+        return text.removeprefix(b" ") if self.drop_leading_space else text
+
+
+def shown_at_once(text, hide_thinking, stops):
+    """What the printer shows of a whole text (bytes): its think blocks removed (an open one to the
+    end) if hidden, cut at the first stop string."""
+    text = text.decode(errors="replace")
+    if hide_thinking:
+        text = re.sub(r"<think>.*?</think>", "", text, flags=re.DOTALL).split("<think>", 1)[0]
+    return text[:min([text.index(s) for s in stops if s in text], default=len(text))]
+
+
+def test_printer_streams_exactly_what_the_whole_text_says(capsys):
+    """Random texts of think blocks (as special tokens and as plain text arriving in pieces), stop
+    strings and characters split over tokens: at every step what is printed is the start of what
+    the whole text, decoded at once, shows (its think blocks removed, cut at the first stop string),
+    and in the end all of it. Each token decodes only the few ids still undecided, however long the
+    text has grown, and a decoder that treats the start of a text apart sees each piece after the
+    one before it."""
+    enc, special = data.load_tokenizer(), data.SPECIAL_TOKENS
+    pieces = [enc.encode_ordinary(t) for t in ("x = 1\n", " 日本語", "€ ", "plan", " import sys", "<thi", "nk>",
+                                               "</", "think>", "<think>", " ok")]
+    pieces += [[special["<think>"]], [special["</think>"]], [special["<fim_pad>"]]]  # the last is never shown
+    rng = random.Random(0)
+    for trial in range(60):
+        ids = [i for _ in range(rng.randrange(1, 40)) for i in rng.choice(pieces)]
+        hide, stops = trial % 2 == 0, rng.choice([[], ["import"], ["ok", "x = 1\nplan"], ["\n<th", "本"]])
+        decoder = RecordingDecoder(enc, drop_leading_space=trial % 3 == 0)
+        vocab = sample.Vocabulary(decoder, special, {data.EOT})
+        printer, printed, fed = sample.Printer(vocab, stops, hide), "", []
+        for i in ids:
+            fed.append(i)
+            stopped = printer(0, i)
+            printed += capsys.readouterr().out
+            whole = shown_at_once(decoder.decode_bytes([i for i in fed if i != special["<fim_pad>"]]), hide, stops)
+            assert whole.startswith(printed), (trial, printed, whole)
+            if stopped:
+                break
+        printer.finish()
+        assert printed + capsys.readouterr().out == whole, trial
+    # A long answer: every call decodes a few ids, not all of them so far.
+    decoder = RecordingDecoder(enc)
+    printer = sample.Printer(sample.Vocabulary(decoder, special, {data.EOT}), ["import zebra"], hide_thinking=True)
+    with open(sample.__file__, encoding="utf-8") as f:
+        code = f.read()
+    for i in enc.encode_ordinary(code):
+        printer(0, i)
+    printer.finish()
+    assert capsys.readouterr().out == shown_at_once(code.encode(), True, ["import zebra"])
+    assert len(decoder.lengths) > 2 * 5000 and max(decoder.lengths) <= 4
+
+
 def test_sample_notes_a_capped_length_and_stops_quietly_on_a_closed_pipe(tmp_path, capsys):
     Mellum2(Mellum2Config.from_preset("tiny")).save_pretrained(tmp_path)
     prompt = "x = 1\n" * 50
