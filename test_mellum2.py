@@ -1685,15 +1685,17 @@ def test_a_data_folder_with_nothing_usable_is_reported(small_corpus, tmp_path, c
     assert "skipped in --data: 1 empty folder" in capsys.readouterr().out
 
 
-def test_only_a_stop_by_hand_spares_the_run_being_replaced():
-    stop = train.StopRequest()
-    try:
-        stop(signal.SIGTERM, None)  # a scheduler taking the machine back: that run goes on later
-        assert stop.requested and not stop.by_hand
-        stop(signal.SIGINT, None)
-        assert stop.by_hand
-    finally:
-        stop.release()
+def test_only_a_stop_by_hand_spares_the_run_being_replaced(capfd):
+    for signum, by_hand in ((signal.SIGTERM, False), (signal.SIGINT, True)):  # SIGTERM: a scheduler
+        stop = train.StopRequest()
+        try:
+            stop(signum, None)
+            assert stop.requested and stop.by_hand == by_hand
+            assert "stopping after this step" in capfd.readouterr().err
+            with pytest.raises(KeyboardInterrupt):  # asked again: at once
+                stop(signal.SIGINT, None)
+        finally:
+            stop.release()
     replacing, fresh = train.MetricsLog.__new__(train.MetricsLog), train.MetricsLog.__new__(train.MetricsLog)
     replacing.waiting, fresh.waiting = [], None
     assert train.keeps_the_replaced_run(replacing, True, 3, 8, 5)

@@ -484,17 +484,24 @@ class Stopped(KeyboardInterrupt):
 class StopRequest:
     """From its creation until release(), Ctrl-C (SIGINT) or SIGTERM only raises a flag; the loop
     stops at the next step boundary, where model and optimizer are consistent, and writes a
-    checkpoint first (see keeps_the_replaced_run for the one exception). Released, the handlers
-    before are back: an interrupt during the final evaluation ends it at once (the checkpoint is
-    written by then)."""
+    checkpoint first (see keeps_the_replaced_run for the one exception). A step of a large model or
+    an evaluation can take minutes, so the first request says so, and a second one stops at once,
+    as an interrupt: what was checkpointed before is kept, the steps since are lost. Released, the
+    handlers before are back: an interrupt during the final evaluation ends it at once (the
+    checkpoint is written by then)."""
 
     def __init__(self):
         self.requested = self.by_hand = False
         self.before = {sig: signal.signal(sig, self) for sig in (signal.SIGINT, signal.SIGTERM)}
 
     def __call__(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
         self.requested = True
-        self.by_hand = self.by_hand or signum == signal.SIGINT  # SIGTERM: a scheduler taking the machine back
+        self.by_hand = signum == signal.SIGINT  # SIGTERM: a scheduler taking the machine back
+        # os.write, not print: the signal may have come in the middle of a print to stderr
+        os.write(sys.stderr.fileno(), b"\nstopping after this step, once its checkpoint is written; "
+                                      b"Ctrl-C again stops at once, losing the steps since the last one\n")
 
     def release(self):
         for sig, handler in self.before.items():
