@@ -1967,6 +1967,7 @@ def test_a_stop_request_in_the_last_step_lets_the_run_finish(small_corpus, tmp_p
     (["--stage", "long", "--init-from", "{tmp}/finished", "--context", "1000000", "--out-dir", "{tmp}/long-run"],
      "too long for a vocabulary of 4096"),
     (["--out-dir", ""], "--out-dir needs a folder name"),
+    (["--init-from", "", "--stage", "sft"], "--init-from needs a folder name"),
     (["--init-from", "{tmp}/finished", "--dense"], "--dense and --no-mtp shape a fresh model"),
     (["--data", ""], "--data needs a folder name"),
     (["--batch-size", "8", "--micro-batch", "16"], "--micro-batch at most --batch-size"),

@@ -1845,6 +1845,8 @@ def check_command(args):
         (not (args.init_from and (args.dense or args.no_mtp)),
          "--dense and --no-mtp shape a fresh model; with --init-from the model comes as it was trained"),
         (args.out_dir != "", "--out-dir needs a folder name"),
+        (args.init_from != "", "--init-from needs a folder name"),  # not the current folder's ckpt.pt
+        (not (args.sync and "--max-staleness" in args.typed_flags), "--max-staleness has no effect with --sync"),
         ("" not in args.data, "--data needs a folder name"),
         (args.aux_coef is None or 0 <= args.aux_coef < math.inf,
          f"--aux-coef must be at least 0 and finite, got {args.aux_coef}"),
