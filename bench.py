@@ -16,6 +16,7 @@ On a shared machine set OMP_WAIT_POLICY=PASSIVE first: busy-waiting OpenMP threa
 """
 
 import argparse
+import os
 import re
 import statistics
 import sys
@@ -417,6 +418,9 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     if getattr(args, "threads", None):
+        if args.threads > (os.cpu_count() or 1):  # far more threads than cores: OpenMP can crash outright
+            print(f"error: --threads {args.threads}: this machine has {os.cpu_count()} CPUs", file=sys.stderr)
+            sys.exit(1)
         torch.set_num_threads(args.threads)
     try:
         {"params": params, "model": lambda: model(args), "train": lambda: train_steps(args),
@@ -434,7 +438,11 @@ def main(argv=None):
     except BrokenPipeError:  # python bench.py params | head
         import sample
         sample.on_closed_pipe()
+    except OSError as e:  # writing the results failed: a full disk behind the redirection
+        print(f"error: {train.describe_os_error(e)}", file=sys.stderr)
+        sys.exit(1)
     except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
         sys.exit(130)
 
 

@@ -18,6 +18,7 @@ What is measured, and on what:
   - passkey retrieval at the model's full context (the long-context check of §4)
 """
 
+import errno
 import json
 import math
 import os
@@ -167,6 +168,7 @@ def main(argv=None):
         print(f"error: {train.describe_os_error(e)}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
         sys.exit(130)
     # Each output is tried whatever became of the other: a full disk must not lose the table, nor a
     # closed terminal the JSON file.
@@ -180,6 +182,8 @@ def main(argv=None):
         except OSError as e:
             failed = f"cannot write {args.json}: {e.strerror or e}"
     try:
+        if sys.stdout is None:  # started with its standard output closed (`>&-`)
+            raise OSError(errno.EBADF, "it is closed")
         print(f"{args.init_from}: {time.time() - started:.0f} s")
         print_table(results)
         sys.stdout.flush()

@@ -3295,6 +3295,17 @@ def test_evaluate_writes_the_json_even_when_the_terminal_fails(tmp_path, monkeyp
         evaluate.main(["--json", str(tmp_path / "results.json")])
     assert exit_info.value.code == 1 and "standard output" in capsys.readouterr().err
     assert json.loads((tmp_path / "results.json").read_text()) == {"passkey": 0.5}
+    # Started with its standard output closed (`>&-`): said in one line too, not a traceback.
+    monkeypatch.undo()
+    monkeypatch.setattr(evaluate.sample, "load_model", lambda *a: (None, sample.Vocabulary(None, {}, set())))
+    monkeypatch.setattr(evaluate.data, "build_corpus", lambda **k: None)
+    monkeypatch.setattr(evaluate, "evaluate", lambda *a: {"passkey": 0.25})
+    monkeypatch.setattr(sys, "stdout", None)
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main(["--json", str(tmp_path / "results.json")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1 and err == "error: cannot write the results to the standard output: it is closed\n"
+    assert json.loads((tmp_path / "results.json").read_text()) == {"passkey": 0.25}
 
 
 def test_evaluate_prints_the_table_even_when_the_json_cannot_be_written(tmp_path, monkeypatch, capsys):
@@ -3437,6 +3448,7 @@ def test_a_mistyped_flag_or_value_is_one_line_on_every_script(capsys):
 @pytest.mark.parametrize("argv,message", [
     (["decode", "--new-tokens", "2"], "--new-tokens must be at least 3"),
     (["decode", "--init-from", "nowhere"], "nowhere: no such folder"),
+    (["decode", "--threads", "100000"], f"--threads 100000: this machine has {os.cpu_count()} CPUs"),
 ])
 def test_bench_bad_input(argv, message, capsys):
     import bench
@@ -3477,7 +3489,8 @@ def test_bench_times_in_turn_and_compares_each_prompts_pair(monkeypatch):
 @pytest.mark.parametrize("error,code,message", [
     (RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 9 GB"), 1,
      "error: out of memory (RuntimeError: DefaultCPUAllocator"),
-    (KeyboardInterrupt(), 130, ""),
+    (OSError(28, "No space left on device"), 1, "error: No space left on device"),  # python bench.py > full disk
+    (KeyboardInterrupt(), 130, "interrupted"),
 ])
 def test_bench_stops_with_one_line(error, code, message, monkeypatch, capsys):
     import bench
@@ -3488,7 +3501,7 @@ def test_bench_stops_with_one_line(error, code, message, monkeypatch, capsys):
     with pytest.raises(SystemExit) as exit_info:
         bench.main(["params"])
     err = capsys.readouterr().err.strip()
-    assert exit_info.value.code == code and err.startswith(message) and len(err.splitlines()) <= 1
+    assert exit_info.value.code == code and err.startswith(message) and len(err.splitlines()) == 1
 
 
 def test_readme_line_anchors_point_at_what_they_name():
