@@ -1791,7 +1791,7 @@ def test_a_checkpoint_that_cannot_be_written_leaves_the_last_one(tmp_path, monke
     assert os.listdir(tmp_path) == ["ckpt.pt"] and train.load_checkpoint(path)["step"] == 1
     monkeypatch.undo()
     with pytest.raises(CheckpointError, match="gone/ckpt.pt: cannot write the checkpoint \\(.*\\); the previous one"):
-        train.save_checkpoint(tmp_path / "gone" / "ckpt.pt", Mellum2(SMALL), [], 2, {})  # its folder removed
+        train.save_checkpoint(tmp_path / "gone" / "ckpt.pt", Mellum2(SMALL), [], 2, {"steps": 1})  # its folder removed
 
 
 def test_fp8_is_refused_where_it_can_neither_run_nor_be_emulated(monkeypatch):
@@ -2020,7 +2020,7 @@ def test_only_a_run_that_ramps_its_batch_needs_an_even_one():
 
 @pytest.mark.parametrize("mmap", [False, True])
 def test_a_file_that_is_no_checkpoint_is_called_that(tmp_path, mmap):
-    train.save_checkpoint(tmp_path / "ckpt.pt", Mellum2(SMALL), [], 1, {})
+    train.save_checkpoint(tmp_path / "ckpt.pt", Mellum2(SMALL), [], 1, {"steps": 1})
     whole = (tmp_path / "ckpt.pt").read_bytes()
     for damaged in (b"", b"step: 12\n", whole[:len(whole) // 2]):  # empty, text, truncated
         (tmp_path / "ckpt.pt").write_bytes(damaged)
@@ -2030,7 +2030,7 @@ def test_a_file_that_is_no_checkpoint_is_called_that(tmp_path, mmap):
 
 def test_a_checkpoint_that_cannot_be_opened_says_why(tmp_path, monkeypatch):
     import builtins
-    train.save_checkpoint(tmp_path / "ckpt.pt", Mellum2(SMALL), [], 1, {})
+    train.save_checkpoint(tmp_path / "ckpt.pt", Mellum2(SMALL), [], 1, {"steps": 1})
     real_open = builtins.open
 
     def no_permission(file, *args, **kwargs):
@@ -2043,7 +2043,7 @@ def test_a_checkpoint_that_cannot_be_opened_says_why(tmp_path, monkeypatch):
 
 
 def test_a_checkpoint_with_a_part_missing_or_of_another_type_is_refused(tmp_path):
-    train.save_checkpoint(tmp_path / "ckpt.pt", Mellum2(SMALL), [], 1, {})
+    train.save_checkpoint(tmp_path / "ckpt.pt", Mellum2(SMALL), [], 1, {"steps": 1})
     whole = torch.load(tmp_path / "ckpt.pt")
     for key, value in [("step", "1"), ("settings", None), ("rng", None), ("optimizers", {})]:
         state = {k: v for k, v in whole.items() if k != key}
@@ -2052,6 +2052,21 @@ def test_a_checkpoint_with_a_part_missing_or_of_another_type_is_refused(tmp_path
         torch.save(state, tmp_path / "ckpt.pt")
         with pytest.raises(CheckpointError, match="not a train.py checkpoint .*step \\(int\\)"):
             train.load_checkpoint(tmp_path / "ckpt.pt")
+    # The right parts, damaged inside: each said at load time, before a resumed run could crash on it
+    # hours later (a zero ckpt_every after its last step, losing the final checkpoint).
+    weights_as_numbers = {k: 1 for k in whole["model"]}
+    for key, value, message in [
+            ("model", weights_as_numbers, "weights that are not tensors"), ("tokens", "x", "token count of type str"),
+            ("rng", {}, "random generator states"), ("rng", {**whole["rng"], "torch": torch.zeros(3)}, "random"),
+            ("rng", {**whole["rng"], "python": [3]}, "random"), ("settings", {"steps": "3"}, "steps = '3'"),
+            ("settings", {"steps": 3, "ckpt_every": 0}, "ckpt_every = 0, where a count of at least 1"),
+            ("settings", {"steps": 3, "run": {"eval_every": 0}}, "eval_every = 0"),  # a GRPO run's schedule
+            ("settings", {"seed": 1}, "settings without steps")]:
+        torch.save({**whole, key: value}, tmp_path / "ckpt.pt")
+        with pytest.raises(CheckpointError, match=f"not a train.py checkpoint \\(.*{re.escape(message)}"):
+            train.load_checkpoint(tmp_path / "ckpt.pt")
+    torch.save(whole, tmp_path / "ckpt.pt")
+    assert train.load_checkpoint(tmp_path / "ckpt.pt")["step"] == 1
 
 
 def test_a_resumed_run_restores_every_optimizer_or_stops():
@@ -2064,7 +2079,7 @@ def test_a_resumed_run_restores_every_optimizer_or_stops():
 
 
 def test_a_checkpoint_of_another_tokenizer_is_refused(tmp_path):
-    train.save_checkpoint(tmp_path / "ckpt.pt", Mellum2(SMALL), [], 1, {})
+    train.save_checkpoint(tmp_path / "ckpt.pt", Mellum2(SMALL), [], 1, {"steps": 1})
     state = torch.load(tmp_path / "ckpt.pt")
     state["tokenizer"]["sha256"] = "0" * 64
     torch.save(state, tmp_path / "ckpt.pt")
@@ -2075,7 +2090,7 @@ def test_a_checkpoint_of_another_tokenizer_is_refused(tmp_path):
 @pytest.mark.parametrize("damage", ["missing", "garbled"])
 def test_a_damaged_tokenizer_file_is_named_not_blamed_on_the_checkpoint(damage, tmp_path, monkeypatch, capsys):
     (tmp_path / "run").mkdir()
-    train.save_checkpoint(tmp_path / "run" / "ckpt.pt", Mellum2(SMALL), [], 1, {})
+    train.save_checkpoint(tmp_path / "run" / "ckpt.pt", Mellum2(SMALL), [], 1, {"steps": 1})
     if damage == "garbled":
         (tmp_path / "ranks").write_text("garbage")
     monkeypatch.setattr(data, "TOKENIZER_FILE", tmp_path / "ranks")
@@ -2667,14 +2682,14 @@ def test_sample_bad_input(argv, message, tmp_path, capsys):
     (tmp_path / "foreign").mkdir()
     torch.save({"a": 1}, tmp_path / "foreign" / "ckpt.pt")
     (tmp_path / "mismatch").mkdir()
-    train.save_checkpoint(tmp_path / "mismatch" / "ckpt.pt", Mellum2(SMALL), [], 0, {})
+    train.save_checkpoint(tmp_path / "mismatch" / "ckpt.pt", Mellum2(SMALL), [], 0, {"steps": 1})
     state = torch.load(tmp_path / "mismatch" / "ckpt.pt")
     state["config"]["n_layer"] = 2  # weights of 4 layers under a config of 2
     torch.save(state, tmp_path / "mismatch" / "ckpt.pt")
     diverged = Mellum2(replace(SMALL, vocab_size=data.VOCAB_SIZE))
     diverged.lm_head.weight.data[3, 5] = float("nan")
     (tmp_path / "diverged").mkdir()
-    train.save_checkpoint(tmp_path / "diverged" / "ckpt.pt", diverged, [], 0, {})
+    train.save_checkpoint(tmp_path / "diverged" / "ckpt.pt", diverged, [], 0, {"steps": 1})
     Mellum2(Mellum2Config.from_preset("tiny")).save_pretrained(tmp_path / "model")
     (tmp_path / "huge.py").write_text("x" * (sample.MAX_PROMPT_CHARS + 1))
     Mellum2(SMALL).save_pretrained(tmp_path / "unfinished-download")
@@ -2873,7 +2888,7 @@ def test_sample_prints_what_the_output_encoding_cannot_hold_as_question_marks(tm
     ids = data.load_tokenizer().encode_ordinary("s = '日本'\n")
     monkeypatch.setattr(sample, "generate", lambda model, prompts, max_new_tokens, on_token=None, **options: [
         [token for token in ids if not on_token(0, token)]])
-    train.save_checkpoint(tmp_path / "ckpt.pt", Mellum2(Mellum2Config.from_preset("tiny")), [], 1, {})
+    train.save_checkpoint(tmp_path / "ckpt.pt", Mellum2(Mellum2Config.from_preset("tiny")), [], 1, {"steps": 1})
     out = io.BytesIO()
     monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(out, encoding="ascii"))
     sample.main(["--init-from", str(tmp_path), "--start", "x"])

@@ -590,6 +590,9 @@ def load_checkpoint(path, mmap=False):
     if not isinstance(state, dict) or not all(isinstance(state.get(k), t) for k, t in CHECKPOINT_KEYS.items()):
         raise CheckpointError(f"{path}: not a train.py checkpoint (those hold "
                               f"{', '.join(f'{k} ({t.__name__})' for k, t in CHECKPOINT_KEYS.items())})")
+    problem = checkpoint_problem(state)
+    if problem:  # an edited file, or another program's: said now, not as a crash after hours of training
+        raise CheckpointError(f"{path}: not a train.py checkpoint ({problem})")
     data.load_tokenizer(data.TOKENIZER_FILE)  # a missing or damaged file is named as that, not as a mismatch
     here = tokenizer_reference()
     if state.get("tokenizer", here) != here:  # its ids would mean other text
@@ -603,6 +606,30 @@ def load_checkpoint(path, mmap=False):
     if problems:
         raise CheckpointError(f"{path}: its weights do not fit its config ({problems})")
     return state
+
+
+# Settings that count something, each a whole number of at least 1 wherever a run has it: a zero
+# --ckpt-every found only after the last step would lose the run's final checkpoint.
+COUNT_SETTINGS = ("steps", "batch_size", "micro_batch", "eval_every", "eval_rows", "ckpt_every", "group_size")
+
+
+def checkpoint_problem(state):
+    """What in a checkpoint with the right parts is not as save_checkpoint writes it, or None."""
+    if not all(isinstance(t, torch.Tensor) for t in state["model"].values()):
+        return "weights that are not tensors"
+    if not isinstance(state.get("tokens", 0), int):
+        return f"a token count of type {type(state['tokens']).__name__}"
+    rng = state["rng"]
+    if not (isinstance(rng.get("torch"), torch.Tensor) and rng["torch"].dtype == torch.uint8
+            and isinstance(rng.get("python"), tuple)):
+        return "random generator states other than torch's (a uint8 tensor) and Python's (a tuple)"
+    counts = {**state["settings"].get("run", {}), **state["settings"]}  # a GRPO run keeps its schedule in "run"
+    for key in COUNT_SETTINGS:
+        if key in counts and not (type(counts[key]) is int and counts[key] >= 1):
+            return f"setting {key} = {counts[key]!r}, where a count of at least 1 belongs"
+    if "steps" not in counts:
+        return "settings without steps"
+    return None
 
 
 def restore_optimizers(optimizers, state):
