@@ -81,7 +81,7 @@ def load_model(init_from, device=None):
     elif os.path.isfile(os.path.join(init_from, "config.json")):
         model = Mellum2.from_pretrained(init_from, device=device)
     else:
-        raise CheckpointError(f"{init_from}: no ckpt.pt (a train.py run) or config.json (a Hugging Face directory)")
+        raise train.not_a_model_folder(init_from)
     if hf_tokenizer and os.path.isfile(hf_tokenizer):
         enc = HFTokenizer(hf_tokenizer)
         n_vocab = len(enc.tokenizer.get_vocab())

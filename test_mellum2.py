@@ -1696,6 +1696,13 @@ def test_only_a_stop_by_hand_spares_the_run_being_replaced(capfd):
                 stop(signal.SIGINT, None)
         finally:
             stop.release()
+    with unittest.mock.patch.object(sys, "stderr", io.StringIO()):  # a notebook's: no file behind it
+        stop = train.StopRequest()
+        try:
+            stop(signal.SIGINT, None)
+            assert stop.requested
+        finally:
+            stop.release()
     replacing, fresh = train.MetricsLog.__new__(train.MetricsLog), train.MetricsLog.__new__(train.MetricsLog)
     replacing.waiting, fresh.waiting = [], None
     assert train.keeps_the_replaced_run(replacing, True, 3, 8, 5)
@@ -1968,6 +1975,7 @@ def test_a_stop_request_in_the_last_step_lets_the_run_finish(small_corpus, tmp_p
      "too long for a vocabulary of 4096"),
     (["--out-dir", ""], "--out-dir needs a folder name"),
     (["--init-from", "", "--stage", "sft"], "--init-from needs a folder name"),
+    (["--init-from", "{tmp}", "--stage", "sft"], ", instruct, long, thinking, unfinished: give one, e.g. "),
     (["--init-from", "{tmp}/finished", "--dense"], "--dense and --no-mtp shape a fresh model"),
     (["--data", ""], "--data needs a folder name"),
     (["--batch-size", "8", "--micro-batch", "16"], "--micro-batch at most --batch-size"),
@@ -2061,6 +2069,7 @@ def test_a_checkpoint_with_a_part_missing_or_of_another_type_is_refused(tmp_path
             ("rng", {**whole["rng"], "python": [3]}, "random"), ("settings", {"steps": "3"}, "steps = '3'"),
             ("settings", {"steps": 3, "ckpt_every": 0}, "ckpt_every = 0, where a count of at least 1"),
             ("settings", {"steps": 3, "run": {"eval_every": 0}}, "eval_every = 0"),  # a GRPO run's schedule
+            ("settings", {"steps": 3, "run": [1]}, "GRPO schedule (settings run) of type list"),
             ("settings", {"seed": 1}, "settings without steps")]:
         torch.save({**whole, key: value}, tmp_path / "ckpt.pt")
         with pytest.raises(CheckpointError, match=f"not a train.py checkpoint \\(.*{re.escape(message)}"):
@@ -2648,7 +2657,8 @@ def test_sampling_distribution_equals_transformers_warpers(temperature, top_k, t
 @pytest.mark.parametrize("argv,message", [
     (["--init-from", "{tmp}/nothing"], "no such folder"),
     (["--init-from", ""], "--init-from needs a folder name"),
-    (["--init-from", "{tmp}"], "no ckpt.pt"),
+    (["--init-from", "{tmp}"], "no ckpt.pt (a train.py run) or config.json (a Hugging Face directory); it holds the "
+                               "runs corrupt, diverged, foreign, mismatch: give one, e.g. "),  # as a --compare run's
     (["--init-from", "{tmp}/corrupt"], "unreadable checkpoint"),
     (["--start", ""], "the prompt is empty"),
     (["--start", "x = 1\n" * 100], "this model's context is 256"),
@@ -3148,7 +3158,7 @@ def test_a_compare_run_refuses_an_unfinished_variant_before_training_any(tmp_pat
     (["--stage", "long", "--init-from", "{base}", "--context", "0"], "must be longer"),  # 0 is not "the default"
     (["--stage", "long", "--init-from", "{base}", "--yarn-factor", "0.5"], "at least 1"),
     (["--stage", "long", "--init-from", "{tmp}/nothing"], "no such folder"),
-    (["--stage", "long", "--init-from", "{tmp}"], "no config.json"),
+    (["--stage", "long", "--init-from", "{tmp}"], "no ckpt.pt (a train.py run) or config.json (a Hugging Face "),
     (["--stage", "long", "--init-from", "{unfinished}"], "holds an unfinished pretrain run (step 1 of 3)"),
 ])
 def test_long_stage_bad_input(argv, message, small_corpus, tmp_path, capsys):

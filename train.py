@@ -499,9 +499,11 @@ class StopRequest:
             raise KeyboardInterrupt
         self.requested = True
         self.by_hand = signum == signal.SIGINT  # SIGTERM: a scheduler taking the machine back
-        # os.write, not print: the signal may have come in the middle of a print to stderr
-        os.write(sys.stderr.fileno(), b"\nstopping after this step, once its checkpoint is written; "
-                                      b"Ctrl-C again stops at once, losing the steps since the last one\n")
+        try:  # os.write, not print: the signal may have come in the middle of a print to stderr
+            os.write(sys.stderr.fileno(), b"\nstopping after this step, once its checkpoint is written; "
+                                          b"Ctrl-C again stops at once, losing the steps since the last one\n")
+        except (OSError, ValueError):  # a stderr with no file behind it (a notebook's): the flag is what counts
+            pass
 
     def release(self):
         for sig, handler in self.before.items():
@@ -610,7 +612,7 @@ def load_checkpoint(path, mmap=False):
 
 # Settings that count something, each a whole number of at least 1 wherever a run has it: a zero
 # --ckpt-every found only after the last step would lose the run's final checkpoint.
-COUNT_SETTINGS = ("steps", "batch_size", "micro_batch", "eval_every", "eval_rows", "ckpt_every", "group_size")
+COUNT_SETTINGS = ("steps", "batch_size", "micro_batch", "eval_every", "ckpt_every", "group_size")
 
 
 def checkpoint_problem(state):
@@ -623,7 +625,10 @@ def checkpoint_problem(state):
     if not (isinstance(rng.get("torch"), torch.Tensor) and rng["torch"].dtype == torch.uint8
             and isinstance(rng.get("python"), tuple)):
         return "random generator states other than torch's (a uint8 tensor) and Python's (a tuple)"
-    counts = {**state["settings"].get("run", {}), **state["settings"]}  # a GRPO run keeps its schedule in "run"
+    schedule = state["settings"].get("run", {})  # a GRPO run keeps its schedule there
+    if not isinstance(schedule, dict):
+        return f"a GRPO schedule (settings run) of type {type(schedule).__name__}"
+    counts = {**schedule, **state["settings"]}
     for key in COUNT_SETTINGS:
         if key in counts and not (type(counts[key]) is int and counts[key] >= 1):
             return f"setting {key} = {counts[key]!r}, where a count of at least 1 belongs"
@@ -723,6 +728,14 @@ def missing_folder(path):
     return CheckpointError(f"{path}: no such folder")
 
 
+def not_a_model_folder(path):
+    """The error for a folder that holds neither of the two kinds of model. A --compare run's folder
+    holds its variants' runs one level down: those are named."""
+    runs = sorted(d for d in os.listdir(path) if os.path.isfile(os.path.join(path, d, "ckpt.pt")))
+    held = f"; it holds the runs {', '.join(runs)}: give one, e.g. {os.path.join(path, runs[0])}" if runs else ""
+    return CheckpointError(f"{path}: no ckpt.pt (a train.py run) or config.json (a Hugging Face directory){held}")
+
+
 def init_config(init_from):
     """The config of the model in `init_from` (a run folder or a Hugging Face directory), read
     without loading its weights."""
@@ -732,6 +745,8 @@ def init_config(init_from):
         return Mellum2Config(**load_checkpoint(os.path.join(init_from, "ckpt.pt"), mmap=True)["config"])
     if os.path.isfile(os.path.join(init_from, "tokenizer.json")):  # the released model's, say: another vocabulary
         raise CheckpointError(f"{init_from} brings its own tokenizer.json; train.py trains with this project's")
+    if not os.path.isfile(os.path.join(init_from, "config.json")):
+        raise not_a_model_folder(init_from)
     return mellum2.read_hf_config(init_from)
 
 
