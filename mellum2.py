@@ -115,6 +115,14 @@ class Mellum2Config:
              f"eos_token_id must be an id or ids, got {self.eos_token_id!r}"),
             (min(self.vocab_size, self.n_layer, self.n_embd, self.n_head, self.n_kv_head, self.head_dim,
                  self.n_expert, self.expert_dim, self.max_seq_len) >= 1, "all sizes must be positive"),
+            # NaN fails these comparisons too: a NaN weight would otherwise only show as a loss of NaN.
+            (all(0 <= c < math.inf for c in (self.mtp_loss_weight, self.aux_loss_coef, self.z_loss_coef)),
+             f"mtp_loss_weight, aux_loss_coef and z_loss_coef must be at least 0 and finite, got "
+             f"{self.mtp_loss_weight}, {self.aux_loss_coef} and {self.z_loss_coef}"),
+            (0 < self.init_std < math.inf, f"init_std must be positive and finite, got {self.init_std}"),
+            (all(type(i) is not int or 0 <= i < self.vocab_size for i in (self.bos_token_id, *self.eos_ids)),
+             f"bos_token_id and eos_token_id must be ids below vocab_size ({self.vocab_size}), got "
+             f"{self.bos_token_id} and {self.eos_token_id}"),
         ]
         for ok, message in checks:
             if not ok:

@@ -577,6 +577,12 @@ def test_parameter_counts_of_the_release():
     (dict(yarn_beta_slow=0.0), "yarn_beta"),
     (dict(yarn_beta_fast=0.5), "yarn_beta"),      # below beta_slow: the ramp would run backwards
     (dict(yarn_attention_factor=-1.0), "yarn_attention_factor"),
+    (dict(aux_loss_coef=float("nan")), "aux_loss_coef and z_loss_coef must be at least 0"),  # NaN among others
+    (dict(mtp_loss_weight=-0.1), "mtp_loss_weight"),
+    (dict(z_loss_coef=float("inf")), "z_loss_coef"),
+    (dict(init_std=0.0), "init_std"),
+    (dict(vocab_size=512, eos_token_id=(2, 512)), "eos_token_id must be ids below vocab_size \\(512\\)"),
+    (dict(vocab_size=512, bos_token_id=-1), "bos_token_id"),
 ])
 def test_invalid_configs_raise_one_clear_error(overrides, message):
     with pytest.raises(ValueError, match=message):
