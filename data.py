@@ -618,10 +618,16 @@ class Corpus:
 def write_atomically(path, write):
     """Create the file `path` so that a crash leaves either the old file or the new one, never half of
     one: write(tmp) fills a temporary file beside it, which then replaces `path` in a single rename.
-    (The model's exports and train.py's checkpoints are written this way too.)"""
+    (The model's exports and train.py's checkpoints are written this way too.) The file keeps the
+    permissions a plain open() gives a new file, even when `write` replaces it with one of its own:
+    safetensors makes its files readable by their owner alone, and others on a shared machine could
+    not load an export."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
+        open(tmp, "wb").close()
+        permissions = os.stat(tmp).st_mode
         write(tmp)
+        os.chmod(tmp, permissions)
         with open(tmp, "rb+") as f:  # on the disk before the name points at it: after a power cut, a file
             os.fsync(f.fileno())     # renamed unsynced can come back empty on some file systems
         os.replace(tmp, path)

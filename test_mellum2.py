@@ -164,6 +164,24 @@ def test_an_export_replaces_the_one_in_its_folder(tmp_path):
         assert torch.equal(Mellum2.from_pretrained(tmp_path, device="cpu")(idx)[0], expected)
 
 
+@pytest.mark.skipif(os.name == "nt", reason="Windows files have no permission bits for others")
+def test_exports_and_checkpoints_get_the_permissions_of_any_new_file(tmp_path):
+    """safetensors writes its files readable by their owner alone: an export on a shared machine
+    would load for no one else. Every file we write gets what the umask gives any new file."""
+    model = Mellum2(SMALL)
+    old_umask = os.umask(0o022)
+    try:
+        model.save_pretrained(tmp_path / "export", max_shard_bytes=100_000)  # shards, index, config
+        train.save_checkpoint(str(tmp_path / "ckpt.pt"), model, [], 1, {"steps": 1})
+        os.umask(0o077)  # a private umask is honoured as well
+        model.save_pretrained(tmp_path / "private")
+    finally:
+        os.umask(old_umask)
+    modes = {p.relative_to(tmp_path).as_posix(): p.stat().st_mode & 0o777 for p in tmp_path.rglob("*") if p.is_file()}
+    assert len(modes) > 4 and all(mode == (0o600 if name.startswith("private/") else 0o644)
+                                  for name, mode in modes.items()), modes
+
+
 def test_mtp_tensors_are_read_when_config_json_leaves_out_their_count(tmp_path):
     ours = randomize(Mellum2(SMALL)).eval()
     ours.save_pretrained(tmp_path)
