@@ -1031,10 +1031,14 @@ def settings_from_hf(hf):
         raise unsupported(f"model_type {hf.get('model_type')!r} (expected 'mellum')")
     defaults = Mellum2Config()  # the released model, as are MellumConfig's defaults
     n_layer = hf.get("num_hidden_layers", defaults.n_layer)
+    if type(n_layer) is not int or n_layer < 1:
+        raise CheckpointError(f"config.json: unreadable (num_hidden_layers {n_layer!r}, where a number of layers "
+                              f"belongs)")
     for key in ("layer_types", "mlp_layer_types"):  # checked first: a count that differs is the whole story
         if isinstance(hf.get(key), list) and len(hf[key]) != n_layer:
+            given = "" if "num_hidden_layers" in hf else " (MellumConfig's default: config.json does not give it)"
             raise CheckpointError(f"config.json: unreadable ({key} lists {len(hf[key])} layers, "
-                                  f"num_hidden_layers is {n_layer})")
+                                  f"num_hidden_layers is {n_layer}{given})")
     for key, wanted in [("norm_topk_prob", True), ("attention_bias", False), ("hidden_act", "silu"),
                         ("tie_word_embeddings", False), ("attention_dropout", 0.0)]:
         if hf.get(key, wanted) != wanted:

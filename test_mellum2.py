@@ -709,12 +709,16 @@ def test_config_keys_left_out_mean_what_they_mean_to_transformers():
     ({"rope_parameters": {"full_attention": {"rope_type": "yarn"}}}, "unreadable.*factor"),
     ({"rope_parameters": {"full_attention": {"rope_type": "yarn", "factor": 1.0, "attention_factor": 1.5}}},
      "factor 1 and an attention_factor"),                                    # would be dropped silently
-    ({"num_hidden_layers": "four"}, "unreadable"),
+    ({"num_hidden_layers": "4", "layer_types": ["sliding_attention"] * 4}, r"num_hidden_layers '4', where a number"),
+    ({"num_hidden_layers": 4.0}, "num_hidden_layers 4.0, where"),          # was a TypeError from list * float
+    ({"num_hidden_layers": 0}, "num_hidden_layers 0, where"),
     ({"num_attention_heads": 6}, "unreadable.*divisible"),
     ({"layer_types": ["local"] * 28}, "unreadable"),
     ({"hidden_size": 2304.0}, "n_embd must be int, got 2304.0"),           # not torch.empty's TypeError
     ({"eos_token_id": [28, "x"]}, "eos_token_id must be an id or ids"),
-    ({"layer_types": ["sliding_attention"] * 4}, "layer_types lists 4 layers, num_hidden_layers is 28"),
+    ({"layer_types": ["sliding_attention"] * 4},
+     r"layer_types lists 4 layers, num_hidden_layers is 28 \(MellumConfig's default: config.json does not give it\)"),
+    ({"num_hidden_layers": 28, "mlp_layer_types": ["sparse"]}, r"lists 1 layers, num_hidden_layers is 28\)"),
     ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e3, "factor": 4.0}}, "not keyed by layer type"),
     ({"rope_parameters": {"sliding_attention": {"rope_type": "default", "partial_rotary_factor": 0.5}}},
      "partial_rotary_factor"),
