@@ -2884,6 +2884,25 @@ def test_sample_notes_a_capped_length_and_stops_quietly_on_a_closed_pipe(tmp_pat
     assert process.wait() == 1 and "Traceback" not in err and "Error" not in err
 
 
+def test_the_data_report_stops_quietly_on_a_closed_pipe(tiny, tmp_path, monkeypatch, capsys):
+    """python train.py --data-report | head: as sample.py does (it said "error: Broken pipe")."""
+    handle = open(tmp_path / "stdout", "w")
+
+    class GoneReader(io.StringIO):  # a pipe whose reader has exited, on a real file descriptor
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def fileno(self):
+            return handle.fileno()
+
+    monkeypatch.setattr(sys, "stdout", GoneReader())
+    monkeypatch.setattr(train, "train", lambda args: data.data_report(tiny, 50_000))
+    with pytest.raises(SystemExit) as stopped:
+        train.main(["--data-report"])
+    handle.close()
+    assert stopped.value.code == 1 and capsys.readouterr().err == ""
+
+
 def test_chat_with_a_base_model_says_what_teaches_it_to_chat(tmp_path, capsys):
     model = Mellum2(Mellum2Config.from_preset("tiny"))
     for stage in ("long", "sft", None):  # None: a run of a version that wrote no stage, all pre-training

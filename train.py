@@ -1949,6 +1949,9 @@ def main(argv=None):
     except (ValueError, CheckpointError, data.DataError, NonFiniteLoss) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    except BrokenPipeError:  # python train.py --data-report | head: the reader has gone, as sample.py's can
+        import sample
+        sample.on_closed_pipe()
     except OSError as e:  # the file system refused: a folder where a file should be, no permission, a full disk
         print(f"error: {describe_os_error(e)}", file=sys.stderr)
         sys.exit(1)
