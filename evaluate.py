@@ -79,8 +79,8 @@ def fim_exact_match(model, enc, examples, max_new_tokens=48):
 
 
 def synthetic_math_accuracy(model, enc, corpus, n, max_new_tokens=128):
-    """Held-out generated problems: the question line as the prompt, right when the worked solution
-    the model writes ends in "#### N" with the right N. The generator's longest worked solution is
+    """Held-out generated problems: the question line as the prompt, right when the first "#### N"
+    in the worked solution the model writes has the right N. The generator's longest worked solution is
     122 tokens. Drills repeat (the same small equation comes up more than once in 10,000 problems),
     so a held-out problem that is also a training document is left out."""
     split, training, problems = corpus.val.get("math"), corpus.train.get("math"), []
@@ -101,7 +101,9 @@ def synthetic_math_accuracy(model, enc, corpus, n, max_new_tokens=128):
     return sum(bool(f) and f.group(1) == answer for f, (_, answer) in zip(found, problems)) / len(problems)
 
 
-MIN_CONTEXT = 128  # a FIM prompt of 64 tokens and room for its middle; the chat tasks' prompts and answers
+# A FIM prompt of 64 tokens and room for its middle, and the Instruct chat tasks' prompts and answers
+# (a Thinking model's longest conversations, up to 145 tokens, are cut at a context this short).
+MIN_CONTEXT = 128
 
 
 def evaluate(model, corpus, n=64, max_rows=64):

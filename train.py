@@ -66,10 +66,10 @@ NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # the standard quintic: steepest sl
 
 
 def orthogonalize(G, steps=5, eps=1e-7, dtype=torch.bfloat16):
-    """The nearest semi-orthogonal matrix to each matrix in G (..., m, n): U V^T of G's SVD, by a
-    Newton-Schulz iteration that only needs matmuls. Leading dimensions are a batch, so a stack of
-    experts (E, out, in) is orthogonalised one expert at a time, never flattened into one matrix.
-    The quintic pushes every singular value above about 1/500 of G's norm into [0.7, 1.2] rather than
+    """The nearest semi-orthogonal matrix to G (m, n), or to each matrix of a stack G (E, m, n): U V^T
+    of its SVD, by a Newton-Schulz iteration that only needs matmuls. A stack of experts (E, out, in)
+    is orthogonalised one expert at a time, never flattened into one matrix.
+    The quintic pushes every singular value above about 1/500 of G's norm into [0.68, 1.2] rather than
     exactly 1 (smaller ones stay smaller), which trains as well and is much cheaper. bf16 is enough:
     only the direction of the update matters."""
     a, b, c = NS_COEFFICIENTS
