@@ -411,7 +411,7 @@ class MoE(nn.Module):
 
     def experts_loop(self, x, weights, experts):
         """The reference: for each expert, gather its tokens, run the SiLU-gated MLP, and add the
-        weighted result back. Slow (E small matmuls plus bookkeeping) but obvious."""
+        weighted result back. Slow (3 small matmuls per expert, plus bookkeeping) but obvious."""
         out = torch.zeros_like(x)  # (N, D)
         for e in range(self.config.n_expert):
             token, slot = (experts == e).nonzero(as_tuple=True)  # tokens that chose e, and in which slot
@@ -519,7 +519,7 @@ class MTP(nn.Module):
         logits_{t+2} = lm_head(y)                          the trunk's own head and embedding
 
     Training it (weight 0.1) makes the trunk's states carry information about more than one future
-    token (Table 1: +10.4 HumanEval at +7% step time). At inference it is a draft model that needs
+    token (Table 1: +10.4 HumanEval; §2.1.5: at +7% training time). At inference it is a draft model that needs
     no training of its own: given the token the trunk just chose, it guesses the one after, and the
     trunk checks the guess (sample.py --speculative).
     Parameter names follow the released checkpoint's `mtp.*` tensors."""
@@ -868,7 +868,7 @@ class Mellum2(nn.Module):
 def state_mismatch(model, state, shown=4):
     """Why the tensors `state` (name -> tensor) do not load into `model`, in one short line; "" when
     they do. The first few problems and how many more: a config.json with one layer too many
-    misses dozens of tensors, and an error line naming them all would hide the cause."""
+    misses a dozen tensors, and an error line naming them all would hide the cause."""
     expected = {k: v.shape for k, v in model.state_dict().items()}
     problems = [f"missing {k} {tuple(s)}" for k, s in expected.items() if k not in state]
     problems += [f"unexpected {k}" for k in state if k not in expected]

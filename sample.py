@@ -148,8 +148,8 @@ def seeded_generator(seed, device):
 def draw(probs, generator):
     """One id per row of probs (B, V), by inverse-CDF sampling: the first id whose running total
     reaches u ~ U(0, 1]. The rows need not sum to 1 (u is scaled by each row's total), and an id of
-    probability 0 is never drawn. A cumsum and a binary search take a fifth of the time of
-    torch.multinomial on a 4K vocabulary, and decoding draws once per token."""
+    probability 0 is never drawn. On a 4K vocabulary a cumsum and a binary search take 0.4x the time
+    of torch.multinomial for one row (0.2x for eight), and decoding draws once per token."""
     cdf = probs.float().cumsum(dim=-1)  # (B, V)
     # A GPU sums in parallel, in another order for each prefix, and can put the total of an id of
     # probability 0 a rounding unit above the one before it, a sliver for u to land in. Zeroing such
