@@ -3151,6 +3151,11 @@ def test_long_stage_trains_from_a_checkpoint(small_corpus, tmp_path, capsys):
     assert model.config.max_seq_len == 512 and model.config.yarn_factor == 2.0
     assert model.config.aux_loss_coef == 0.05  # the run's, not that of the checkpoint it starts from
     assert model.config.yarn_original_max_seq_len == 256 and model.config.yarn_layers == "full"
+    # It goes on from the pre-trained weights (two steps at a tenth of the learning rate move each
+    # matrix by a few percent; a fresh initialisation is as far from them as they are long).
+    base = train.model_from_checkpoint(train.load_checkpoint(tmp_path / "base" / "ckpt.pt"))
+    for (name, after), before in zip(model.state_dict().items(), base.state_dict().values()):
+        assert (after - before).norm() < 0.2 * before.norm(), name
     metrics = tmp_path / "long" / "metrics.jsonl"
     lines = metrics.read_text().splitlines()
     assert sorted(map(int, json.loads(lines[-1])["long_context_eval"])) == [256, 512, 1024, 2048]

@@ -1075,6 +1075,9 @@ def train(args, stop_after=None, settings_of=None):
     start_step = 0
     if resumed:
         restore_optimizers(optimizers, resumed)
+        # Nothing here draws from the global generators after initialisation (the data, the tasks and
+        # the rollouts have seeded generators of their own); restored all the same, so that a change
+        # that does (dropout, say) still resumes exactly.
         rng = resumed["rng"]
         torch.set_rng_state(rng["torch"])
         random.setstate(rng["python"])
