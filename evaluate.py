@@ -80,9 +80,9 @@ def fim_exact_match(model, enc, examples, max_new_tokens=48):
 
 def synthetic_math_accuracy(model, enc, corpus, n, max_new_tokens=128):
     """Held-out generated problems: the question line as the prompt, right when the first "#### N"
-    in the worked solution the model writes has the right N. The generator's longest worked solution is
-    122 tokens. Drills repeat (the same small equation comes up more than once in 10,000 problems),
-    so a held-out problem that is also a training document is left out."""
+    in the worked solution the model writes has the right N. The generator's longest worked
+    solution is 122 tokens. Drills repeat (the same small equation comes up more than once in 10,000
+    problems), so a held-out problem that is also a training document is left out."""
     split, training, problems = corpus.val.get("math"), corpus.train.get("math"), []
     trained = {training.doc(i).tobytes() for i in range(len(training.offsets) - 1)} if training else set()
     for i in range(len(split.offsets) - 1 if split else 0):

@@ -519,9 +519,9 @@ class MTP(nn.Module):
         logits_{t+2} = lm_head(y)                          the trunk's own head and embedding
 
     Training it (weight 0.1) makes the trunk's states carry information about more than one future
-    token (Table 1: +10.4 HumanEval; §2.1.5: at +7% training time). At inference it is a draft model that needs
-    no training of its own: given the token the trunk just chose, it guesses the one after, and the
-    trunk checks the guess (sample.py --speculative).
+    token (Table 1: +10.4 HumanEval; §2.1.5: at +7% training time). At inference it is a draft model
+    that needs no training of its own: given the token the trunk just chose, it guesses the one
+    after, and the trunk checks the guess (sample.py --speculative).
     Parameter names follow the released checkpoint's `mtp.*` tensors."""
 
     def __init__(self, config):
