@@ -1156,7 +1156,7 @@ def test_cache_reused_and_rebuilt_on_change(tmp_path, enc):
     assert not retokenized.from_cache and retokenized.folder not in (first.folder, renamed.folder)
 
 
-def test_cache_rebuilt_when_the_split_pattern_changes(tmp_path, monkeypatch):
+def test_cache_rebuilt_when_the_split_pattern_or_the_held_out_share_changes(tmp_path, monkeypatch):
     """The same rank file with another pre-tokenization pattern encodes differently: the cached
     tokens of the old pattern must not be reused."""
     root = write_tiny_corpus(tmp_path / "src", seed=5, n=4)
@@ -1168,6 +1168,10 @@ def test_cache_rebuilt_when_the_split_pattern_changes(tmp_path, monkeypatch):
     assert split.doc(0).tolist() == data.load_tokenizer().encode_ordinary(
         (root.parent / split.keys[0]).read_text())
     assert split.doc(0).tolist() != first.train["code"].doc(first.train["code"].keys.index(split.keys[0])).tolist()
+    # Another held-out share moves documents between the splits: that cache cannot be reused either.
+    monkeypatch.setattr(data, "VAL_FRACTION", 0.5)
+    halved = data.build_corpus([root], cache_dir=tmp_path / "cache", progress=False, default_sources=False)
+    assert not halved.from_cache and halved.folder not in (first.folder, changed.folder)
 
 
 @pytest.mark.parametrize("damage", ["truncated tokens", "empty offsets", "garbled offsets", "torn manifest",
