@@ -113,6 +113,15 @@ def check_route():
             tolerance = 1e-6 if x.dtype == torch.float32 else 1e-2  # the weights come back in x's dtype
             assert [chosen[e] for e in best] == pytest.approx([probs[e] / total for e in best], abs=tolerance)
         assert weights.dtype == x.dtype, "the weights come back in x's dtype, ready to scale its experts' outputs"
+    # Two experts 0.001 apart, equal in bf16 (in both orders, whichever way a tie falls): fp32 keeps the larger.
+    near = mellum2.MoE(CONFIG)
+    with torch.no_grad():
+        near.gate.weight.zero_()
+        near.gate.weight[:4, 0] = torch.tensor([4.0, 3.0, 2.001, 2.0])
+        near.gate.weight[:4, 1] = torch.tensor([4.0, 3.0, 2.0, 2.001])
+    x = torch.zeros(2, CONFIG.n_embd, dtype=torch.bfloat16)
+    x[0, 0] = x[1, 1] = 1
+    assert [sorted(row) for row in near.route(x)[2].tolist()] == [[0, 1, 2], [0, 1, 3]], "near ties need fp32"
 
 
 def check_load_balancing_loss():
@@ -253,6 +262,12 @@ def route_in_the_activations_dtype(self, x):  # bf16 logits: near-tied experts s
     return logits, (top / top.sum(-1, keepdim=True)).to(x.dtype), experts
 
 
+def route_normalised_in_the_activations_dtype(self, x):  # fp32 logits, bf16 softmax: near ties fall either way
+    logits = F.linear(x.float(), self.gate.weight.float())
+    top, experts = logits.to(x.dtype).softmax(-1).topk(self.config.n_expert_active, dim=-1)
+    return logits, top / top.sum(-1, keepdim=True), experts
+
+
 def balance_by_tokens(logits, experts, n_expert):  # counts tokens rather than routing slots
     f = torch.bincount(experts.flatten(), minlength=n_expert).float() / experts.shape[0]
     return n_expert * (f * logits.softmax(-1).mean(0)).sum()
@@ -293,7 +308,8 @@ NEAR_MISSES = {
     "exercise_01_rmsnorm": (mellum2.RMSNorm, "forward", [rmsnorm_eps_outside]),
     "exercise_02_apply_rope": (mellum2, "apply_rope", [rope_interleaved, rope_for_one_sequence]),
     "exercise_03_attention_mask": (mellum2, "attention_mask", [mask_window_off_by_one, mask_from_the_shapes]),
-    "exercise_04_route": (mellum2.MoE, "route", [route_without_renormalising, route_in_the_activations_dtype]),
+    "exercise_04_route": (mellum2.MoE, "route", [route_without_renormalising, route_in_the_activations_dtype,
+                                                      route_normalised_in_the_activations_dtype]),
     "exercise_05_load_balancing_loss": (mellum2, "load_balancing_loss", [balance_by_tokens]),
     "exercise_06_orthogonalize": (train, "orthogonalize", [orthogonalize_normalise_only,
                                                            orthogonalize_with_one_norm_per_stack]),
