@@ -28,6 +28,7 @@ import torch
 
 import data
 import mellum2
+import sample
 import train
 from mellum2 import PRESETS, Mellum2, Mellum2Config
 
@@ -167,8 +168,6 @@ def decoding(args):
     """Greedy decoding on held-out code: ours vs transformers' generate on the same weights (plain and
     with its own MTP drafting), speculative vs plain decoding with the acceptance rate, and the cost of
     each kind of pass, which says what acceptance speculative decoding needs to pay."""
-    import sample
-
     if args.new_tokens < 3:  # fewer leave speculative decoding nothing to draft, and the passes nothing to replay
         raise ValueError(f"--new-tokens must be at least 3, got {args.new_tokens}")
     model, _ = sample.load_model(args.init_from, "cpu")
@@ -272,8 +271,6 @@ def prefill(args):
     """A long prompt into the KV cache as sample.py feeds it (sample.PREFILL_CHUNK tokens at a time)
     against all of it in one pass: time and peak memory, on the tiny preset stretched to the prompt's
     length (untrained weights: a prefill costs the same whatever they hold)."""
-    import sample
-
     torch.manual_seed(0)
     config = Mellum2Config.from_preset("tiny", max_seq_len=args.prompt_len + 1)
     model = Mellum2(config).eval()
@@ -425,6 +422,7 @@ def main(argv=None):
             sys.exit(1)
         torch.set_num_threads(args.threads)
     try:
+        sample.check_stdout_open()
         {"params": params, "model": lambda: model(args), "train": lambda: train_steps(args),
          "decode": lambda: decoding(args),
          "prefill": lambda: prefill(args), "kernels": lambda: kernel_speed(args)}[args.what]()
@@ -438,7 +436,6 @@ def main(argv=None):
         print(f"error: out of memory ({train.one_line(e)[:160]}){advice}", file=sys.stderr)
         sys.exit(1)
     except BrokenPipeError:  # python bench.py params | head
-        import sample
         sample.on_closed_pipe()
     except OSError as e:  # writing the results failed: a full disk behind the redirection
         print(f"error: {train.describe_os_error(e)}", file=sys.stderr)

@@ -495,6 +495,12 @@ class Printer:
             self.held = ""
 
 
+def check_stdout_open():
+    """Started with its standard output closed (`>&-`), a script would print into nothing and exit 0."""
+    if sys.stdout is None:
+        raise ValueError("the standard output is closed: there is nowhere to write")
+
+
 def on_closed_pipe():
     """The reader of our output has gone (`python sample.py | head`): stop quietly, and point stdout
     at nothing so Python's own flush at exit does not raise again."""
@@ -510,6 +516,7 @@ def main(argv=None):
         sys.stdout.reconfigure(errors="replace")
     try:
         check_args(args)
+        check_stdout_open()
         model, vocab = load_model(args.init_from, args.device)
         kernels.install(model, args.kernels)
         ids, stop_ids = build_prompt(args, vocab)

@@ -2954,6 +2954,20 @@ def test_sample_notes_a_capped_length_and_stops_quietly_on_a_closed_pipe(tmp_pat
     assert process.wait() == 1 and err == ""
 
 
+@pytest.mark.parametrize("script,argv", [("sample", ["--max-new-tokens", "2"]), ("bench", ["params"]),
+                                         ("train", ["--data-report"])])
+def test_a_closed_standard_output_is_refused_not_written_into(script, argv, tmp_path, monkeypatch, capsys):
+    """`python sample.py >&-` printed into nothing and exited 0; so did bench.py and the data report."""
+    if script == "sample":
+        Mellum2(Mellum2Config.from_preset("tiny")).save_pretrained(tmp_path)
+        argv = ["--init-from", str(tmp_path), *argv]
+    monkeypatch.setattr(sys, "stdout", None)  # what Python sets when descriptor 1 is closed
+    with pytest.raises(SystemExit) as stopped:
+        {"sample": sample, "bench": __import__("bench"), "train": train}[script].main(argv)
+    assert stopped.value.code == 1
+    assert capsys.readouterr().err == "error: the standard output is closed: there is nowhere to write\n"
+
+
 def test_the_data_report_stops_quietly_on_a_closed_pipe(tiny, tmp_path, monkeypatch, capsys):
     """python train.py --data-report | head: as sample.py does (it said "error: Broken pipe")."""
     handle = open(tmp_path / "stdout", "w")

@@ -1942,6 +1942,9 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         check_command(args)
+        if args.data_report:  # the report is all it writes (a run's progress may go nowhere)
+            import sample
+            sample.check_stdout_open()
         # One process of a run holds the lock (torchrun starts several); --data-report writes nothing.
         holds_lock = int(os.environ.get("RANK", "0")) == 0 and not args.data_report
         with run_folder_lock(run_folder(args)) if holds_lock else contextlib.nullcontext():
