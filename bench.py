@@ -422,7 +422,7 @@ def main(argv=None):
             sys.exit(1)
         torch.set_num_threads(args.threads)
     try:
-        sample.check_stdout_open()
+        train.check_stdout_open()
         {"params": params, "model": lambda: model(args), "train": lambda: train_steps(args),
          "decode": lambda: decoding(args),
          "prefill": lambda: prefill(args), "kernels": lambda: kernel_speed(args)}[args.what]()
@@ -436,7 +436,7 @@ def main(argv=None):
         print(f"error: out of memory ({train.one_line(e)[:160]}){advice}", file=sys.stderr)
         sys.exit(1)
     except BrokenPipeError:  # python bench.py params | head
-        sample.on_closed_pipe()
+        train.on_closed_pipe()
     except OSError as e:  # writing the results failed: a full disk behind the redirection
         print(f"error: {train.describe_os_error(e)}", file=sys.stderr)
         sys.exit(1)

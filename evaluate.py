@@ -196,7 +196,7 @@ def main(argv=None):
     if failed:
         print(f"error: {failed}", file=sys.stderr)
     if reader_gone:
-        sample.on_closed_pipe()
+        train.on_closed_pipe()
     if failed:
         sys.exit(1)
 

@@ -495,19 +495,6 @@ class Printer:
             self.held = ""
 
 
-def check_stdout_open():
-    """Started with its standard output closed (`>&-`), a script would print into nothing and exit 0."""
-    if sys.stdout is None:
-        raise ValueError("the standard output is closed: there is nowhere to write")
-
-
-def on_closed_pipe():
-    """The reader of our output has gone (`python sample.py | head`): stop quietly, and point stdout
-    at nothing so Python's own flush at exit does not raise again."""
-    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-    sys.exit(1)
-
-
 def main(argv=None):
     args = parse_args(argv)
     # A file or pipe in a legacy encoding (cp1252: a redirect on Windows) cannot take every character
@@ -516,7 +503,7 @@ def main(argv=None):
         sys.stdout.reconfigure(errors="replace")
     try:
         check_args(args)
-        check_stdout_open()
+        train.check_stdout_open()
         model, vocab = load_model(args.init_from, args.device)
         kernels.install(model, args.kernels)
         ids, stop_ids = build_prompt(args, vocab)
@@ -563,7 +550,7 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     except BrokenPipeError:
-        on_closed_pipe()
+        train.on_closed_pipe()
     except OSError as e:  # writing the answer failed: a full disk behind the redirection
         print(f"error: {train.describe_os_error(e)}", file=sys.stderr)
         sys.exit(1)

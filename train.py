@@ -568,6 +568,19 @@ def describe_os_error(error):
     return f"{error.filename}: {error.strerror}" if error.filename else error.strerror or one_line(error)
 
 
+def check_stdout_open():
+    """Started with its standard output closed (`>&-`), a script would print into nothing and exit 0."""
+    if sys.stdout is None:
+        raise ValueError("the standard output is closed: there is nowhere to write")
+
+
+def on_closed_pipe():
+    """The reader of our output has gone (`python sample.py | head`): stop quietly, and point stdout
+    at nothing so Python's own flush at exit does not raise again."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    sys.exit(1)
+
+
 def load_checkpoint(path, mmap=False):
     """A checkpoint's contents. weights_only: a checkpoint holds tensors, numbers and strings only,
     so loading one cannot run code that came with the file. mmap: map the tensors instead of
@@ -1943,8 +1956,7 @@ def main(argv=None):
     try:
         check_command(args)
         if args.data_report:  # the report is all it writes (a run's progress may go nowhere)
-            import sample
-            sample.check_stdout_open()
+            check_stdout_open()
         # One process of a run holds the lock (torchrun starts several); --data-report writes nothing.
         holds_lock = int(os.environ.get("RANK", "0")) == 0 and not args.data_report
         with run_folder_lock(run_folder(args)) if holds_lock else contextlib.nullcontext():
@@ -1956,8 +1968,7 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     except BrokenPipeError:  # python train.py --data-report | head: the reader has gone, as sample.py's can
-        import sample
-        sample.on_closed_pipe()
+        on_closed_pipe()
     except OSError as e:  # the file system refused: a folder where a file should be, no permission, a full disk
         print(f"error: {describe_os_error(e)}", file=sys.stderr)
         sys.exit(1)
