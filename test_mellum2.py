@@ -1851,9 +1851,17 @@ def test_a_resumed_run_may_split_its_steps_into_smaller_micro_batches(small_corp
 
     straight = train.train(run_args(small_corpus, tmp_path / "a", "--max-steps", "4"))
     train.train(run_args(small_corpus, tmp_path / "b", "--max-steps", "4"), stop_after=2)
-    # As an earlier version wrote it: validation counted in batches of the micro-batch (16 x 4 rows).
+    # A setting this version reads, gone (an edited file): said before any step, not as a KeyError
+    # when the schedule first reads it.
     state = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)
+    torch.save({**state, "settings": {k: v for k, v in state["settings"].items() if k != "decay_fraction"}},
+               tmp_path / "b" / "ckpt.pt")
+    with pytest.raises(CheckpointError, match="settings lack decay_fraction, which this train.py reads"):
+        train.train(run_args(small_corpus, tmp_path / "b", "--resume"))
+    # As an earlier version wrote it: validation counted in batches of the micro-batch (16 x 4 rows),
+    # and no dense baseline to ask for.
     assert state["settings"].pop("eval_rows") == 64 and state["settings"]["micro_batch"] == 4
+    assert state["settings"].pop("dense") is False
     torch.save({**state, "settings": {**state["settings"], "eval_batches": 16}}, tmp_path / "b" / "ckpt.pt")
     capsys.readouterr()
     resumed = train.train(run_args(small_corpus, tmp_path / "b", "--resume", "--micro-batch", "2"))

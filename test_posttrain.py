@@ -596,6 +596,15 @@ def test_grpo_runs_end_to_end_and_resumes_exactly(sft_run, tmp_path, monkeypatch
     assert sum(len(g["params"]) for g in adamw["param_groups"]) == len(list(start.parameters()))
     # Stopped after one step and resumed: the same parameters, the same logged rewards.
     train.grpo(grpo_args(sft_run, tmp_path / "b"), stop_after=1)
+    # With a setting this version reads gone, from the run or from its schedule: said before any step.
+    saved = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)
+    schedule = {k: v for k, v in saved["settings"]["run"].items() if k != "eval_tasks"}
+    for settings, missing in [({k: v for k, v in saved["settings"].items() if k != "concision"}, "concision"),
+                              ({**saved["settings"], "run": schedule}, "eval_tasks")]:
+        torch.save({**saved, "settings": settings}, tmp_path / "b" / "ckpt.pt")
+        with pytest.raises(train.CheckpointError, match=f"settings lack {missing}, which this train.py reads"):
+            train.grpo(grpo_args(sft_run, tmp_path / "b", "--resume"))
+    torch.save(saved, tmp_path / "b" / "ckpt.pt")
     resumed = train.grpo(grpo_args(sft_run, tmp_path / "b", "--resume"))
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name

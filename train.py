@@ -670,6 +670,16 @@ def model_from_checkpoint(state):
     return model
 
 
+def check_resumable(saved, fresh):
+    """A run that continues a checkpoint reads each setting a new run of its kind has: one missing (an
+    edited file, or an earlier train.py's from before the setting existed) is said now, not found by a
+    crash partway through the run."""
+    missing = [key for key in fresh if key not in saved]
+    if missing:
+        raise CheckpointError(f"the checkpoint's settings lack {', '.join(missing)}, which this train.py reads: it "
+                              f"was edited, or written by an earlier version; start the run again")
+
+
 def run_folder(args):
     """--out-dir, else out/SIZE, out/SIZE-long, out/SIZE-sft-VARIANT or out/SIZE-grpo-VARIANT."""
     suffix = {"pretrain": "", "long": "-long", "sft": f"-sft-{args.variant}", "grpo": f"-grpo-{args.variant}"}
@@ -983,6 +993,25 @@ def long_context(settings, config):
     return given(settings["context"], LONG_RUNS[settings["size"]].context_factor * config.max_seq_len)
 
 
+def run_settings(args):
+    """A new pre-training, long-context or SFT run's settings: its size's preset for the stage, and the
+    flags. They are saved with each checkpoint, and a resumed run takes them from there."""
+    run = {"long": LONG_RUNS, "sft": SFT_RUNS}.get(args.stage, RUNS)[args.size]
+    batch_size, steps = given(args.batch_size, run.batch_size), given(args.max_steps, preset_steps(run, args))
+    return dict(size=args.size, seed=args.seed, steps=steps,
+                batch_size=batch_size, micro_batch=given(args.micro_batch, min(run.micro_batch, batch_size)),
+                lr=given(args.lr, run.lr), warmup_steps=warmup_within(run.warmup_steps, steps),
+                decay_fraction=run.decay_fraction,
+                ramp_fraction=run.ramp_fraction, eval_every=run.eval_every, eval_rows=run.eval_rows,
+                ckpt_every=run.ckpt_every, optimizer=args.optimizer, mtp=not args.no_mtp, fp8=args.fp8,
+                aux_coef=given(args.aux_coef, 1e-4 if args.stage == "sft" else 1e-3), eval_tasks=run.eval_tasks,
+                dense=args.dense,
+                data=list(args.data), default_data=not args.no_default_data,
+                allow_over_repetition=args.allow_over_repetition,
+                init_from=args.init_from, stage=args.stage, context=args.context,
+                yarn_factor=args.yarn_factor, rope_variant=args.rope_variant, variant=args.variant)
+
+
 def train(args, stop_after=None, settings_of=None):
     """The whole run. stop_after=N stops after N steps as Ctrl-C would (tests use it). settings_of: the
     settings of another run to start this one with (--compare --resume: a variant not begun yet
@@ -1000,27 +1029,16 @@ def train(args, stop_after=None, settings_of=None):
     resumed = resumed_run(args, out_dir, say) if args.resume else None
     if resumed or settings_of:
         settings = resumed["settings"] if resumed else {**settings_of, "rope_variant": args.rope_variant}
-        if "eval_rows" not in settings:  # an earlier version's run, which validated on batches of micro_batch
-            settings["eval_rows"] = settings.pop("eval_batches") * settings["micro_batch"]
+        settings.setdefault("dense", False)  # an earlier version's run, from before the dense baseline
+        if "eval_rows" not in settings and {"eval_batches", "micro_batch"} <= settings.keys():
+            settings["eval_rows"] = settings.pop("eval_batches") * settings["micro_batch"]  # it validated in batches
+        check_resumable(settings, run_settings(args))
         # Taken: it changes how a step is split, not what it computes (up to rounding and the balance
         # loss, taken per micro-batch), and it is how a run that ran out of memory goes on.
         if args.micro_batch is not None:
             settings["micro_batch"] = args.micro_batch
     else:
-        run = {"long": LONG_RUNS, "sft": SFT_RUNS}.get(args.stage, RUNS)[args.size]
-        batch_size, steps = given(args.batch_size, run.batch_size), given(args.max_steps, preset_steps(run, args))
-        settings = dict(size=args.size, seed=args.seed, steps=steps,
-                        batch_size=batch_size, micro_batch=given(args.micro_batch, min(run.micro_batch, batch_size)),
-                        lr=given(args.lr, run.lr), warmup_steps=warmup_within(run.warmup_steps, steps),
-                        decay_fraction=run.decay_fraction,
-                        ramp_fraction=run.ramp_fraction, eval_every=run.eval_every, eval_rows=run.eval_rows,
-                        ckpt_every=run.ckpt_every, optimizer=args.optimizer, mtp=not args.no_mtp, fp8=args.fp8,
-                        aux_coef=given(args.aux_coef, 1e-4 if sft else 1e-3), eval_tasks=run.eval_tasks,
-                        dense=args.dense,
-                        data=list(args.data), default_data=not args.no_default_data,
-                        allow_over_repetition=args.allow_over_repetition,
-                        init_from=args.init_from, stage=args.stage, context=args.context,
-                        yarn_factor=args.yarn_factor, rope_variant=args.rope_variant, variant=args.variant)
+        settings = run_settings(args)
     s = settings
     check_settings(s, world)
     if not resumed and not args.data_report:  # the report writes nothing
@@ -1044,7 +1062,7 @@ def train(args, stop_after=None, settings_of=None):
         config = init_config(s["init_from"])
     else:
         config = Mellum2Config.from_preset(s["size"], n_mtp=1 if s["mtp"] else 0, aux_loss_coef=s["aux_coef"])
-        if s.get("dense"):
+        if s["dense"]:
             config = mellum2.dense_config(config)
     # The long-context stage trains on the phase-3 mix (§4.2 starts from it); SFT on demonstrations.
     only_phase = len(data.PHASES) - 1 if s["stage"] == "long" else None
@@ -1597,6 +1615,17 @@ class RolloutWorker:
         self.verifier.close()
 
 
+def grpo_settings(args):
+    """A new RL run's settings: its size's preset, and the flags."""
+    preset = GRPO_RUNS[args.size]
+    steps = given(args.max_steps, preset_steps(preset, args))
+    run = dataclasses.replace(preset, warmup_steps=warmup_within(preset.warmup_steps, steps))
+    return dict(stage="grpo", size=args.size, variant=args.variant, seed=args.seed, init_from=args.init_from,
+                steps=steps, group_size=given(args.group_size, run.group_size),
+                lr=given(args.lr, run.lr), staleness=0 if args.sync else args.max_staleness,
+                concision=not args.no_concision, run=dataclasses.asdict(run))
+
+
 def grpo(args, stop_after=None):
     """The RL stage: python train.py --stage grpo --variant instruct --init-from out/tiny-sft-instruct."""
     if "RANK" in os.environ:
@@ -1607,15 +1636,12 @@ def grpo(args, stop_after=None):
     resumed = resumed_run(args, out_dir, print) if args.resume else None
     if resumed:
         s = resumed["settings"]
+        fresh = grpo_settings(args)
+        check_resumable(s, fresh)
+        check_resumable(s["run"], fresh["run"])  # the schedule, an RLRun
         raw = model_from_checkpoint(resumed)
     else:
-        preset = GRPO_RUNS[args.size]
-        steps = given(args.max_steps, preset_steps(preset, args))
-        run = dataclasses.replace(preset, warmup_steps=warmup_within(preset.warmup_steps, steps))
-        s = dict(stage="grpo", size=args.size, variant=args.variant, seed=args.seed, init_from=args.init_from,
-                 steps=steps, group_size=given(args.group_size, run.group_size),
-                 lr=given(args.lr, run.lr), staleness=0 if args.sync else args.max_staleness,
-                 concision=not args.no_concision, run=dataclasses.asdict(run))
+        s = grpo_settings(args)
         if s["group_size"] < 2:
             raise ValueError(f"--group-size must be at least 2 (the leave-one-out baseline needs another "
                              f"answer), got {s['group_size']}")
