@@ -107,7 +107,7 @@ def trained_stage(init_from):
     path = os.path.join(init_from, "ckpt.pt")
     if not os.path.isfile(path):
         return None
-    return train.load_checkpoint(path, mmap=True)["settings"].get("stage", "pretrain")
+    return train.load_checkpoint(path, mmap=True, verify=False)["settings"].get("stage", "pretrain")
 
 
 # -----------------------------------------------------------------------------------------------

@@ -2130,6 +2130,24 @@ def test_a_file_that_is_no_checkpoint_is_called_that(tmp_path, mmap):
             train.load_checkpoint(tmp_path / "ckpt.pt", mmap=mmap)
 
 
+def test_a_bit_flipped_on_disk_is_found_by_the_checksum_not_loaded_as_a_weight(tmp_path, capsys):
+    model = Mellum2(SMALL)
+    train.save_checkpoint(tmp_path / "ckpt.pt", model, [], 1, {"steps": 1})
+    whole = bytearray((tmp_path / "ckpt.pt").read_bytes())
+    at = whole.find(model.lm_head.weight.detach().numpy().tobytes()) + 5
+    whole[at] ^= 0x10
+    (tmp_path / "ckpt.pt").write_bytes(whole)
+    # torch.load alone takes it: one weight quietly changed.
+    peeked = train.load_checkpoint(tmp_path / "ckpt.pt", mmap=True, verify=False)["model"]["lm_head.weight"]
+    assert not torch.equal(peeked, model.lm_head.weight)
+    with pytest.raises(CheckpointError, match="ckpt.pt: damaged checkpoint \\(part ckpt.pt/data/\\d+ does not match"):
+        train.load_checkpoint(tmp_path / "ckpt.pt")
+    with pytest.raises(SystemExit) as exit_info:  # sample.py reads the weights only, and checks them too
+        sample.main(["--init-from", str(tmp_path), "--start", "x"])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 1 and len(err.splitlines()) == 1 and "damaged checkpoint" in err
+
+
 def test_a_checkpoint_that_cannot_be_opened_says_why(tmp_path, monkeypatch):
     import builtins
     train.save_checkpoint(tmp_path / "ckpt.pt", Mellum2(SMALL), [], 1, {"steps": 1})

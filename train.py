@@ -581,10 +581,13 @@ def on_closed_pipe():
     sys.exit(1)
 
 
-def load_checkpoint(path, mmap=False):
+def load_checkpoint(path, mmap=False, verify=True):
     """A checkpoint's contents. weights_only: a checkpoint holds tensors, numbers and strings only,
     so loading one cannot run code that came with the file. mmap: map the tensors instead of
-    reading them, for a look at the step and settings (a 12B run's checkpoint is about 100 GB)."""
+    reading them (a 12B run's checkpoint is about 100 GB, most of it the optimizers' state).
+    verify: read every part once to check it against the CRC-32 torch.save wrote for it, which
+    torch.load does not: a bit flipped on disk would load as a changed weight. A look at the step
+    and settings goes without (verify=False)."""
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no checkpoint there")
     try:
@@ -595,6 +598,15 @@ def load_checkpoint(path, mmap=False):
     if not is_zip:  # said plainly: torch.load's own errors for these suggest re-saving the file
         raise CheckpointError(f"{path}: unreadable checkpoint (not a zip archive as torch.save writes: truncated, "
                               f"damaged, or another kind of file)")
+    if verify:
+        try:
+            with zipfile.ZipFile(path) as archive:
+                damaged = archive.testzip()
+        except Exception as e:  # a part whose header is damaged, or a file that cannot be read
+            raise CheckpointError(f"{path}: unreadable checkpoint ({one_line(e)})") from None
+        if damaged:
+            raise CheckpointError(f"{path}: damaged checkpoint (part {damaged} does not match its checksum: the file "
+                                  f"changed on disk or in a copy)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError:
@@ -720,7 +732,7 @@ def check_out_dir(out_dir, stage, say):
         raise ValueError(f"{ckpt_path} is in the way: the run's checkpoint goes there")
     if os.path.isfile(ckpt_path):
         try:
-            state = load_checkpoint(ckpt_path, mmap=True)
+            state = load_checkpoint(ckpt_path, mmap=True, verify=False)
         except CheckpointError as e:  # neither this run nor --resume can use it; only its owner may drop it
             raise CheckpointError(f"{e}: move it away, or choose another --out-dir") from None
         step, steps = state["step"], state["settings"]["steps"]
@@ -765,7 +777,8 @@ def init_config(init_from):
     if not os.path.isdir(init_from):
         raise missing_folder(init_from)
     if os.path.isfile(os.path.join(init_from, "ckpt.pt")):
-        return Mellum2Config(**load_checkpoint(os.path.join(init_from, "ckpt.pt"), mmap=True)["config"])
+        state = load_checkpoint(os.path.join(init_from, "ckpt.pt"), mmap=True, verify=False)
+        return Mellum2Config(**state["config"])
     if os.path.isfile(os.path.join(init_from, "tokenizer.json")):  # the released model's, say: another vocabulary
         raise CheckpointError(f"{init_from} brings its own tokenizer.json; train.py trains with this project's")
     if not os.path.isfile(os.path.join(init_from, "config.json")):
@@ -1243,7 +1256,7 @@ def compare_rope_variants(args):
         raise ValueError(f"{base_dir}: no --compare run to resume there (its variants' folders hold no checkpoint)")
     # The variants not begun yet start with the settings of those that were, so that all of them
     # train on the same tokens for the same steps, whatever flags the resuming command gives.
-    settings = load_checkpoint(begun[0], mmap=True)["settings"] if begun else None
+    settings = load_checkpoint(begun[0], mmap=True, verify=False)["settings"] if begun else None
     if not args.resume:  # all refusals first: an unfinished last variant would stop the loop after the others ran
         for path in checkpoints:
             check_out_dir(os.path.dirname(path), args.stage, say=lambda message: None)  # train() says its notes
@@ -1654,7 +1667,8 @@ def grpo(args, stop_after=None):
         if not os.path.isfile(os.path.join(args.init_from, "ckpt.pt")):
             raise ValueError(f"{args.init_from}: --stage grpo starts from a train.py --stage sft run folder")
         raw = init_model(None, args.init_from, START_STAGES["grpo"])
-        tuned_as = load_checkpoint(os.path.join(args.init_from, "ckpt.pt"), mmap=True)["settings"]["variant"]
+        sft_run = load_checkpoint(os.path.join(args.init_from, "ckpt.pt"), mmap=True, verify=False)
+        tuned_as = sft_run["settings"]["variant"]
         if tuned_as != args.variant:
             raise ValueError(f"{args.init_from} was fine-tuned as {tuned_as}; GRPO --variant {args.variant} needs "
                              f"a {args.variant} SFT run (the report trains each separately)")
