@@ -38,12 +38,14 @@ from mellum2 import CheckpointError
 
 
 @torch.no_grad()
-def loss_and_bits_per_byte(model, enc, corpus, source, seq_len, max_rows, batch_size=8):
+def loss_and_bits_per_byte(model, enc, corpus, source, seq_len, max_rows, batch_tokens=8192):
     """(mean next-token loss in nats, bits per byte) on a source's held-out split. Bits per byte:
-    the summed loss in bits over the UTF-8 bytes of the text predicted (special tokens carry none)."""
+    the summed loss in bits over the UTF-8 bytes of the text predicted (special tokens carry none).
+    A forward takes about batch_tokens tokens: 8 rows of a 1024-token context, one row of a
+    long-context model's 131072 (whose logits alone are 2 GiB), as a training micro-batch of one."""
     nats, n_tokens, n_bytes = 0.0, 0, 0
     device = next(model.parameters()).device
-    for x, y in data.val_batches(corpus, source, batch_size, seq_len, max_rows):
+    for x, y in data.val_batches(corpus, source, max(1, batch_tokens // seq_len), seq_len, max_rows):
         logits, _ = model(x.to(device))
         nats += F.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten(), reduction="sum").item()
         n_tokens += y.numel()
@@ -168,6 +170,12 @@ def main(argv=None):
         sys.exit(1)
     except OSError as e:  # the corpus cache cannot be written: a read-only checkout, a full disk
         print(f"error: {train.describe_os_error(e)}", file=sys.stderr)
+        sys.exit(1)
+    except (RuntimeError, MemoryError) as e:
+        if not train.out_of_memory(e):
+            raise
+        print(f"error: out of memory ({train.one_line(e)[:160]}): a smaller --n decodes fewer problems at once",
+              file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)

@@ -3362,12 +3362,24 @@ def small_built_corpus(small_corpus, tmp_path_factory):
 
 def test_bits_per_byte_of_a_uniform_model(small_built_corpus, enc):
     config = Mellum2Config.from_preset("tiny")
-    loss, bpb = evaluate.loss_and_bits_per_byte(UniformModel(config), enc, small_built_corpus, "web", 256, 8)
     targets = torch.cat([y.flatten() for _, y in data.val_batches(small_built_corpus, "web", 8, 256, 8)])
     assert data.EOT in targets.tolist()  # rows that cross from one file to the next: a special token has no bytes
     n_bytes = len(enc.decode_bytes([t for t in targets.tolist() if t < data.N_RANKS]))
-    assert loss == pytest.approx(math.log(config.vocab_size))
-    assert bpb == pytest.approx(len(targets) * math.log2(config.vocab_size) / n_bytes)
+    shapes = []
+
+    class Counted(UniformModel):
+        def forward(self, idx):
+            shapes.append(tuple(idx.shape))
+            return super().forward(idx)
+    assert len(targets) == 5 * 256  # the held-out rows there are, up to 8
+    # All in one forward, or as many as batch_tokens holds, at least one: the same scores.
+    for batch_tokens, batches in [(8192, [(5, 256)]), (600, [(2, 256)] * 2 + [(1, 256)]), (100, [(1, 256)] * 5)]:
+        shapes.clear()
+        loss, bpb = evaluate.loss_and_bits_per_byte(Counted(config), enc, small_built_corpus, "web", 256, 8,
+                                                    batch_tokens)
+        assert shapes == batches
+        assert loss == pytest.approx(math.log(config.vocab_size))
+        assert bpb == pytest.approx(len(targets) * math.log2(config.vocab_size) / n_bytes)
 
 
 def test_fim_examples_cut_one_held_out_line(small_built_corpus, enc):
@@ -3469,6 +3481,21 @@ def test_evaluate_bad_input(argv, message, tmp_path, capsys):
         evaluate.main(["--init-from", str(tmp_path / "nothing")] + [a.format(tmp=tmp_path) for a in argv])
     err = capsys.readouterr().err.strip()
     assert exit_info.value.code == 1 and message in err and len(err.splitlines()) == 1
+
+
+def test_evaluate_out_of_memory_is_one_line(monkeypatch, capsys):
+    monkeypatch.setattr(evaluate.sample, "load_model", lambda *a: (None, sample.Vocabulary(None, {}, set())))
+    monkeypatch.setattr(evaluate.data, "build_corpus", lambda **k: None)
+
+    def too_big(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: "
+                           "you tried to allocate 17179869184 bytes. Error code 12 (Cannot allocate memory)")
+    monkeypatch.setattr(evaluate, "evaluate", too_big)
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main([])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 1 and len(err.splitlines()) == 1
+    assert err.startswith("error: out of memory") and err.endswith("a smaller --n decodes fewer problems at once")
 
 
 def test_evaluate_writes_the_json_even_when_the_terminal_fails(tmp_path, monkeypatch, capsys):
