@@ -1037,6 +1037,7 @@ def test_val_split_is_stable_and_near_5_percent():
     keys = [f"lib/module_{i}.py" for i in range(4000)]
     val = data._val_keys(keys)
     assert within(len(val), 4000, 0.05)
+    assert val == {k for k in keys if data.key_hash(k) < 0.05}  # exactly those whose hash is in the lowest 5%
     assert val == data._val_keys(reversed(keys))
     assert data._val_keys(keys[:2000]) == {k for k in val if k in set(keys[:2000])}
     # A small source keeps a document on each side; one of a single document trains on it.
