@@ -18,7 +18,8 @@ Public API (train.py / sample.py use these):
   load_tokenizer() -> tiktoken.Encoding           SPECIAL_TOKENS: name -> id     DataError
   build_corpus(extra_dirs, cache_dir, ...) -> Corpus   .train / .val: {source: TokenSplit}, .skipped
   PHASES, phase_index(step, total_steps), plan_tokens(...), planned_repetition(...)
-  BatchSampler(corpus, seed, batch_size, seq_len, total_steps, phase=None).get_batch(step) -> (x, y)
+  BatchSampler(corpus, seed, batch_size, seq_len, total_steps, allow_over_repetition=False, phase=None)
+      .get_batch(step) -> (x, y)
   val_batches(corpus, source, batch_size, seq_len, max_rows) -> iterator of (x, y)
   fim_prompt(prefix_ids, suffix_ids), render_chat(enc, messages),
   render_training_chat(enc, messages, trained, reasoning)   (post-training's loss masks)
@@ -65,8 +66,9 @@ class RepetitionError(DataError):
 # ------------------------------------------------------------------------------------------------
 # §3.1.4 Tokenizer: byte-level BPE, 4080 learned ranks + 16 special tokens = 4096 ids
 # ------------------------------------------------------------------------------------------------
-# The report's tokenizer (98,304 ids, the same as Mellum-4B's) is not public and far too large for a
-# tiny model: at d_model 256 the output head alone would be most of the compute. We train our own
+# The report's tokenizer (98,304 ids, the same as Mellum-4B's) comes with the released checkpoint
+# (sample.py reads its tokenizer.json), but it is far too large for a tiny model: at d_model 256 the
+# output head alone would be most of the compute, and how it was trained is not told. We train our own
 # byte-level BPE with 4096 ids, the same kind of tokenizer (runtimes treat Mellum's as byte-level BPE).
 # Byte-level means the 256 single bytes are always in the vocabulary, so ANY byte string encodes and
 # decodes exactly: there is no "unknown token".

@@ -152,7 +152,8 @@ PRESETS = {
     # The released model's architecture (Table 2 and the released config.json) as pre-trained, at 8192
     # positions: 28 layers, 7 of them full attention (3, 7, ..., 27), 12.15B parameters of which 2.44B
     # are active per token. The released checkpoint adds YaRN x16 on the full layers for 131072
-    # positions (§4: train.py --stage long --size mellum2-12b, or config_from_hf on its config.json).
+    # positions (§4: config_from_hf reads it from the released config.json; train.py's LONG_RUNS holds
+    # that stage's recipe, which train.py itself runs only on models of this project's vocabulary).
     "mellum2-12b": Mellum2Config(bos_token_id=0, eos_token_id=28),
     # Trains on a 2-core laptop CPU in minutes and keeps every structural feature: the 3:1 sliding /
     # full pattern (one full layer of four), a window (64) shorter than the training sequence (256),
@@ -224,6 +225,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
+        """x (..., dim) of any float dtype -> the same shape and dtype, normalised over the last dim."""
         return self.weight * F.rms_norm(x.float(), self.weight.shape, eps=self.eps).to(x.dtype)
 
 

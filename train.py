@@ -1306,7 +1306,7 @@ def last_long_context_eval(run_dir):
 # (Thinking), before the cap's last quarter, where the overlong penalty starts; the report's RL
 # sequences, prompt and answer together, run to 16384 and 40960 tokens (Table 8).
 MAX_ANSWER_TOKENS = {"instruct": 96, "thinking": 192}
-MAX_TURNS = 3   # a tool call, its answer, the final reply (the report allows up to 10 turns)
+MAX_TURNS = 3   # model turns: up to two tool calls, each answered, then the reply (the report allows 10)
 
 
 @dataclasses.dataclass
