@@ -1462,6 +1462,13 @@ def test_unique_token_filter(tmp_path):
     for step in range(10):
         for row in s.get_batch(step)[0]:
             assert len(torch.unique(row)) >= data.min_unique_tokens(1024)
+    # The whole row counts: a file of 600 flat tokens, then 400 varied ones, gives rows whose first
+    # half is as flat as flat.py, and those rows are kept.
+    (tmp_path / "half" / "code").mkdir(parents=True)
+    (tmp_path / "half" / "code" / "half.py").write_text("0 " * 300 + " ".join(f"v{i} = {i}" for i in range(60)))
+    half = data.build_corpus([tmp_path / "half"], cache_dir=cache, progress=False, default_sources=False)
+    rows = torch.cat([sampler(half, seq_len=1024, batch_size=4).get_batch(step)[0] for step in range(5)])
+    assert any(len(torch.unique(row[:512])) < data.min_unique_tokens(1024) for row in rows)
 
 
 def test_val_batches(tiny):
