@@ -41,8 +41,9 @@ from mellum2 import CheckpointError
 def loss_and_bits_per_byte(model, enc, corpus, source, seq_len, max_rows, batch_tokens=8192):
     """(mean next-token loss in nats, bits per byte) on a source's held-out split. Bits per byte:
     the summed loss in bits over the UTF-8 bytes of the text predicted (special tokens carry none).
-    A forward takes about batch_tokens tokens: 8 rows of a 1024-token context, one row of a
-    long-context model's 131072 (whose logits alone are 2 GiB), as a training micro-batch of one."""
+    A forward takes about batch_tokens tokens: 8 rows of a 1024-token context, or one row of a
+    long-context model's 131072, whose logits alone take 2 GiB (a training micro-batch of one
+    holds as much)."""
     nats, n_tokens, n_bytes = 0.0, 0, 0
     device = next(model.parameters()).device
     for x, y in data.val_batches(corpus, source, max(1, batch_tokens // seq_len), seq_len, max_rows):

@@ -1042,9 +1042,10 @@ def train(args, stop_after=None, settings_of=None):
     resumed = resumed_run(args, out_dir, say) if args.resume else None
     if resumed or settings_of:
         settings = resumed["settings"] if resumed else {**settings_of, "rope_variant": args.rope_variant}
-        settings.setdefault("dense", False)  # an earlier version's run, from before the dense baseline
+        # An earlier version's run: from before the dense baseline, and validated in batches of micro_batch.
+        settings.setdefault("dense", False)
         if "eval_rows" not in settings and {"eval_batches", "micro_batch"} <= settings.keys():
-            settings["eval_rows"] = settings.pop("eval_batches") * settings["micro_batch"]  # it validated in batches
+            settings["eval_rows"] = settings.pop("eval_batches") * settings["micro_batch"]
         check_resumable(settings, run_settings(args))
         # Taken: it changes how a step is split, not what it computes (up to rounding and the balance
         # loss, taken per micro-batch), and it is how a run that ran out of memory goes on.
