@@ -129,9 +129,11 @@ def next_token_probs(logits, temperature, top_k=0, top_p=1.0):
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = logits.softmax(dim=-1)
     if top_p < 1.0:
-        # Keep the smallest set of most likely tokens whose probability reaches top_p.
+        # Keep the smallest set of most likely tokens whose probability reaches top_p. (A top_p that
+        # fp32 rounds to 0 would keep none: it is raised to fp32's smallest normal number, which
+        # keeps the most likely token alone, as any top_p below its probability does.)
         sorted_probs, order = probs.sort(dim=-1, descending=True)
-        outside = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p
+        outside = sorted_probs.cumsum(dim=-1) - sorted_probs >= max(top_p, torch.finfo(torch.float32).tiny)
         probs = probs.scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
         probs = probs / probs.sum(dim=-1, keepdim=True)
     return probs

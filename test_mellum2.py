@@ -2084,7 +2084,11 @@ def test_a_stop_request_in_the_last_step_lets_the_run_finish(small_corpus, tmp_p
     (["--out-dir", "{tmp}/blocked"], "is in the way"),
     (["--out-dir", "{tmp}/a-file/run"], "a-file/run: Not a directory"),
     (["--stage", "long", "--init-from", "{tmp}/finished", "--out-dir", "{tmp}/finished"],
-     "holds a finished --stage pretrain run"),  # it would replace the model it starts from
+     "is also this run's folder, whose checkpoint the run would replace"),
+    (["--init-from", "{tmp}/finished", "--out-dir", "{tmp}/finished/."],  # "train it further", as pre-training
+     "is also this run's folder, whose checkpoint the run would replace with its own: give another --out-dir"),
+    (["--stage", "long", "--init-from", "{tmp}/finished", "--out-dir", "{tmp}/finished-too"],
+     "holds a finished --stage pretrain run"),  # another stage's finished run is kept: it may be a model to start from
 ])
 def test_bad_input_gives_one_line_and_a_nonzero_exit(argv, message, tmp_path, capsys):
     (tmp_path / "corrupt").mkdir()
@@ -2097,6 +2101,7 @@ def test_bad_input_gives_one_line_and_a_nonzero_exit(argv, message, tmp_path, ca
     (tmp_path / "finished").mkdir()
     train.save_checkpoint(tmp_path / "finished" / "ckpt.pt", Mellum2(SMALL), [], 10,
                           {"stage": "pretrain", "steps": 10})
+    shutil.copytree(tmp_path / "finished", tmp_path / "finished-too")
     (tmp_path / "blocked" / "ckpt.pt").mkdir(parents=True)
     (tmp_path / "a-file").write_text("")
     (tmp_path / "instruct").mkdir()
@@ -2397,6 +2402,20 @@ def test_two_processes_equal_one(tmp_path):
     out = dict(line.split() for line in result.stdout.splitlines() if line.startswith(("replicas", "max_diff")))
     assert out["replicas_equal"] == "True"
     assert float(out["max_diff"]) < 1e-6
+
+
+@pytest.mark.parametrize("env", [{"RANK": "1"}, {"RANK": "abc", "LOCAL_RANK": "0"}])
+def test_a_rank_not_set_as_torchrun_sets_it_is_one_line(env, tmp_path, monkeypatch, capsys):
+    # A RANK without LOCAL_RANK: another launcher, or a variable left in the shell.
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--out-dir", str(tmp_path / "run"), "--max-steps", "1"])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 1 and len(err.splitlines()) == 1
+    assert err.startswith(f"error: RANK is set ({env['RANK']!r})") and err.endswith("or unset RANK")
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_refusal_under_torchrun_is_one_line_per_process(tmp_path):
@@ -2749,6 +2768,9 @@ def test_top_k_and_top_p_keep_the_right_tokens():
     # A tie at the threshold: the best token alone holds exactly top_p, so it is the whole nucleus.
     tie = torch.tensor([[math.log(2.0), 0.0, 0.0]])
     assert sample.next_token_probs(tie, 1.0, top_p=0.5)[0].tolist() == [1.0, 0.0, 0.0]
+    # A top_p too small for fp32 (it would round to 0 and keep nothing) keeps the best token, as 1e-6 does.
+    for top_p in (1e-6, 1e-46, 5e-324):
+        assert sample.next_token_probs(logits, 1.0, top_p=top_p)[0].tolist() == [1.0, 0.0, 0.0, 0.0, 0.0]
     # A top_k beyond the vocabulary keeps all of it.
     torch.testing.assert_close(sample.next_token_probs(logits, 1.0, top_k=50), logits.softmax(-1))
 

@@ -463,12 +463,23 @@ def passkey_correct(logits, prompt_len, answer):
 # -----------------------------------------------------------------------------------------------
 # Processes and devices
 
+def launch_ranks():
+    """(RANK, LOCAL_RANK) as torchrun sets them, or (0, 0) for a process started on its own."""
+    if "RANK" not in os.environ:
+        return 0, 0
+    try:
+        return int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+    except (KeyError, ValueError):  # a launcher other than torchrun, or a RANK left in the shell
+        raise ValueError(f"RANK is set ({os.environ['RANK']!r}) but RANK and LOCAL_RANK are not both whole "
+                         f"numbers, as torchrun sets them: start with torchrun, or unset RANK") from None
+
+
 def setup_distributed(requested_device):
     """(rank, world_size, device). Under torchrun (which sets RANK / WORLD_SIZE / LOCAL_RANK) join the
     process group: NCCL between GPUs, gloo between CPU processes; otherwise a single process."""
     if "RANK" not in os.environ:
         return 0, 1, pick_device(requested_device)
-    local_rank = int(os.environ["LOCAL_RANK"])
+    _, local_rank = launch_ranks()
     device = pick_device(requested_device)
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)
@@ -1945,6 +1956,10 @@ def check_command(args):
          "--dense and --no-mtp shape a fresh model; with --init-from the model comes as it was trained"),
         (args.out_dir != "", "--out-dir needs a folder name"),
         (args.init_from != "", "--init-from needs a folder name"),  # not the current folder's ckpt.pt
+        (not (args.init_from and not args.resume
+              and os.path.realpath(args.init_from) == os.path.realpath(run_folder(args))),
+         f"--init-from {args.init_from} is also this run's folder, whose checkpoint the run would replace with "
+         f"its own: give another --out-dir"),
         (not (args.sync and "--max-staleness" in args.typed_flags), "--max-staleness has no effect with --sync"),
         ("" not in args.data, "--data needs a folder name"),
         (args.aux_coef is None or 0 <= args.aux_coef < math.inf,
@@ -1999,7 +2014,7 @@ def main(argv=None):
         if args.data_report:  # the report is all it writes (a run's progress may go nowhere)
             check_stdout_open()
         # One process of a run holds the lock (torchrun starts several); --data-report writes nothing.
-        holds_lock = int(os.environ.get("RANK", "0")) == 0 and not args.data_report
+        holds_lock = launch_ranks()[0] == 0 and not args.data_report
         with run_folder_lock(run_folder(args)) if holds_lock else contextlib.nullcontext():
             if args.stage == "grpo":
                 grpo(args)
