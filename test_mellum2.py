@@ -1299,6 +1299,16 @@ def test_the_long_stage_data_report_plans_its_own_sequences(small_corpus, tmp_pa
     assert f"plan for {3 * 4 * 4 * 48:,} training tokens" in out
     assert re.search(r"foundation +0\.0%.*\ncapability|capability sharpening +100\.0%", out)
     assert not (tmp_path / "long").exists()
+    # A context the run would refuse, the report refuses too (it planned for -3 x 4 x 48 tokens).
+    with pytest.raises(ValueError, match="--context -48 must be longer than the model's pre-training context"):
+        train.train(run_args(small_corpus, tmp_path / "long", "--stage", "long", "--init-from",
+                             str(tmp_path / "base"), "--max-steps", "3", "--context", "-48", "--data-report"))
+    # With --compare: every variant trains on those tokens, and one report tells of them all.
+    train.main(["--size", "tiny", "--data", small_corpus, "--no-default-data", "--out-dir", str(tmp_path / "long"),
+                "--batch-size", "4", "--allow-over-repetition", "--stage", "long",
+                "--init-from", str(tmp_path / "base"), "--max-steps", "3", "--data-report", "--compare"])
+    assert capsys.readouterr().out.count(f"plan for {3 * 4 * 4 * 48:,} training tokens") == 1
+    assert not (tmp_path / "long").exists()
 
 
 # --- sampler: mixture, FIM, packing, filter, resume ----------------------------------------------

@@ -1092,7 +1092,10 @@ def train(args, stop_after=None, settings_of=None):
     # The long-context stage trains on the phase-3 mix (§4.2 starts from it); SFT on demonstrations.
     only_phase = len(data.PHASES) - 1 if s["stage"] == "long" else None
     if args.data_report:  # before building the model: the report needs none (and 12B would not fit)
-        seq_len = long_context(s, config) if s["stage"] == "long" and not resumed else config.max_seq_len
+        seq_len = config.max_seq_len
+        if s["stage"] == "long" and not resumed:  # the context the run would train at, refused as it would be
+            seq_len = long_context_config(config, long_context(s, config), s["yarn_factor"],
+                                          s["rope_variant"]).max_seq_len
         data.data_report(corpus, s["steps"] * s["batch_size"] * seq_len, phase=only_phase)
         return None
     if config.vocab_size != data.VOCAB_SIZE:  # before a model is built (the released shape: 48 GB in fp32)
@@ -2019,7 +2022,8 @@ def main(argv=None):
             if args.stage == "grpo":
                 grpo(args)
             else:
-                compare_rope_variants(args) if args.compare else train(args)
+                # The variants train on the same tokens: one data report tells of them all.
+                compare_rope_variants(args) if args.compare and not args.data_report else train(args)
     except (ValueError, CheckpointError, data.DataError, NonFiniteLoss) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
