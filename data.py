@@ -1143,4 +1143,4 @@ if __name__ == "__main__":
     elif sys.argv[1:] == ["--train-tokenizer"]:
         train_tokenizer()
     else:
-        sys.exit(usage)
+        sys.exit("error: python data.py takes one flag, --train-tokenizer (it regenerates tokenizer/mellum2.tiktoken)")

@@ -160,6 +160,8 @@ def main(argv=None):
                 raise ValueError(f"--json {args.json}: give a .json file (not config.json) in an existing folder")
             if not os.access(folder, os.W_OK):  # found now, not after minutes of evaluation
                 raise ValueError(f"--json {args.json}: cannot write in {folder}")
+        else:  # the table is the only output
+            train.check_stdout_open()
         model, vocab = sample.load_model(args.init_from, args.device)
         if isinstance(vocab.enc, sample.HFTokenizer):
             raise ValueError("evaluate.py scores models that speak this project's tokenizer")
@@ -175,8 +177,8 @@ def main(argv=None):
     except (RuntimeError, MemoryError) as e:
         if not train.out_of_memory(e):
             raise
-        print(f"error: out of memory ({train.one_line(e)[:160]}): a smaller --n decodes fewer problems at once",
-              file=sys.stderr)
+        advice = ": a smaller --n decodes fewer problems at once" if args.n > 1 else ""
+        print(f"error: out of memory ({train.one_line(e)[:160]}){advice}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)

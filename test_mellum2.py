@@ -3021,15 +3021,16 @@ def test_sample_notes_a_capped_length_and_stops_quietly_on_a_closed_pipe(tmp_pat
 
 
 @pytest.mark.parametrize("script,argv", [("sample", ["--max-new-tokens", "2"]), ("bench", ["params"]),
-                                         ("train", ["--data-report"])])
+                                         ("train", ["--data-report"]), ("evaluate", [])])
 def test_a_closed_standard_output_is_refused_not_written_into(script, argv, tmp_path, monkeypatch, capsys):
-    """`python sample.py >&-` printed into nothing and exited 0; so did bench.py and the data report."""
+    """`python sample.py >&-` printed into nothing and exited 0; so did bench.py and the data report.
+    evaluate.py without --json said so only after the whole evaluation."""
     if script == "sample":
         Mellum2(Mellum2Config.from_preset("tiny")).save_pretrained(tmp_path)
         argv = ["--init-from", str(tmp_path), *argv]
     monkeypatch.setattr(sys, "stdout", None)  # what Python sets when descriptor 1 is closed
     with pytest.raises(SystemExit) as stopped:
-        {"sample": sample, "bench": __import__("bench"), "train": train}[script].main(argv)
+        {"sample": sample, "bench": __import__("bench"), "train": train, "evaluate": evaluate}[script].main(argv)
     assert stopped.value.code == 1
     assert capsys.readouterr().err == "error: the standard output is closed: there is nowhere to write\n"
 
@@ -3536,6 +3537,10 @@ def test_evaluate_out_of_memory_is_one_line(monkeypatch, capsys):
     err = capsys.readouterr().err.strip()
     assert exit_info.value.code == 1 and len(err.splitlines()) == 1
     assert err.startswith("error: out of memory") and err.endswith("a smaller --n decodes fewer problems at once")
+    with pytest.raises(SystemExit):  # with one problem at a time, no advice to decode fewer
+        evaluate.main(["--n", "1"])
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: out of memory") and "--n" not in err
 
 
 def test_evaluate_writes_the_json_even_when_the_terminal_fails(tmp_path, monkeypatch, capsys):
@@ -3699,6 +3704,12 @@ def test_a_mistyped_flag_or_value_is_one_line_on_every_script(capsys):
         err = capsys.readouterr().err
         assert exit_info.value.code == 2 and len(err.splitlines()) == 1, err
         assert err.startswith("error: ") and message in err and "--help" in err, err
+    # data.py has one command and no parser
+    for argv in ([], ["--train-tokenizer", "extra"]):
+        done = subprocess.run([sys.executable, "data.py", *argv], capture_output=True, text=True,
+                              cwd=os.path.dirname(os.path.abspath(__file__)))
+        assert done.returncode == 1 and done.stdout == "" and len(done.stderr.splitlines()) == 1
+        assert done.stderr.startswith("error: python data.py takes one flag, --train-tokenizer")
 
 
 @pytest.mark.parametrize("argv,message", [
