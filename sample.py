@@ -416,6 +416,8 @@ def build_prompt(args, vocab):
     typed = "".join(texts)
     if not typed:
         raise ValueError("the prompt is empty")
+    if not ids:  # a tokenizer.json whose vocabulary cannot spell it (one without byte-level fallback)
+        raise ValueError("the prompt encodes to no tokens in this model's tokenizer")
     for token in [t for t in special if t in typed]:
         print(f"note: {token} in the prompt is read as plain text, not as the special token", file=sys.stderr)
     return ids, vocab.stop_ids | ({special["<|end|>"]} if args.chat else set())

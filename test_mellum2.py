@@ -3178,6 +3178,16 @@ def test_a_hugging_face_directory_brings_its_own_tokenizer(tmp_path, capsys):
     assert capsys.readouterr().out == text
 
 
+def test_a_prompt_a_foreign_tokenizer_cannot_spell_is_refused(tmp_path):
+    from tokenizers import Tokenizer, models
+    Tokenizer(models.BPE(vocab={"a": 0, "b": 1}, merges=[])).save(str(tmp_path / "tokenizer.json"))  # no bytes
+    enc = sample.HFTokenizer(str(tmp_path / "tokenizer.json"))
+    vocab = sample.Vocabulary(enc, enc.special, {0})
+    assert sample.build_prompt(sample.parse_args(["--start", "ab"]), vocab)[0] == [0, 1]
+    with pytest.raises(ValueError, match="the prompt encodes to no tokens in this model's tokenizer"):
+        sample.build_prompt(sample.parse_args(["--start", "def"]), vocab)
+
+
 # -----------------------------------------------------------------------------------------------
 # Long context (train.py --stage long): layer-selective YaRN and the passkey test
 
