@@ -1818,9 +1818,12 @@ def test_only_a_stop_by_hand_spares_the_run_being_replaced(capfd):
 def test_a_replacement_stopped_before_its_first_checkpoint_keeps_the_finished_run(small_corpus, tmp_path, capsys):
     train.train(run_args(small_corpus, tmp_path, "--max-steps", "2"))
     finished = {name: (tmp_path / name).read_bytes() for name in ("ckpt.pt", "metrics.jsonl")}
+    capsys.readouterr()
     train.train(run_args(small_corpus, tmp_path, "--max-steps", "8"), stop_after=3)  # as Ctrl-C at step 3
     assert {name: (tmp_path / name).read_bytes() for name in finished} == finished
-    assert f"before this run's first checkpoint: {tmp_path} keeps the finished run" in capsys.readouterr().err
+    out, err = capsys.readouterr()
+    assert f"note: replacing the finished run in {tmp_path}" in out
+    assert f"before this run's first checkpoint: {tmp_path} keeps the finished run" in err
     train.train(run_args(small_corpus, tmp_path, "--max-steps", "3"), stop_after=3)  # its last step: done
     assert train.load_checkpoint(tmp_path / "ckpt.pt")["settings"]["steps"] == 3
 
@@ -1893,6 +1896,15 @@ def test_a_resumed_run_may_split_its_steps_into_smaller_micro_batches(small_corp
     losses = lambda d: [json.loads(line)["ntp"] for line in open(d / "metrics.jsonl")]  # noqa: E731
     assert losses(tmp_path / "b") == pytest.approx(losses(tmp_path / "a"), rel=1e-4)
     assert straight.layers[0].mlp.up_proj.allclose(resumed.layers[0].mlp.up_proj, atol=1e-3)
+
+
+def test_a_refused_run_does_not_say_it_replaces_the_finished_one(small_corpus, tmp_path, capsys):
+    train.save_checkpoint(tmp_path / "ckpt.pt", Mellum2(SMALL), [], 10, {"stage": "pretrain", "steps": 10})
+    with pytest.raises(SystemExit):  # refused after the folder was checked: at the model's vocabulary
+        train.main(["--size", "mellum2-12b", "--data", small_corpus, "--no-default-data", "--out-dir", str(tmp_path)])
+    out, err = capsys.readouterr()
+    assert "--size mellum2-12b has a 98304-token vocabulary" in err and "replacing" not in out
+    assert train.load_checkpoint(tmp_path / "ckpt.pt")["step"] == 10
 
 
 def test_a_checkpoint_that_cannot_be_written_leaves_the_last_one(tmp_path, monkeypatch):

@@ -732,10 +732,10 @@ def resumed_run(args, out_dir, say):
     return state
 
 
-def check_out_dir(out_dir, stage, say):
+def check_out_dir(out_dir, stage):
     """Before a fresh run writes anything: it loses no work, and it can write. An unfinished run in
     the folder is kept for --resume, and so is a finished run of another stage (it may be the model
-    this one starts from); a finished run of this stage is replaced, with a note."""
+    this one starts from); a finished run of this stage is replaced: the note to say so, or None."""
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise ValueError(f"--out-dir {out_dir} is a file, not a folder")
@@ -753,10 +753,10 @@ def check_out_dir(out_dir, stage, say):
         finished = state["settings"].get("stage", "pretrain")
         if finished != stage:
             raise ValueError(f"{out_dir} holds a finished --stage {finished} run: choose another --out-dir")
-        say(f"note: replacing the finished run in {out_dir}")
     os.makedirs(out_dir, exist_ok=True)  # now rather than at the first checkpoint: a bad path fails at once
     if not os.access(out_dir, os.W_OK):
         raise ValueError(f"--out-dir {out_dir} is not writable")
+    return f"note: replacing the finished run in {out_dir}" if os.path.isfile(ckpt_path) else None
 
 
 # The stages a run folder must have finished to start each stage from it (a Hugging Face directory
@@ -1066,8 +1066,8 @@ def train(args, stop_after=None, settings_of=None):
         settings = run_settings(args)
     s = settings
     check_settings(s, world)
-    if not resumed and not args.data_report:  # the report writes nothing
-        check_out_dir(out_dir, s["stage"], say)
+    # Said once nothing can refuse the run any more (the model it starts from, say), not now.
+    replacing_note = check_out_dir(out_dir, s["stage"]) if not resumed and not args.data_report else None
 
     # 2. Data. Process 0 builds the token caches; the others wait, then read them. (SFT makes its own.)
     corpus = None
@@ -1165,8 +1165,9 @@ def train(args, stop_after=None, settings_of=None):
             if corpus.skipped:  # an empty --data folder would otherwise go unnoticed
                 say(f"       skipped in --data: {data.describe_skipped(corpus.skipped)}")
     if master:  # a checkpoint at a fresh start is the finished run this one replaces (check_out_dir)
-        log = MetricsLog(os.path.join(out_dir, "metrics.jsonl"), start_step,
-                         replacing=not resumed and os.path.isfile(ckpt_path))
+        if replacing_note:
+            say(replacing_note)
+        log = MetricsLog(os.path.join(out_dir, "metrics.jsonl"), start_step, replacing=replacing_note is not None)
 
     # 6. The loop.
     progress = Progress(s["steps"], master)
@@ -1274,7 +1275,7 @@ def compare_rope_variants(args):
     settings = load_checkpoint(begun[0], mmap=True, verify=False)["settings"] if begun else None
     if not args.resume:  # all refusals first: an unfinished last variant would stop the loop after the others ran
         for path in checkpoints:
-            check_out_dir(os.path.dirname(path), args.stage, say=lambda message: None)  # train() says its notes
+            check_out_dir(os.path.dirname(path), args.stage)  # train() says its notes
     start = time.time()
     for variant, path in zip(ROPE_VARIANTS, checkpoints):
         train(argparse.Namespace(**{**vars(args), "rope_variant": variant, "out_dir": os.path.dirname(path),
@@ -1687,7 +1688,9 @@ def grpo(args, stop_after=None):
         if tuned_as != args.variant:
             raise ValueError(f"{args.init_from} was fine-tuned as {tuned_as}; GRPO --variant {args.variant} needs "
                              f"a {args.variant} SFT run (the report trains each separately)")
-        check_out_dir(out_dir, "grpo", print)
+        replacing_note = check_out_dir(out_dir, "grpo")
+        if replacing_note:
+            print(replacing_note)
     run = RLRun(**{**s["run"], "group_size": s["group_size"]})
     torch.manual_seed(s["seed"])
     raw.to(device)
