@@ -1066,7 +1066,8 @@ def train(args, stop_after=None, settings_of=None):
         settings = run_settings(args)
     s = settings
     check_settings(s, world)
-    # Said once nothing can refuse the run any more (the model it starts from, say), not now.
+    # The folder is checked before any work (the data report writes none); that the run replaces a
+    # finished one is said once nothing can refuse the run any more (the model it starts from, say).
     replacing_note = check_out_dir(out_dir, s["stage"]) if not resumed and not args.data_report else None
 
     # 2. Data. Process 0 builds the token caches; the others wait, then read them. (SFT makes its own.)
