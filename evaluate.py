@@ -195,7 +195,7 @@ def main(argv=None):
         except OSError as e:
             failed = f"cannot write {args.json}: {e.strerror or e}"
     try:
-        if sys.stdout is None:  # started with its standard output closed (`>&-`)
+        if sys.stdout is None:  # closed from the start (`>&-`): refused up front unless --json
             raise OSError(errno.EBADF, "it is closed")
         print(f"{args.init_from}: {time.time() - started:.0f} s")
         print_table(results)
