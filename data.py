@@ -1138,9 +1138,15 @@ def train_tokenizer(path=TOKENIZER_FILE):
 
 if __name__ == "__main__":
     usage = "usage: python data.py --train-tokenizer   (regenerates tokenizer/mellum2.tiktoken)"
-    if sys.argv[1:] in (["-h"], ["--help"]):
-        print(usage)
-    elif sys.argv[1:] == ["--train-tokenizer"]:
-        train_tokenizer()
-    else:
-        sys.exit("error: python data.py takes one flag, --train-tokenizer (it regenerates tokenizer/mellum2.tiktoken)")
+    try:
+        if sys.argv[1:] in (["-h"], ["--help"]):
+            print(usage)
+        elif sys.argv[1:] == ["--train-tokenizer"]:
+            train_tokenizer()
+        else:
+            sys.exit("error: python data.py takes one flag, --train-tokenizer (it regenerates "
+                     "tokenizer/mellum2.tiktoken)")
+    except OSError as e:  # the rank file or the text cannot be written: a full disk, a read-only folder
+        sys.exit(f"error: {e}")
+    except KeyboardInterrupt:  # save_ranks writes atomically: the committed file is as it was
+        sys.exit("error: interrupted; tokenizer/mellum2.tiktoken is unchanged")

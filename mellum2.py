@@ -1059,7 +1059,10 @@ def settings_from_hf(hf):
         if slides:
             raise unsupported("sliding_window null with sliding-window layers")
         window = 1  # no layer slides: the value is never read
-    ours = hf.get("mellum2", {})
+    ours = hf.get("mellum2") or {}  # what only our exports write (null or absent: none of it)
+    if not isinstance(ours, dict):
+        raise CheckpointError(f"config.json: unreadable (mellum2 {ours!r}, where an object of this project's "
+                              f"settings belongs)")
     # The layer types as a repeating pattern: the one we wrote if it still fits, else the shortest.
     candidates = [ours.get("attn_pattern", "")] + [letters[:p] for p in range(1, n_layer + 1)]
     pattern = next(c for c in candidates if c and all(letters[i] == c[i % len(c)] for i in range(n_layer)))

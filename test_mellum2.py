@@ -726,6 +726,7 @@ def test_config_keys_left_out_mean_what_they_mean_to_transformers():
      "partial_rotary_factor"),
     ({"initializer_range": None}, "init_std must be float, got None"),
     ({"attention_dropout": 0.1}, "attention_dropout=0.1"),                  # transformers applies it in training
+    ({"mellum2": ["tiny"]}, r"mellum2 \['tiny'\], where an object"),       # was an AttributeError's words
 ])
 def test_config_json_that_cannot_be_loaded_says_why(keys, message):
     with pytest.raises(CheckpointError, match=message):
@@ -735,6 +736,12 @@ def test_config_json_that_cannot_be_loaded_says_why(keys, message):
 def test_a_config_json_that_is_no_object_says_so():
     with pytest.raises(CheckpointError, match="a JSON object was expected, got list"):
         mellum2.config_from_hf([{"model_type": "mellum"}])
+
+
+def test_a_config_json_with_null_for_our_settings_reads_as_one_without():
+    """Our exports add a "mellum2" object of training settings; null there means none, as absent does."""
+    absent = mellum2.config_from_hf({"model_type": "mellum"})
+    assert mellum2.config_from_hf({"model_type": "mellum", "mellum2": None}) == absent
 
 
 def test_bad_checkpoint_directories(tmp_path):
@@ -2008,6 +2015,9 @@ def test_metrics_log_keeps_what_its_checkpoint_covers(tmp_path, monkeypatch):
     path.write_text(lines)
     train.MetricsLog(str(path), 2)
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [0, 1, 2]
+    path.write_bytes(b'{"step": 0}\n{"step": 1, "note": "\xff"}\n{"st\xfe\n')  # bytes that are no UTF-8: an edit
+    train.MetricsLog(str(path), 2)
+    assert [json.loads(line)["step"] for line in path.read_text(encoding="utf-8").splitlines()] == [0, 1]
     train.MetricsLog(str(path), 0)
     assert path.read_text() == ""
     path.write_text(lines)
@@ -2217,7 +2227,9 @@ def test_a_checkpoint_with_a_part_missing_or_of_another_type_is_refused(tmp_path
             ("settings", {"steps": 3, "ckpt_every": 0}, "ckpt_every = 0, where a count of at least 1"),
             ("settings", {"steps": 3, "run": {"eval_every": 0}}, "eval_every = 0"),  # a GRPO run's schedule
             ("settings", {"steps": 3, "run": [1]}, "GRPO schedule (settings run) of type list"),
-            ("settings", {"seed": 1}, "settings without steps")]:
+            ("settings", {"seed": 1}, "settings without steps"),
+            ("step", 2, "step 2 of a 1-step run"), ("step", -1, "step -1 of a 1-step run"),
+            ("settings", {"steps": 1, "stage": "rl"}, "stage 'rl', none of pretrain, long, sft, grpo")]:
         torch.save({**whole, key: value}, tmp_path / "ckpt.pt")
         with pytest.raises(CheckpointError, match=f"not a train.py checkpoint \\(.*{re.escape(message)}"):
             train.load_checkpoint(tmp_path / "ckpt.pt")
@@ -3341,6 +3353,8 @@ def test_an_interrupted_compare_resumes_the_variants_it_started(tmp_path, monkey
     (tmp_path / "selective-yarn").mkdir()
     begun = {"stage": "long", "steps": 2, "context": 512, "rope_variant": "selective-yarn"}
     train.save_checkpoint(tmp_path / "selective-yarn" / "ckpt.pt", Mellum2(SMALL), [], 1, begun)
+    with pytest.raises(ValueError, match="holds the variants of a --compare run.*: resume them with --compare$"):
+        train.train(train.parse_args(["--stage", "long", "--resume", "--out-dir", str(tmp_path)]))  # --compare left out
     calls = []
     monkeypatch.setattr(train, "train", lambda args, settings_of: calls.append((args.rope_variant, args.resume,
                                                                                 settings_of)))
@@ -3624,7 +3638,8 @@ def test_plot_series_come_from_the_metrics(tmp_path, capsys, monkeypatch):
             json.dumps({"step": 9, "loss": 1.0}) + "\n" +
             json.dumps({"step": 10, "long_context_eval": {"256": [loss, 0.5], "512": [loss + 1, 0.0]}}) + "\n")
     (tmp_path / "theta").mkdir()  # still training: no evaluation yet, and a line cut short by a crash
-    (tmp_path / "theta" / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 1.0}) + '\n{"step": 2, "lo')
+    (tmp_path / "theta" / "metrics.jsonl").write_bytes(  # and a line edited into bytes that are no UTF-8
+        json.dumps({"step": 1, "loss": 1.0}).encode() + b'\n{"step": 2, "lo\xff\n{"step": 2, "lo')
     assert train.rope_comparison(tmp_path) == {"selective-yarn": {256: (4.0, 0.5), 512: (5.0, 0.0)},
                                                "unchanged": {256: (4.2, 0.5), 512: (5.2, 0.0)}}
     assert plots.read_metrics(tmp_path / "theta") == [{"step": 1, "loss": 1.0}]
@@ -3732,6 +3747,11 @@ def test_a_mistyped_flag_or_value_is_one_line_on_every_script(capsys):
                               cwd=os.path.dirname(os.path.abspath(__file__)))
         assert done.returncode == 1 and done.stdout == "" and len(done.stderr.splitlines()) == 1
         assert done.stderr.startswith("error: python data.py takes one flag, --train-tokenizer")
+    if os.path.exists("/dev/full"):  # Linux's always-full device: output that cannot be written is one line too
+        with open("/dev/full", "w") as full:
+            done = subprocess.run([sys.executable, "data.py", "--help"], stdout=full, stderr=subprocess.PIPE,
+                                  text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
+        assert done.returncode == 1 and done.stderr == "error: [Errno 28] No space left on device\n"
 
 
 @pytest.mark.parametrize("argv,message", [

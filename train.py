@@ -670,6 +670,11 @@ def checkpoint_problem(state):
             return f"setting {key} = {counts[key]!r}, where a count of at least 1 belongs"
     if "steps" not in counts:
         return "settings without steps"
+    if not 0 <= state["step"] <= counts["steps"]:
+        return f"step {state['step']} of a {counts['steps']}-step run"
+    stage = state["settings"].get("stage", "pretrain")
+    if stage not in START_STAGES:
+        return f"stage {stage!r}, none of {', '.join(START_STAGES)}"
     return None
 
 
@@ -713,6 +718,9 @@ def resumed_run(args, out_dir, say):
     """--resume: the checkpoint to continue. It must be of this stage: the stage decides the data and
     the schedule, so another stage's run cannot be continued as this one."""
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
+    if not os.path.exists(ckpt_path) and any(os.path.isfile(os.path.join(out_dir, v, "ckpt.pt")) for v in ROPE_VARIANTS):
+        raise ValueError(f"{out_dir} holds the variants of a --compare run, each in a folder of its own: resume "
+                         f"them with --compare")
     state = load_checkpoint(ckpt_path)
     saved = state["settings"].get("stage", "pretrain")
     if saved != args.stage:
@@ -887,13 +895,13 @@ class MetricsLog:
         if not replacing and os.path.exists(path):  # else the first record makes the file
             kept = []
             if step:  # resumed: the lines up to its checkpoint
-                with open(path) as f:
+                with open(path, encoding="utf-8", errors="replace") as f:  # a damaged byte spoils its line only
                     kept = [line for line in f if (record := parsed_jsonl(line)) and record["step"] <= step]
             self._replace_with(kept)
 
     def _replace_with(self, lines):
         def write(tmp):
-            with open(tmp, "w") as f:
+            with open(tmp, "w", encoding="utf-8") as f:  # as read: a kept line may hold a replaced byte
                 f.writelines(lines)
         data.write_atomically(self.path, write)
 
@@ -1308,7 +1316,7 @@ def last_long_context_eval(run_dir):
     path = os.path.join(run_dir, "metrics.jsonl")
     if not os.path.isfile(path):
         return None
-    with open(path) as f:
+    with open(path, errors="replace") as f:
         evaluations = [r["long_context_eval"] for r in map(parsed_jsonl, f) if r and "long_context_eval" in r]
     return evaluations[-1] if evaluations else None
 
