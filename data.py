@@ -116,9 +116,6 @@ SPECIAL_TOKEN_TABLE = (
 SPECIAL_TOKENS = {token: N_RANKS + i for i, (token, _) in enumerate(SPECIAL_TOKEN_TABLE)}
 VOCAB_SIZE = N_RANKS + len(SPECIAL_TOKENS)   # 4096, the tiny and small presets' vocab_size
 EOT = SPECIAL_TOKENS["<|endoftext|>"]
-FIM_PREFIX = SPECIAL_TOKENS["<fim_prefix>"]
-FIM_MIDDLE = SPECIAL_TOKENS["<fim_middle>"]
-FIM_SUFFIX = SPECIAL_TOKENS["<fim_suffix>"]
 PAD = SPECIAL_TOKENS["<|pad|>"]
 
 
@@ -236,6 +233,11 @@ def load_tokenizer(path=TOKENIZER_FILE):
         return _encoding(parse_ranks(Path(path).read_bytes()))
     except (OSError, ValueError, DataError) as e:  # missing, truncated or edited (base64 errors are ValueErrors)
         raise DataError(f"{path}: unreadable tokenizer rank file ({e}); git checkout restores it") from None
+
+
+def text_of(enc, ids):
+    """The text of generated ids, without the special tokens around and inside it (markup, not text)."""
+    return enc.decode([i for i in ids if i < N_RANKS])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -487,12 +489,13 @@ def _sequence(rng):
 
 MATH_TEMPLATES = (_shopping, _travel, _sharing, _discount, _linear, _arithmetic, _sequence)
 CALCULATION_PATTERN = r"<<([0-9+\-*/(). ]+)=(-?[0-9.]+)>>"    # <<expression=value>>
+ANSWER_PATTERN = r"\n#### (-?[0-9]+)$"                         # a problem's last line, and its answer
 
 
 def check_math(text):
     """True if every <<expr=value>> in `text` is right and '#### N' repeats the last value."""
     results = regex.findall(CALCULATION_PATTERN, text)
-    answer = regex.search(r"\n#### (-?[0-9]+)$", text)
+    answer = regex.search(ANSWER_PATTERN, text)
     if not results or answer is None or text.count("<<") != len(results):   # malformed markup
         return False
     # Only our own generated text comes here: the pattern keeps letters out, not ** (2**9**9 hangs)
@@ -1030,7 +1033,7 @@ class BatchSampler:
                 if len(kept) == len(rows):
                     break
             else:
-                raise DataError(f"source {source!r}: 100 packings in a row failed the 1%-unique-token filter")
+                raise DataError(f"source {source!r}: 100 packings left rows that fail the 1%-unique-token filter")
             out[rows] = np.stack(kept)
         full = torch.from_numpy(out)
         return Batch(full[:, :-1].contiguous(), full[:, 1:].contiguous(),

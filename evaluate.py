@@ -27,9 +27,6 @@ import re
 import sys
 import time
 
-import torch
-import torch.nn.functional as F
-
 import data
 import sample
 import tasks
@@ -37,29 +34,28 @@ import train
 from mellum2 import CheckpointError
 
 
-@torch.no_grad()
 def loss_and_bits_per_byte(model, enc, corpus, source, seq_len, max_rows, batch_tokens=8192):
     """(mean next-token loss in nats, bits per byte) on a source's held-out split. Bits per byte:
     the summed loss in bits over the UTF-8 bytes of the text predicted (special tokens carry none).
     A forward takes about batch_tokens tokens: 8 rows of a 1024-token context, or one row of a
     long-context model's 131072, whose logits alone take 2 GiB (a training micro-batch of one
     holds as much)."""
-    nats, n_tokens, n_bytes = 0.0, 0, 0
     device = next(model.parameters()).device
-    for x, y in data.val_batches(corpus, source, max(1, batch_tokens // seq_len), seq_len, max_rows):
-        logits, _ = model(x.to(device))
-        nats += F.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten(), reduction="sum").item()
+    loss = train.validation_loss(model, corpus, source, max(1, batch_tokens // seq_len), seq_len, max_rows, device)
+    if loss is None:
+        return math.nan, math.nan
+    n_tokens, n_bytes = 0, 0
+    for _, y in data.val_batches(corpus, source, 64, seq_len, max_rows):  # the same rows, for their text
         n_tokens += y.numel()
         n_bytes += len(enc.decode_bytes([t for t in y.flatten().tolist() if t < data.N_RANKS]))
-    if n_tokens == 0:
-        return math.nan, math.nan
-    return nats / n_tokens, nats / math.log(2) / n_bytes
+    return loss, loss * n_tokens / math.log(2) / n_bytes
 
 
 def fim_examples(enc, corpus, n, budget, seed=0):
     """n FIM line-completion problems from held-out code (fewer if it has fewer lines), each line a
-    different one: (prompt ids, the line). The line has 4 or more characters besides spaces; the
-    prompt keeps the nearest code around it within `budget` tokens, 3/4 before."""
+    different one: (prompt ids, the line). The line has 4 or more characters between its indent
+    and its trailing spaces; the prompt keeps the nearest code around it within `budget` tokens,
+    3/4 before."""
     split = corpus.val.get("code")
     files = [enc.decode(split.doc(d).tolist()).split("\n") for d in range(len(split.offsets) - 1)] if split else []
     candidates = [(f, i) for f, lines in enumerate(files) for i, line in enumerate(lines) if len(line.strip()) >= 4]
@@ -77,7 +73,7 @@ def fim_exact_match(model, enc, examples, max_new_tokens=48):
     if not examples:
         return math.nan
     outputs = sample.generate(model, [prompt for prompt, _ in examples], max_new_tokens, stop_ids={data.EOT})
-    written = [enc.decode([t for t in out if t < data.N_RANKS]) for out in outputs]
+    written = [data.text_of(enc, out) for out in outputs]
     return sum(text.strip() == line.strip() for text, (_, line) in zip(written, examples)) / len(examples)
 
 
@@ -92,7 +88,7 @@ def synthetic_math_accuracy(model, enc, corpus, n, max_new_tokens=128):
         if split.doc(i).tobytes() in trained:
             continue
         text = enc.decode(split.doc(i).tolist())
-        answer = re.search(r"\n#### (-?\d+)$", text)
+        answer = re.search(data.ANSWER_PATTERN, text)
         if answer:
             problems.append((enc.encode_ordinary(text[:text.index("\n") + 1]), answer.group(1)))
         if len(problems) == n:
@@ -100,7 +96,7 @@ def synthetic_math_accuracy(model, enc, corpus, n, max_new_tokens=128):
     if not problems:
         return math.nan
     outputs = sample.generate(model, [p for p, _ in problems], max_new_tokens, stop_ids={data.EOT})
-    found = [re.search(r"#### (-?\d+(?:\.\d+)?)", enc.decode([t for t in out if t < data.N_RANKS])) for out in outputs]
+    found = [re.search(r"#### (-?\d+(?:\.\d+)?)", data.text_of(enc, out)) for out in outputs]
     return sum(bool(f) and f.group(1) == answer for f, (_, answer) in zip(found, problems)) / len(problems)
 
 

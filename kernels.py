@@ -30,8 +30,8 @@ Triton exists for Linux only (no Windows or macOS wheels), so this file imports 
 the "torch" mode is the model's own code. Without a GPU the kernels still run under Triton's
 interpreter (TRITON_INTERPRET=1 set before this file is imported: Triton reads it when the kernels
 are decorated), which executes each program with numpy: slow, but exact enough to test them on a CPU.
-On a GPU, fp32 inputs reach tl.dot as TF32 (Triton's default), about 1e-3 from the fallbacks; the
-model runs in bf16 there.
+On a GPU, fp32 inputs reach tl.dot as TF32 (Triton's default on Ampere and later), about 1e-3 from
+the fallbacks; the model runs in bf16 there (mellum2.pick_dtype).
 
 Shapes: B batch, T time, H query heads, Hkv key/value heads, G = H // Hkv, hd head dim, N = B*T
 tokens, K experts per token, E experts, D hidden size, F expert width; "pair" = one (token, slot).

@@ -225,7 +225,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        """x (..., dim) of any float dtype -> the same shape and dtype, normalised over the last dim."""
+        """x (..., dim) of any float dtype -> the same shape, normalised over the last dim, in x's dtype
+        or the gain's if that is wider: fp32 gains on bf16 activations (autocast) give fp32, as in
+        transformers."""
         return self.weight * F.rms_norm(x.float(), self.weight.shape, eps=self.eps).to(x.dtype)
 
 
@@ -501,7 +503,8 @@ class Block(nn.Module):
         self.mlp = MoE(config)
 
     def forward(self, x, rope, masks, cache=None, positions=None, last_only=False):
-        """x (B, T, D) -> (B, T, D), or (B, 1, D) with last_only: when only the last position's output
+        """x (B, T, D) -> (output (B, T, D), router logits (B*T, E), chosen experts (B*T, K)). With
+        last_only, the last position's alone ((B, 1, D), and B rows of routing): when only its output
         is wanted (drafting), the others have done their part once their keys and values are in the
         cache, and skip the MoE, a decoding step's costliest part."""
         cos, sin = rope[self.layer_type]
@@ -683,7 +686,7 @@ class Mellum2(nn.Module):
         # separate matrices pay for their 226M parameters (Table 2).
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.mtp = MTP(config) if config.n_mtp else None
-        self.loss_parts = {}  # the last forward's loss parts and expert load, detached, for logging
+        self.loss_parts = {}  # the loss parts and expert load of the last forward with targets, for logging
         self.init_weights()
 
     @torch.no_grad()
@@ -736,7 +739,7 @@ class Mellum2(nn.Module):
         whose detached parts land in `self.loss_parts` for logging. pad (B, T) marks right padding
         (SFT batches): causal attention keeps it from the real tokens, and it is left out of the
         routing statistics, as transformers leaves out the positions its attention mask hides."""
-        B, T = idx.shape
+        T = idx.shape[1]
         cfg = self.config
         h, routing = self.trunk(idx)  # (B, T, D)
         logits = self.lm_head(h)  # (B, T, V)

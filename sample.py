@@ -524,8 +524,9 @@ def main(argv=None):
                        seed=seeded_generator(args.seed, next(model.parameters()).device))
         start, written, drafts, accepted = time.time(), 0, 0, 0
         # A chat turn that calls the calculator gets its reply, printed as the model reads it, and the
-        # model goes on: at most train.MAX_TURNS turns, as in the rollouts that trained it.
-        for _ in range(train.MAX_TURNS if args.chat else 1):
+        # model goes on: at most train.MAX_TURNS turns, as in the rollouts that trained it, so a call
+        # in the last turn, which no turn would read the reply of, ends the chat unanswered.
+        for turn in range(train.MAX_TURNS if args.chat else 1):
             printer = Printer(vocab, args.stop, args.hide_thinking)
             budget = args.max_new_tokens - written  # both generators also stop at the context's end
             if args.speculative:
@@ -538,10 +539,10 @@ def main(argv=None):
             if not args.chat or printer.stopped or not new or new[-1] != data.SPECIAL_TOKENS["<|end|>"]:
                 break
             call = tasks.parse_turn(vocab.enc, new[:-1]).tool_call
-            if call is None:
+            if call is None or turn + 1 == train.MAX_TURNS:
                 break
             reply = tasks.tool_reply(vocab.enc, call)
-            print("\n" + vocab.enc.decode([i for i in reply if i < data.N_RANKS]), flush=True)
+            print("\n" + data.text_of(vocab.enc, reply), flush=True)
             ids += reply
             if written >= args.max_new_tokens or len(ids) >= context:
                 break

@@ -131,9 +131,9 @@ CODE_TEMPLATES = (
 CODE_ARGUMENTS = {"int": "x", "str": "s", "list": "xs"}
 WORDS = ("cat", "river", "python", "moon", "table", "green", "code", "apple",   # shorter than k, or not:
          "watermelon", "lighthouse", "blackboard", "strawberry")                # "the first 9 characters"
-# Answers that ignore the task. A set of test cases one of them passes is drawn again: with three
-# random inputs, `return x` passed "the larger of x and 7" and `return s` "the first 8 characters
-# of s" on one held-out code task in six.
+# Answers that ignore the task. A set of test cases one of them passes is drawn again: when the
+# cases were three random inputs with no such check, `return x` passed "the larger of x and 7" and
+# `return s` "the first 8 characters of s" on one held-out code task in six.
 SHORTCUTS = {"int": ("x", "0", "1", "{k}"), "str": ("s", "''", "s[::-1]", "len(s)"),
              "list": ("xs", "sorted(xs)", "[]", "0", "sum(xs)", "max(xs)", "len(xs)")}
 N_CASES = 4
@@ -314,7 +314,6 @@ class Turn:
 def parse_turn(enc, ids):
     """Generated ids of one assistant turn (after <|assistant|>, up to <|end|>) -> its parts."""
     special = data.SPECIAL_TOKENS
-    text = lambda part: enc.decode([i for i in part if i < data.N_RANKS])  # noqa: E731
     if special["</think>"] in ids:  # the answer is what follows the last reasoning block
         ids = ids[len(ids) - ids[::-1].index(special["</think>"]):]
     if special["<think>"] in ids:  # and it ends where a block opens that never closes: reasoning is no answer
@@ -323,8 +322,8 @@ def parse_turn(enc, ids):
     if special["<tool_call>"] in ids:
         start = ids.index(special["<tool_call>"])
         end = ids.index(special["</tool_call>"], start) if special["</tool_call>"] in ids[start:] else len(ids)
-        tool_call, ids = text(ids[start + 1:end]), ids[:start] + ids[end + 1:]
-    return Turn(text(ids), tool_call)
+        tool_call, ids = data.text_of(enc, ids[start + 1:end]), ids[:start] + ids[end + 1:]
+    return Turn(data.text_of(enc, ids), tool_call)
 
 
 CALCULATOR_OPS = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b, ast.Mult: lambda a, b: a * b,

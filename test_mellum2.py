@@ -784,6 +784,9 @@ def test_importing_top_level_files_does_no_work():
 
 # -- helpers
 
+FIM_PREFIX, FIM_MIDDLE, FIM_SUFFIX = (data.SPECIAL_TOKENS[t] for t in ("<fim_prefix>", "<fim_middle>", "<fim_suffix>"))
+
+
 def within(count, n, p, sigmas=5):
     """True if `count` successes of `n` is within `sigmas` binomial standard deviations of n*p."""
     return abs(count - n * p) <= sigmas * math.sqrt(n * p * (1 - p)) + 1
@@ -843,10 +846,10 @@ def fim_reassemble(ids):
     ids = list(ids)
     if ids and ids[-1] == data.EOT:
         ids = ids[:-1]
-    if not ids or ids[0] not in (data.FIM_PREFIX, data.FIM_SUFFIX):
+    if not ids or ids[0] not in (FIM_PREFIX, FIM_SUFFIX):
         return ids
-    i_prefix, i_suffix, i_middle = ids.index(data.FIM_PREFIX), ids.index(data.FIM_SUFFIX), ids.index(data.FIM_MIDDLE)
-    if ids[0] == data.FIM_PREFIX:   # PSM
+    i_prefix, i_suffix, i_middle = ids.index(FIM_PREFIX), ids.index(FIM_SUFFIX), ids.index(FIM_MIDDLE)
+    if ids[0] == FIM_PREFIX:   # PSM
         prefix, suffix = ids[i_prefix + 1:i_suffix], ids[i_suffix + 1:i_middle]
     else:                      # SPM
         suffix, prefix = ids[i_suffix + 1:i_prefix], ids[i_prefix + 1:i_middle]
@@ -864,7 +867,7 @@ def test_vocab_and_special_ids(enc):
     names = [token for token, _ in data.SPECIAL_TOKEN_TABLE]
     assert len(names) == 16 and len(set(names)) == 16
     assert [data.SPECIAL_TOKENS[t] for t in names] == list(range(4080, 4096))
-    assert (data.EOT, data.FIM_PREFIX, data.FIM_MIDDLE, data.FIM_SUFFIX) == (4080, 4081, 4082, 4083)
+    assert (data.EOT, FIM_PREFIX, FIM_MIDDLE, FIM_SUFFIX) == (4080, 4081, 4082, 4083)
     for token, i in data.SPECIAL_TOKENS.items():
         assert enc.encode(token, allowed_special="all") == [i]
         assert enc.decode([i]) == token
@@ -1418,14 +1421,14 @@ def test_fim_rates_by_phase_and_items_reassemble(tiny):
             batch = s.sample(step)
             for row, source in zip(full_rows(batch), batch.sources):
                 for item in complete_items(row):
-                    if data.FIM_MIDDLE not in item:  # plain text up to <|endoftext|>: a document's end
+                    if FIM_MIDDLE not in item:  # plain text up to <|endoftext|>: a document's end
                         assert tuple(item[-16:]) in endings[source]
                     if len(fim_reassemble(item)) >= cap - 3:  # may be a cut piece run on into the next item
                         continue
-                    is_fim = bool(item) and item[0] in (data.FIM_PREFIX, data.FIM_SUFFIX)
+                    is_fim = bool(item) and item[0] in (FIM_PREFIX, FIM_SUFFIX)
                     total[source] += 1
                     fim[source] += is_fim
-                    spm[source] += is_fim and item[0] == data.FIM_SUFFIX
+                    spm[source] += is_fim and item[0] == FIM_SUFFIX
                     original = fim_reassemble(item)
                     assert max(original, default=0) < data.N_RANKS
                     assert any(contains(doc, original) for doc in train_docs[source])
@@ -1442,10 +1445,10 @@ def test_fim_transform_inverse_and_formats():
         spm = bool(rng.random() < 0.5)
         out = data.fim_transform(doc, rng, spm)
         assert len(out) == len(doc) + 3
-        assert out[0] == (data.FIM_SUFFIX if spm else data.FIM_PREFIX)
+        assert out[0] == (FIM_SUFFIX if spm else FIM_PREFIX)
         assert fim_reassemble(out) == doc.tolist()
         assert fim_reassemble(list(out) + [data.EOT]) == doc.tolist()
-    S, P, M = data.FIM_SUFFIX, data.FIM_PREFIX, data.FIM_MIDDLE
+    S, P, M = FIM_SUFFIX, FIM_PREFIX, FIM_MIDDLE
     assert data.fim_prompt([1, 2], [3]) == [S, 3, P, 1, 2, M]             # Mellum-4B order (SPM)
     assert data.fim_prompt([1, 2], [3], spm=False) == [P, 1, 2, S, 3, M]  # PSM
     assert fim_reassemble([5, 6, data.EOT]) == [5, 6]
@@ -1458,7 +1461,7 @@ def test_cut_points_are_uniform():
     lengths = np.zeros(3)
     for _ in range(3000):
         out = data.fim_transform(doc, rng, spm=False).tolist()
-        i_s, i_m = out.index(data.FIM_SUFFIX), out.index(data.FIM_MIDDLE)
+        i_s, i_m = out.index(FIM_SUFFIX), out.index(FIM_MIDDLE)
         lengths += (i_s - 1, len(out) - i_m - 1, i_m - i_s - 1)   # prefix, middle, suffix
     assert np.allclose(lengths / lengths.sum(), 1 / 3, atol=0.02)
 
@@ -3115,6 +3118,28 @@ def test_chat_runs_the_calculator_and_lets_the_model_go_on(tmp_path, monkeypatch
     assert draws == torch.rand(2, generator=torch.Generator().manual_seed(1337)).tolist()
 
 
+def test_chat_leaves_a_call_in_its_last_turn_unanswered(tmp_path, monkeypatch, capsys):
+    """As in the rollouts that trained it: no turn is left to read the reply, so none is printed."""
+    enc, special = data.load_tokenizer(), data.SPECIAL_TOKENS
+    request = '{"name": "calculator", "arguments": {"expression": "2 + 2"}}'
+    call = [special["<tool_call>"], *enc.encode_ordinary(request), special["</tool_call>"], special["<|end|>"]]
+    turns = []
+
+    def always_calls(model, prompts, max_new_tokens, on_token=None, **options):
+        turns.append(prompts[0])
+        for token in call:
+            on_token(0, token)
+        return [call]
+
+    monkeypatch.setattr(sample, "generate", always_calls)
+    train.save_checkpoint(tmp_path / "ckpt.pt", Mellum2(Mellum2Config.from_preset("tiny")), [], 1,
+                          {"stage": "sft", "steps": 1})
+    sample.main(["--init-from", str(tmp_path), "--chat", "--start", "2 + 2?", "--max-new-tokens", "200"])
+    out = capsys.readouterr().out
+    assert len(turns) == train.MAX_TURNS and out.count("<tool_response>4</tool_response>") == train.MAX_TURNS - 1
+    assert out.endswith("</tool_call>\n") and out.count("<tool_call>") == train.MAX_TURNS
+
+
 def test_sample_prints_what_the_output_encoding_cannot_hold_as_question_marks(tmp_path, monkeypatch):
     """A redirect on Windows writes cp1252, say: a character outside it must not end the output."""
     ids = data.load_tokenizer().encode_ordinary("s = '日本'\n")
@@ -3469,7 +3494,7 @@ def test_fim_examples_cut_one_held_out_line(small_built_corpus, enc):
     assert len(every) == sum(len(line.strip()) >= 4 for doc in held_out for line in doc.split("\n"))
     assert len({(tuple(prompt), line) for prompt, line in every}) == len(every)
     for prompt, line in examples + every:   # prefix + line + suffix is a stretch of a held-out file, cut at lines
-        assert line.strip() and prompt[-1] == data.FIM_MIDDLE
+        assert line.strip() and prompt[-1] == FIM_MIDDLE
         text = enc.decode(fim_reassemble(prompt + enc.encode_ordinary(line)))
         first_line = text.startswith(f"{line}\n") and any(doc.startswith(text) for doc in held_out)
         assert (f"\n{line}\n" in text or first_line) and any(text in doc for doc in held_out)
@@ -3726,7 +3751,7 @@ def test_every_readme_command_parses():
 
 
 def test_a_mistyped_flag_or_value_is_one_line_on_every_script(capsys):
-    # argparse's own report starts with the whole usage: fifteen lines for train.py, the mistake last.
+    # argparse's own report starts with the whole usage: a dozen lines or more for train.py, the mistake last.
     import bench
     import plots
     cases = [(train.parse_args, ["--bogus"], "unrecognized arguments: --bogus"),

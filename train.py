@@ -165,6 +165,12 @@ def build_optimizers(model, lr, weight_decay=0.1, optimizer="muon", ns_dtype=Non
 # -----------------------------------------------------------------------------------------------
 # Warmup-Hold-Decay (§3.4.2) and the batch-size ramp (§3.4.3)
 
+def linear_warmup(step, warmup_steps):
+    """The rise to the peak learning rate every stage starts with: 1/warmup_steps of it at step 0,
+    all of it from step warmup_steps - 1 on."""
+    return min(1.0, (step + 1) / max(1, warmup_steps))
+
+
 def lr_multiplier(step, total_steps, warmup_steps, decay_fraction=0.159):
     """Linear warmup to the peak, hold it, then decay linearly toward zero (reached one step after
     the last) over the final decay_fraction of the steps: phase 3, the report's 15.9% of the tokens,
@@ -174,7 +180,7 @@ def lr_multiplier(step, total_steps, warmup_steps, decay_fraction=0.159):
     the decay begins 51 of its 323,459 steps early.)"""
     decay_start = total_steps - round(decay_fraction * total_steps)
     if step < warmup_steps:
-        return (step + 1) / warmup_steps
+        return linear_warmup(step, warmup_steps)
     if step < decay_start:
         return 1.0
     return (total_steps - step) / (total_steps - decay_start)
@@ -191,7 +197,7 @@ def cosine_multiplier(step, total_steps, warmup_steps, floor=0.1):
     """SFT's schedule (§5.1.2): linear warmup, then a cosine from the peak down to floor x peak
     (3e-5 to 3e-6 in the report)."""
     if step < warmup_steps:
-        return (step + 1) / warmup_steps
+        return linear_warmup(step, warmup_steps)
     progress = (step - warmup_steps) / max(1, total_steps - 1 - warmup_steps)
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
@@ -647,7 +653,7 @@ def load_checkpoint(path, mmap=False, verify=True):
 
 
 # Settings that count something, each a whole number of at least 1 wherever a run has it: a zero
-# --ckpt-every found only after the last step would lose the run's final checkpoint.
+# ckpt_every in an edited checkpoint, found only after the last step, would lose the final checkpoint.
 COUNT_SETTINGS = ("steps", "batch_size", "micro_batch", "eval_every", "ckpt_every", "group_size")
 
 
@@ -718,7 +724,8 @@ def resumed_run(args, out_dir, say):
     """--resume: the checkpoint to continue. It must be of this stage: the stage decides the data and
     the schedule, so another stage's run cannot be continued as this one."""
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
-    if not os.path.exists(ckpt_path) and any(os.path.isfile(os.path.join(out_dir, v, "ckpt.pt")) for v in ROPE_VARIANTS):
+    variants = [os.path.join(out_dir, v, "ckpt.pt") for v in ROPE_VARIANTS]
+    if not os.path.exists(ckpt_path) and any(map(os.path.isfile, variants)):
         raise ValueError(f"{out_dir} holds the variants of a --compare run, each in a folder of its own: resume "
                          f"them with --compare")
     state = load_checkpoint(ckpt_path)
@@ -1045,7 +1052,8 @@ def run_settings(args):
 
 
 def train(args, stop_after=None, settings_of=None):
-    """The whole run. stop_after=N stops after N steps as Ctrl-C would (tests use it). settings_of: the
+    """The whole run. stop_after=N stops once step N is done, checkpointed as Ctrl-C leaves a run, and
+    returns the model (tests use it; at the last step, before the summary). settings_of: the
     settings of another run to start this one with (--compare --resume: a variant not begun yet
     takes those of the ones that were, whatever flags the resuming command gives but --micro-batch)."""
     rank, world, device = setup_distributed(args.device)
@@ -1121,7 +1129,7 @@ def train(args, stop_after=None, settings_of=None):
         raw.load_state_dict(pretrained.state_dict())
         s["original_context"] = pretrained.config.max_seq_len
     # The run's balance-loss coefficient, not that of the weights it starts from (§5.1.2: SFT's is a
-    # tenth of pre-training's; --aux-coef sets any stage's).
+    # tenth of pre-training's; --aux-coef sets it for any stage this function runs).
     raw.config = dataclasses.replace(raw.config, aux_loss_coef=s["aux_coef"])
     config = raw.config
     seq_len = config.max_seq_len
@@ -1747,7 +1755,7 @@ def grpo(args, stop_after=None):
             waited = time.time()
             version, (rows, sample_time) = worker.take(step)
             waited = time.time() - waited
-            lr = s["lr"] * min(1.0, (step + 1) / max(1, run.warmup_steps))
+            lr = s["lr"] * linear_warmup(step, run.warmup_steps)  # then constant (§5.2.4)
             for opt in optimizers:
                 for group in opt.param_groups:
                     group["lr"] = lr
@@ -1850,7 +1858,7 @@ def check_settings(s, world):
 class ArgumentParser(argparse.ArgumentParser):
     """The scripts' command lines (train, sample, evaluate, plots, bench): argparse, with a mistyped
     flag or value reported in one line like every other error here. argparse would print the whole
-    usage first, fifteen lines for train.py, and the mistake last."""
+    usage first, a dozen lines or more for train.py, and the mistake last."""
 
     def __init__(self, description=None, **kwargs):  # bench.py's subcommands come here with their prog
         super().__init__(description=description, formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
