@@ -71,7 +71,7 @@ def model(args):
     torch.manual_seed(0)
     config = Mellum2Config.from_preset(args.size, **({"n_expert": args.experts[0], "n_expert_active": args.experts[1]}
                                                      if args.experts else {}))
-    trunk = Mellum2(replace(config, n_mtp=0))  # the computation transformers' model does
+    trunk = Mellum2(replace(config, n_mtp=0))  # transformers' model has no MTP layer (nor our z-loss)
     full = Mellum2(config)
     loop = Mellum2(replace(config, n_mtp=0, moe_impl="loop"))
     loop.load_state_dict(trunk.state_dict())
@@ -83,7 +83,7 @@ def model(args):
     def ours(m):
         return lambda: m(idx, targets)[1].backward()
 
-    def reference():  # next-token loss plus the router's balance loss, as in our trunk
+    def reference():  # next-token loss plus the routers' balance loss (one term over the layers)
         hf(idx, labels=idx, output_router_logits=True).loss.backward()
 
     seconds = time_interleaved(args.steps, transformers=reference, ours=ours(trunk), ours_loop_moe=ours(loop),
@@ -168,7 +168,7 @@ def decoding(args):
     """Greedy decoding on held-out code: ours vs transformers' generate on the same weights (plain and
     with its own MTP drafting), speculative vs plain decoding with the acceptance rate, and the cost of
     each kind of pass, which says what acceptance speculative decoding needs to pay."""
-    if args.new_tokens < 3:  # fewer leave speculative decoding nothing to draft, and the passes nothing to replay
+    if args.new_tokens < 3:  # fewer leave the replay of the passes below nothing to time
         raise ValueError(f"--new-tokens must be at least 3, got {args.new_tokens}")
     model, _ = sample.load_model(args.init_from, "cpu")
     if model.mtp is None:
@@ -236,9 +236,10 @@ def decoding(args):
           f"(two-pair drafts after accepted ones and the loop's bookkeeping raise that bar further)")
     print(f"  and with every draft accepted would reach at most {2 * plain / (verify + draft):.2f}x plain: "
           f"2 tokens for {(verify + draft) / plain:.2f} plain steps")
-    # A context that goes unused should cost nothing: the same weights configured for the released
-    # model's 131072 positions (after §4's YaRN) decode these short texts as fast, because a full
-    # layer's cache holds only what the call can reach and attention reads only its filled slots.
+    # A context that goes unused should cost nothing: the same weights configured for 131072
+    # positions, the released model's context (RoPE left as trained), decode these short texts as
+    # fast, because a full layer's cache holds only what the call can reach and attention reads only
+    # its filled slots.
     long_context = Mellum2(replace(model.config, max_seq_len=131072)).eval()
     long_context.load_state_dict(model.state_dict())
     seconds = {"trained": [], "long": []}
@@ -317,7 +318,7 @@ def kernel_speed(args):
     # K/V heads of 128, on a sliding (window 1024) and a full layer; the CPU gets smaller sequences.
     attention_sizes = [(1, 8192, 1024, 32, 4, 128), (1, 8192, None, 32, 4, 128)] if gpu_sizes else \
         [(1, 256, 64, 4, 2, 64), (1, 1024, 256, 8, 2, 64), (1, 2048, 256, 8, 1, 64)]
-    # (N, D, F, E, K): one training micro-batch of 8192 tokens through one MoE layer of the release;
+    # (N, D, F, E, K): one 8192-token sequence (the release's micro-batch holds two) through one of its MoE layers;
     # on the CPU the tiny preset's layer and a narrower layer with the release's 64-choose-8 routing.
     moe_sizes = [(8192, 2304, 896, 64, 8)] if gpu_sizes else [(1024, 256, 256, 16, 2), (1024, 256, 64, 64, 8)]
     print(f"{device}, {dtype}, {torch.get_num_threads()} threads, median of {args.steps} interleaved rounds; "

@@ -1,5 +1,5 @@
 """
-Pictures of a run, written as PNG files next to its metrics (matplotlib is optional: nothing else in
+Pictures of a run, written as PNG files in a folder beside its metrics (matplotlib is optional: nothing else in
 the project needs it; pip install matplotlib).
 
     python plots.py out/tiny                  # pre-training: loss parts, learning rate, expert load
@@ -57,7 +57,8 @@ def training_figures(records, plt):
             axes[0, 0].plot(*series(records, "val", source), "o--", label=f"validation {source}")
     axes[0, 0].set(title="loss parts (§2.1.5, §3.4.5)", xlabel="step", yscale="log")
     axes[0, 1].plot(*series(records, "lr"))
-    axes[0, 1].set(title="learning rate: Warmup-Hold-Decay (§3.4.2)", xlabel="step")
+    schedule = "warmup, then a cosine (§5.1.2)" if post_training(records) else "Warmup-Hold-Decay (§3.4.2)"
+    axes[0, 1].set(title=f"learning rate: {schedule}", xlabel="step")
     axes[1, 0].plot(*series(records, "expert_balance"))
     axes[1, 0].axhline(1.0, color="grey", linestyle=":")
     axes[1, 0].set(title="expert load: busiest / mean (1 = balanced)", xlabel="step")
