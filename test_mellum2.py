@@ -268,13 +268,15 @@ def test_receptive_field_of_one_layer(pattern, window):
     lets q see p: p <= q for full attention, and q - window < p <= q for a sliding layer."""
     cfg = replace(SMALL, n_layer=1, attn_pattern=pattern, sliding_window=window, n_mtp=0)
     model = randomize(Mellum2(cfg)).eval()
-    idx = torch.randint(0, cfg.vocab_size, (1, 20))
+    idx = torch.randint(0, cfg.vocab_size, (1, 20), generator=torch.Generator().manual_seed(0))
     p = 7
     changed = idx.clone()
     changed[0, p] = (idx[0, p] + 1) % cfg.vocab_size
     with torch.no_grad():
         diff = (model(idx)[0] - model(changed)[0]).abs().amax(dim=-1)[0]
-    seen = [q for q in range(20) if diff[q] > 1e-6]
+    # A changed token moves other tokens within the grouped matmul's blocks, which can change their
+    # rounding (about 1e-6); a token that sees the change moves by far more than 1e-4.
+    seen = [q for q in range(20) if diff[q] > 1e-4]
     expected = list(range(p, 20)) if pattern == "F" else list(range(p, p + window))
     assert seen == expected
 
@@ -1350,6 +1352,9 @@ def test_resume_gives_identical_batches(tiny):
 
 def test_phase_mixture_matches_table(tiny):
     s = sampler(tiny, batch_size=32)
+    # The sampler switches where test_phase_boundaries puts the switch (of 1000 steps, 58.0/100.1
+    # and 84.2/100.1): phase 3's first step is the schedule's first lowered one.
+    assert [data.PHASES.index(s.phase_at(step)) for step in (579, 580, 841, 842)] == [0, 1, 1, 2]
     for p, steps in ((0, range(0, 150)), (1, range(600, 750)), (2, range(850, 1000))):
         counts = collections.Counter(src for step in steps for src in s.sample(step).sources)
         n = sum(counts.values())
@@ -1362,6 +1367,14 @@ def test_phase_mixture_matches_table(tiny):
         counts = collections.Counter(src for step in steps for src in held.sample(step).sources)
         for source, prob in expected_mixture(phase).items():
             assert within(counts[source], sum(counts.values()), prob), (phase, source, counts)
+
+
+def test_pieces_are_drawn_alike_the_last_one_too(tiny):
+    s = sampler(tiny)
+    s.pieces["code"] = s.pieces["code"][-2:]  # a table of two, the corpus's last two pieces of code
+    items = [tuple(s._item(np.random.default_rng([1, i]), "code", 0.0)) for i in range(400)]
+    kinds = collections.Counter(items)
+    assert len(kinds) == 2 and all(within(count, 400, 0.5) for count in kinds.values()), kinds
 
 
 def test_best_fit_packing_fills_rows_without_cutting(tiny, monkeypatch):
@@ -1573,9 +1586,11 @@ def test_muon_equals_torch_muon_on_matrices():
         assert torch.equal(a, b)  # the same arithmetic in the same order: bit-identical
 
 
-def test_muon_orthogonalises_each_expert_on_its_own():
-    experts = torch.nn.Parameter(torch.randn(6, 48, 32))
-    slices = [torch.nn.Parameter(experts.detach()[e].clone()) for e in range(6)]
+# Tall; wide, as the release's gate and up stacks (E, F, D) are; more experts than rows or columns.
+@pytest.mark.parametrize("shape", [(6, 48, 32), (6, 32, 48), (64, 32, 48)])
+def test_muon_orthogonalises_each_expert_on_its_own(shape):
+    experts = torch.nn.Parameter(torch.randn(shape))
+    slices = [torch.nn.Parameter(experts.detach()[e].clone()) for e in range(shape[0])]
     opt = train.Muon([experts], lr=0.01, weight_decay=0.1, ns_dtype=torch.bfloat16)
     ref = torch.optim.Muon(slices, lr=0.01, weight_decay=0.1, adjust_lr_fn="match_rms_adamw")
     g = torch.Generator().manual_seed(2)
@@ -2338,11 +2353,13 @@ def test_the_expert_balance_logged_is_the_whole_steps():
     the same however it is split (the last micro-batch alone reads less balanced the smaller it is)."""
     torch.manual_seed(0)
     x = torch.randint(0, 200, (8, 16))
+    y = x.roll(-1, dims=1)
+    y[:4, :12] = IGNORE_INDEX  # SFT's masked prompts: no targets there, but every token is routed
     model = randomize(Mellum2(SMALL), seed=1)
-    model(x, x.roll(-1, dims=1))  # the whole batch in one forward: each trunk layer's load over all its rows
+    model(x, y)  # the whole batch in one forward: each trunk layer's load over all its rows
     expected = train.expert_balance(model.loss_parts["expert_load"])
     for micro_batch in (8, 2, 1):
-        parts, _ = train.train_step(model, x, x.roll(-1, dims=1), micro_batch,
+        parts, _ = train.train_step(model, x, y, micro_batch,
                                     [torch.optim.SGD(model.parameters(), lr=0.0)], torch.autocast("cpu", enabled=False))
         assert parts["expert_balance"] == pytest.approx(expected, rel=1e-6), micro_batch
 
@@ -3151,6 +3168,19 @@ def test_sample_prints_what_the_output_encoding_cannot_hold_as_question_marks(tm
     sample.main(["--init-from", str(tmp_path), "--start", "x"])
     sys.stdout.flush()
     assert out.getvalue() == b"s = '??'\n\n"  # and the newline that ends the output
+
+
+def test_fill_in_the_middle_prompt_puts_the_suffix_first(tmp_path):
+    """SPM, from the typed text or files: <fim_suffix> suffix <fim_prefix> prefix <fim_middle>."""
+    enc = data.load_tokenizer()
+    vocab = sample.Vocabulary(enc, data.SPECIAL_TOKENS, {data.EOT})
+    prefix, suffix = "def area(r):\n    return ", "\n\nprint(area(2))\n"
+    expected = [FIM_SUFFIX, *enc.encode_ordinary(suffix), FIM_PREFIX, *enc.encode_ordinary(prefix), FIM_MIDDLE]
+    (tmp_path / "before.py").write_text(prefix)
+    (tmp_path / "after.py").write_text(suffix)
+    for argv in (["--prefix", prefix, "--suffix", suffix],
+                 ["--prefix", f"FILE:{tmp_path / 'before.py'}", "--suffix", f"FILE:{tmp_path / 'after.py'}"]):
+        assert sample.build_prompt(sample.parse_args(argv), vocab) == (expected, {data.EOT})
 
 
 def test_fill_in_the_middle_needs_all_three_sentinels():

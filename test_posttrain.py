@@ -258,6 +258,7 @@ def test_math_and_tool_verifiers():
     # A comma groups thousands, and only them: "4,2" is no 42, "1,234" is 1234
     assert tasks.reward(math_task, "4,2") == 0.0 and tasks.reward(math_task, "1, 4,2") == 0.0
     assert tasks.reward(dataclasses.replace(math_task, answer="1234567"), "It is 1,234,567.") == 1.0
+    assert tasks.reward(dataclasses.replace(math_task, answer="2345"), "1,2345") == 1.0  # four digits: no group
     tool = tasks.tool_task(random.Random(1))
     assert tasks.reward(tool, f"{tool.tool_call['arguments']['expression']} = {tool.answer}") == 1.0
     assert tasks.reward(tool, str(int(tool.answer) + 1)) == 0.0
@@ -722,6 +723,25 @@ def test_a_tool_call_that_reaches_the_cap_is_unfinished(enc, monkeypatch):
     assert row.ids == call and not row.finished and row.answer == ""
 
 
+def test_each_turn_of_a_rollout_draws_from_a_seed_of_its_own(enc, monkeypatch):
+    """A row that calls the tool in every turn: turns seeded alike would draw the same numbers."""
+    import sample
+    call = [S["<tool_call>"], *enc.encode_ordinary('{"name": "calculator", "arguments": {"expression": "2"}}'),
+            S["</tool_call>"], E]
+    seeds = []
+
+    def scripted(model, prompts, max_new_tokens, temperature, logprobs, seed, **options):
+        seeds.append(seed)
+        logprobs[:] = [[0.0] * len(call) for _ in prompts]
+        return [list(call) for _ in prompts]
+
+    monkeypatch.setattr(sample, "generate", scripted)
+    train.rollout(Mellum2(SMALL_TASKS).eval(), enc, [tasks.tool_task(random.Random(0))], max_tokens=200, seed=3)
+    assert seeds == [3 * train.MAX_TURNS + turn for turn in range(train.MAX_TURNS)]
+    train.rollout(Mellum2(SMALL_TASKS).eval(), enc, [tasks.tool_task(random.Random(0))], max_tokens=200)
+    assert seeds[train.MAX_TURNS:] == [None] * train.MAX_TURNS  # unseeded: fresh draws every turn
+
+
 def group_sampled_by(engine, answers_and_rewards):
     """A group of finished rollouts of one math prompt, with the engine's own log-probabilities (the
     trainer's too, so IcePop keeps every token)."""
@@ -734,18 +754,22 @@ def group_sampled_by(engine, answers_and_rewards):
     return rows
 
 
-def test_grpo_normalises_by_the_mini_batch_however_it_is_split():
+def test_grpo_normalises_by_the_mini_batch_however_it_is_split(monkeypatch):
     """The loss is a mean over a mini-batch's tokens: splitting it into micro-batches of one row
-    must give the same update (plain SGD shows the gradients themselves)."""
+    must give the same update (plain SGD shows the gradients themselves), and each of the two
+    mini-batches divides by its own answer tokens, not the whole batch's."""
     torch.manual_seed(0)
     engine = Mellum2(SMALL_TASKS)
     rows = group_sampled_by(engine, [([40, E], 1.0), ([50, 51, 52, E], 0.0), ([41, 42, E], 1.0), ([50, E], 0.0)])
-    updated = []
+    updated, divisors = [], []
+    grpo_loss = train.grpo_loss
+    monkeypatch.setattr(train, "grpo_loss", lambda *args: divisors.append(int(args[-1])) or grpo_loss(*args))
     for micro_batch in (1, 16):
         model = copy.deepcopy(engine)
         train.grpo_update(model, [torch.optim.SGD(model.parameters(), lr=1.0)], [rows], micro_batch=micro_batch)
         updated.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
     assert (updated[0] - updated[1]).abs().max().item() < 1e-6
+    assert divisors == [2 + 4] * 2 + [3 + 2] * 2 + [2 + 4, 3 + 2]  # micro-batches of 1, then of 16
 
 
 def test_grpo_update_steps_once_per_mini_batch_against_the_policy_before_it():
