@@ -318,8 +318,8 @@ def kernel_speed(args):
     # K/V heads of 128, on a sliding (window 1024) and a full layer; the CPU gets smaller sequences.
     attention_sizes = [(1, 8192, 1024, 32, 4, 128), (1, 8192, None, 32, 4, 128)] if gpu_sizes else \
         [(1, 256, 64, 4, 2, 64), (1, 1024, 256, 8, 2, 64), (1, 2048, 256, 8, 1, 64)]
-    # (N, D, F, E, K): one 8192-token sequence (the release's micro-batch holds two) through one of its MoE layers;
-    # on the CPU the tiny preset's layer and a narrower layer with the release's 64-choose-8 routing.
+    # (N, D, F, E, K): one 8192-token sequence (the release's micro-batch holds two) through one of
+    # its MoE layers; on the CPU the tiny preset's layer and a narrower one with its 64-choose-8 routing.
     moe_sizes = [(8192, 2304, 896, 64, 8)] if gpu_sizes else [(1024, 256, 256, 16, 2), (1024, 256, 64, 64, 8)]
     print(f"{device}, {dtype}, {torch.get_num_threads()} threads, median of {args.steps} interleaved rounds; "
           f"ratios = fallback time / candidate time (above 1 = faster than the fallback)")

@@ -1,6 +1,6 @@
 """
-Pictures of a run, written as PNG files in a folder beside its metrics (matplotlib is optional: nothing else in
-the project needs it; pip install matplotlib).
+Pictures of a run, written as PNG files in a folder beside its metrics (matplotlib is optional:
+nothing else in the project needs it; pip install matplotlib).
 
     python plots.py out/tiny                  # pre-training: loss parts, learning rate, expert load
     python plots.py out/tiny-sft-instruct     # SFT: the same, and held-out accuracy per suite
