@@ -136,6 +136,38 @@ def test_kernel_attend_falls_back_when_decoding_with_a_cache(n_queries):
     assert torch.equal(kernels.triton_attend(q, k, v, mask, 8), mellum2.sdpa_attend(q, k, v, mask, 8))
 
 
+def keys_unreadable_outside(q, k, v):
+    """With T = 128 in blocks of 32 and a window of 8, queries 64..95 see keys 57..95 only, so key
+    blocks 0 and 3 are never to be read for them. A skipped block costs time and changes no value,
+    so their keys and values become NaN here: a masked score is 0, but 0 * NaN is NaN in p @ v, and
+    a kernel that loads such a block at all spoils those queries."""
+    k, v = k.detach().clone(), v.detach().clone()
+    for t in (k, v):
+        t[:, :, :32] = t[:, :, 96:] = float("nan")
+    return q, k, v
+
+
+@needs_triton
+def test_kernel_attention_reads_no_key_block_outside_the_window():
+    q, k, v = (t.detach() for t in attention_inputs(128, 4, 2))
+    y = kernels.flash_attention(*keys_unreadable_outside(q, k, v), 8, 32, 32)
+    assert torch.isfinite(y[:, :, 64:96]).all()
+    assert_close(y[:, :, 64:96], brute_force_attention(q, k, v, 8)[:, :, 64:96])
+
+
+def test_attention_backward_reads_no_key_outside_its_band():
+    q, k, v = attention_inputs(128, 4, 2)
+    y = brute_force_attention(q, k, v, 8)
+    dy = torch.randn_like(y)
+    expected_dq, = torch.autograd.grad(y, (q,), dy)
+    scores = (q @ k.repeat_interleave(2, dim=1).mT) / 16 ** 0.5
+    lse = scores.masked_fill(~training_mask(128, 8), float("-inf")).logsumexp(-1)
+    dq, _, _ = kernels.attention_backward(*keys_unreadable_outside(q.detach(), k, v), y.detach(), lse.detach(), dy,
+                                          8, chunk=32)
+    assert torch.isfinite(dq[:, :, 64:96]).all()
+    assert_close(dq[:, :, 64:96], expected_dq[:, :, 64:96])
+
+
 @pytest.mark.parametrize("window, chunk", [(None, 7), (5, 7), (20, 16), (20, 300)])
 def test_attention_backward_in_chunks(window, chunk):
     """The backward walks the queries in chunks, each with only the band of keys its window shows:

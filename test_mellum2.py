@@ -164,6 +164,24 @@ def test_an_export_replaces_the_one_in_its_folder(tmp_path):
         assert torch.equal(Mellum2.from_pretrained(tmp_path, device="cpu")(idx)[0], expected)
 
 
+def test_an_export_says_its_dtype_and_sizes_as_loaders_read_them(tmp_path):
+    """Beside the tensors: config.json's dtype, the index's total size in bytes, one file when the
+    weights come to exactly max_shard_bytes, and intermediate_size as the release writes it (K * F,
+    read by no layer of a model that has only MoE layers)."""
+    model = Mellum2(SMALL).to(torch.bfloat16)
+    total = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    model.save_pretrained(tmp_path / "whole", max_shard_bytes=total)
+    assert sorted(f for f in os.listdir(tmp_path / "whole") if f.startswith("model")) == ["model.safetensors"]
+    assert json.loads((tmp_path / "whole" / "config.json").read_text())["dtype"] == "bfloat16"
+    model.float().save_pretrained(tmp_path / "shards", max_shard_bytes=total // 3)
+    index = json.loads((tmp_path / "shards" / "model.safetensors.index.json").read_text())
+    assert index["metadata"]["total_size"] == 2 * total  # fp32 now
+    # Read in the dtype asked for, not the file's (fp32) nor the device's default (fp32 on a CPU).
+    loaded = Mellum2.from_pretrained(tmp_path / "shards", device="cpu", dtype=torch.bfloat16)
+    assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
+    assert mellum2.config_to_hf(Mellum2Config())["intermediate_size"] == 8 * 896
+
+
 @pytest.mark.skipif(os.name == "nt", reason="Windows files have no permission bits for others")
 def test_exports_and_checkpoints_get_the_permissions_of_any_new_file(tmp_path):
     """safetensors writes its files readable by their owner alone: an export on a shared machine
@@ -2984,6 +3002,13 @@ def test_printer_hides_every_think_block_and_only_them(capsys):
         printer.finish()
         assert "".join(shown) + capsys.readouterr().out == expected, (stops, hide)
         assert not any("plan" in piece for piece in shown) or not hide
+    # One token may end a stop string and begin what could still become a tag, which is held back:
+    # after the stop nothing more is printed, that beginning included.
+    one_token = types.SimpleNamespace(decode_bytes=lambda ids: b"a stop<" * len(ids))
+    printer = sample.Printer(sample.Vocabulary(one_token, {}, set()), ["stop"], hide_thinking=True)
+    assert printer(0, 0)
+    printer.finish()
+    assert capsys.readouterr().out == "a "
 
 
 class RecordingDecoder:
@@ -3221,16 +3246,22 @@ def test_special_token_text_in_a_prompt_stays_text(capsys):
     assert data.SPECIAL_TOKENS["<|end|>"] in stops
 
 
-def test_a_hugging_face_directory_brings_its_own_tokenizer(tmp_path, capsys):
-    """Like the released checkpoint: a tokenizer.json beside the weights, another vocabulary with
-    other ids for the FIM sentinels and the end of text."""
+def byte_level_tokenizer(specials):
+    """A small byte-level BPE tokenizer of the released checkpoint's kind (a tokenizer.json): about
+    300 tokens, `specials` first."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
-    specials = ["<|endoftext|>", "<fim_prefix>", "<fim_middle>", "<fim_suffix>"]
     trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=specials,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(["def add(a, b):\n    return a + b\n"] * 50, trainer)
+    return tok
+
+
+def test_a_hugging_face_directory_brings_its_own_tokenizer(tmp_path, capsys):
+    """Like the released checkpoint: a tokenizer.json beside the weights, another vocabulary with
+    other ids for the FIM sentinels and the end of text."""
+    tok = byte_level_tokenizer(["<|endoftext|>", "<fim_prefix>", "<fim_middle>", "<fim_suffix>"])
     tok.add_tokens(["    "])  # an added token that is not special: four spaces kept whole, plain text
     randomize(Mellum2(replace(SMALL, vocab_size=320, eos_token_id=(0, 1))), seed=2).save_pretrained(tmp_path)
     tok.save(str(tmp_path / "tokenizer.json"))
@@ -3255,6 +3286,25 @@ def test_a_hugging_face_directory_brings_its_own_tokenizer(tmp_path, capsys):
         printer(0, i)
     printer.finish()
     assert capsys.readouterr().out == text
+
+
+def test_a_hugging_face_tokenizer_fits_its_model_and_ends_text_itself(tmp_path, capsys):
+    tok = byte_level_tokenizer(["<|endoftext|>", "<think>"])
+    n_vocab = len(tok.get_vocab())
+    for name, rows in (("short", n_vocab - 1), ("exact", n_vocab)):
+        Mellum2(replace(SMALL, vocab_size=rows, eos_token_id=None)).save_pretrained(tmp_path / name)
+        tok.save(str(tmp_path / name / "tokenizer.json"))
+    with pytest.raises(CheckpointError, match=f"the tokenizer has {n_vocab} tokens, the model only {n_vocab - 1}"):
+        sample.load_model(str(tmp_path / "short"), "cpu")
+    _, vocab = sample.load_model(str(tmp_path / "exact"), "cpu")
+    assert vocab.stop_ids == {vocab.special["<|endoftext|>"]}  # its config.json names no end id
+    # Special tokens are spelled out, as tiktoken's decode_bytes does: the printer shows <think>.
+    assert vocab.enc.decode_bytes([vocab.special["<|endoftext|>"]]) == b"<|endoftext|>"
+    printer = sample.Printer(vocab, [], hide_thinking=False)
+    for i in [vocab.special["<think>"], *vocab.enc.encode_ordinary("a + b")]:
+        printer(0, i)
+    printer.finish()
+    assert capsys.readouterr().out == "<think>a + b"
 
 
 def test_a_prompt_a_foreign_tokenizer_cannot_spell_is_refused(tmp_path):
@@ -3512,6 +3562,11 @@ def test_bits_per_byte_of_a_uniform_model(small_built_corpus, enc):
         assert shapes == batches
         assert loss == pytest.approx(math.log(config.vocab_size))
         assert bpb == pytest.approx(len(targets) * math.log2(config.vocab_size) / n_bytes)
+    # Fewer rows than there are: the bytes counted are those of the rows scored.
+    two_rows = torch.cat([y.flatten() for _, y in data.val_batches(small_built_corpus, "web", 8, 256, 2)]).tolist()
+    _, bpb = evaluate.loss_and_bits_per_byte(UniformModel(config), enc, small_built_corpus, "web", 256, 2)
+    two_rows_bytes = len(enc.decode_bytes([t for t in two_rows if t < data.N_RANKS]))
+    assert bpb == pytest.approx(len(two_rows) * math.log2(config.vocab_size) / two_rows_bytes)
 
 
 def test_fim_examples_cut_one_held_out_line(small_built_corpus, enc):
@@ -3528,13 +3583,19 @@ def test_fim_examples_cut_one_held_out_line(small_built_corpus, enc):
         text = enc.decode(fim_reassemble(prompt + enc.encode_ordinary(line)))
         first_line = text.startswith(f"{line}\n") and any(doc.startswith(text) for doc in held_out)
         assert (f"\n{line}\n" in text or first_line) and any(text in doc for doc in held_out)
+        # SPM, <fim_suffix> suffix <fim_prefix> prefix <fim_middle>: at most a quarter of the budget
+        # after the line, three quarters before it, so the prompt leaves the context room to answer.
+        cut = prompt.index(FIM_PREFIX)
+        assert cut - 1 <= 64 // 4 and len(prompt) - cut - 2 <= 3 * 64 // 4
 
 
 def test_fim_exact_match_scores_whole_lines(monkeypatch, enc):
     examples = [([1], "x = 1"), ([2], "    return x"), ([3], "y = 2"), ([4], "    return z")]
     answers = {1: " x = 1\n", 2: "    return y", 3: "y = 2", 4: "    return z"}
-    monkeypatch.setattr(evaluate.sample, "generate", lambda model, prompts, *a, **k: [
-        enc.encode_ordinary(answers[p[0]]) + [data.EOT] for p in prompts])
+    def generate(model, prompts, max_new_tokens, stop_ids=()):  # writes on past <|endoftext|> unless stopped
+        written = [enc.encode_ordinary(answers[p[0]]) + [data.EOT] + enc.encode_ordinary("\nz = 3") for p in prompts]
+        return [ids[:ids.index(data.EOT) + 1] if data.EOT in stop_ids else ids for ids in written]
+    monkeypatch.setattr(evaluate.sample, "generate", generate)
     assert evaluate.fim_exact_match(None, enc, examples) == pytest.approx(3 / 4)
 
 
@@ -3586,6 +3647,8 @@ def test_synthetic_math_leaves_out_problems_also_trained_on(tmp_path, enc, monke
     monkeypatch.setattr(evaluate.sample, "generate", reference)
     assert evaluate.synthetic_math_accuracy(None, enc, corpus, n=64) == 1.0
     assert sorted(asked) == sorted(text[:text.index("\n") + 1] for text in held_out - also_trained)
+    asked.clear()
+    assert evaluate.synthetic_math_accuracy(None, enc, corpus, n=3) == 1.0 and len(asked) == 3
 
 
 def test_evaluate_stops_with_one_line_when_the_cache_cannot_be_written(monkeypatch, capsys):
