@@ -982,6 +982,9 @@ def small_training_text():
 def test_bpe_matches_naive_reference():
     texts = small_training_text()
     assert data.train_bpe(texts, 256 + 150) == naive_bpe(texts, 256 + 150)
+    # Both use the one merge step, so it is pinned on its own: left to right, never overlapping.
+    assert data._merge([1, 1, 1], (1, 1), 9) == [9, 1] and data._merge([1, 1, 1, 1], (1, 1), 9) == [9, 9]
+    assert data._merge([2, 1, 1, 3, 1], (1, 1), 9) == [2, 9, 3, 1]
 
 
 def test_bpe_is_deterministic_and_round_trips(tmp_path):
@@ -1050,6 +1053,8 @@ def test_synthetic_math_is_checked_and_stable():
     assert not data.check_math(problems[0].replace(">>", "+1>>", 1))      # malformed markup
     assert not data.check_math(problems[0].rsplit("#### ", 1)[0] + "#### 123456")
     assert not data.check_math("2 + 2 = <<2+2=5>>5\n#### 5")
+    assert data.check_math("2 + 2 = <<2+2=4>>4\n4 * 2 = <<4*2=8>>8\n#### 8")
+    assert not data.check_math("2 + 2 = <<2+2=4>>4\n4 * 2 = <<4*2=8>>8\n#### 4")  # an answer, but not the last step's
     assert len({p.split("\n")[0].split()[0] for p in problems}) > 5   # several templates
 
 
@@ -1122,6 +1127,15 @@ def test_a_name_that_is_not_utf8_is_read_like_any_other(tmp_path):
     corpus = data.build_corpus([folder], cache_dir=tmp_path / "cache", progress=False, default_sources=False)
     keys = corpus.train["code"].keys + corpus.val["code"].keys
     assert sorted(keys) == ["caf\\xe9/other.py", "caf\\xe9/r\\xe9sum\\xe9.py"] and not any(corpus.skipped.values())
+
+
+def test_a_data_folder_routes_each_file_by_its_first_folder_else_its_suffix(tmp_path):
+    files = {"math/drills/p.txt": "math", "web/code/notes.py": "web", "LOUD.PY": "code", "readme.txt": "web"}
+    for rel in files:
+        (tmp_path / "mine" / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "mine" / rel).write_text("x = 1\nprint(x)\n" * 20)
+    inputs = data._user_inputs([tmp_path / "mine"], collections.Counter())
+    assert {i.key: i.source for i in inputs} == {f"mine/{rel}": source for rel, source in files.items()}
 
 
 def test_data_folders_of_one_name_keep_their_files_apart(tmp_path):
@@ -1313,6 +1327,13 @@ def test_data_report_prints_plan(tiny, capsys):
     for i, source in enumerate(data.SOURCES):
         planned = sum(int(row.group(i + 1).replace(",", "")) for row in rows)
         assert planned == pytest.approx(plan[source] * len(tiny.train[source].tokens), abs=3)
+    # The long stage's report, of its one phase: the repetition row is that phase's plan.
+    last = len(data.PHASES) - 1
+    data.data_report(tiny, 50_000, phase=last)
+    plan = data.planned_repetition(tiny, 50_000, phase=last)
+    assert plan != data.planned_repetition(tiny, 50_000)
+    assert re.search(r"repetition \(epochs\) +" + " +".join(f"{plan[s]:.2f}x" for s in data.SOURCES),
+                     capsys.readouterr().out)
 
 
 def test_the_long_stage_data_report_plans_its_own_sequences(small_corpus, tmp_path, capsys, monkeypatch):
@@ -1667,6 +1688,7 @@ def test_optimizer_routing():
     assert "mtp.fc.weight" in names and "mtp.layers.0.mlp.down_proj" in names
     for n in ("embed_tokens.weight", "lm_head.weight", "layers.0.mlp.gate.weight", "norm.weight"):
         assert n not in names
+    assert not {n for n in names if n.endswith("mlp.gate.weight")}  # every router, the MTP layer's too
     assert sum(len(g["params"]) for g in adamw.param_groups) + len(in_muon) == len(list(model.parameters()))
     assert adamw.defaults["betas"] == (0.9, 0.95) and adamw.defaults["eps"] == 1e-8  # App. B
     # With no gradient, one step only decays: the matrices by lr * 0.1, the norm gains not at all.
@@ -1996,8 +2018,12 @@ def test_fp8_training_runs(small_corpus, tmp_path, monkeypatch):
 
     monkeypatch.setattr(train, "scaled_mm", checked)
     model = train.train(run_args(small_corpus, tmp_path, "--max-steps", "2", "--fp8"))
-    assert isinstance(model.layers[0].self_attn.q_proj, train.Float8Linear)
-    assert model.layers[0].mlp.grouped_mm is train.fp8_grouped_mm
+    # Every attention projection and the MTP layer's fc, and no other linear: the routers and the
+    # head stay in high precision.
+    projections = ("q_proj", "k_proj", "v_proj", "o_proj")
+    assert [n for n, m in model.named_modules() if type(m) is train.Float8Linear] == \
+        [n for n, _ in model.named_modules() if n.split(".")[-1] in projections or n == "mtp.fc"]
+    assert all(m.grouped_mm is train.fp8_grouped_mm for m in model.modules() if isinstance(m, mellum2.MoE))
     assert all(math.isfinite(json.loads(line)["ntp"]) for line in open(tmp_path / "metrics.jsonl"))
 
 
@@ -2416,6 +2442,14 @@ def test_the_gradient_is_clipped_to_norm_one():
     after = total_norm()
     assert expected > 10 and norm == pytest.approx(expected.item(), rel=1e-4)  # the norm before clipping
     assert after == pytest.approx(1.0, rel=1e-4)
+    # And a training step clips at 1: with SGD at lr 1 the parameters move by exactly the clipped step.
+    model.zero_grad()
+    model.lm_head.weight.register_hook(lambda grad: grad * 1e4)
+    before = [p.detach().clone() for p in model.parameters()]
+    _, norm = train.train_step(model, x, x.roll(-1, dims=1), 2, [torch.optim.SGD(model.parameters(), lr=1.0)],
+                               torch.autocast("cpu", enabled=False))
+    moved = torch.cat([(p.detach() - b).double().flatten() for p, b in zip(model.parameters(), before)]).norm()
+    assert norm > 10 and moved.item() == pytest.approx(1.0, rel=1e-3)
 
 
 def test_unknown_size_is_refused(capsys):
@@ -3371,6 +3405,16 @@ def test_long_context_config_round_trips_through_transformers(variant, tmp_path)
     assert Mellum2.from_pretrained(tmp_path).config == cfg
 
 
+def test_the_long_context_evaluation_scores_held_out_code_at_each_length(monkeypatch):
+    asked = []
+    monkeypatch.setattr(train, "validation_loss", lambda model, corpus, source, batch_size, seq_len, rows, device:
+                        asked.append((source, seq_len)) or 1.0 * seq_len)
+    monkeypatch.setattr(train, "passkey_accuracy", lambda model, enc, length, n, rng: 0.5)
+    results = train.long_context_eval(Mellum2(SMALL), None, 32, "cpu")
+    assert asked == [("code", 32), ("code", 64), ("code", 128), ("code", 256)]  # 1x, 2x, 4x and 8x
+    assert results == {n: (float(n), 0.5) for n in (32, 64, 128, 256)}
+
+
 def test_passkey_prompts_and_scoring():
     enc = data.load_tokenizer()
     for length, depth in [(256, 0.0), (300, 0.5), (1000, 1.0)]:
@@ -3437,6 +3481,8 @@ def test_long_stage_trains_from_a_checkpoint(small_corpus, tmp_path, capsys):
     metrics = tmp_path / "long" / "metrics.jsonl"
     lines = metrics.read_text().splitlines()
     assert sorted(map(int, json.loads(lines[-1])["long_context_eval"])) == [256, 512, 1024, 2048]
+    # Its batches hold the third phase's mixture from the first step (§4), not the curriculum's start.
+    assert {json.loads(line).get("phase") for line in lines} - {None} == {data.PHASES[-1].name}
     # Resumed when finished it has nothing to do; stopped during its final evaluation, it evaluates.
     capsys.readouterr()
     for metrics_before, evaluates in ((lines, False), (lines[:-1], True)):

@@ -6,6 +6,7 @@ shaping, the verifiers, the sandbox against hostile programs, and both stages ru
 
 import copy
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -130,6 +131,20 @@ def test_sft_batches_mask_targets_and_repeat(enc):
     x, y = tasks.SFTSampler("instruct", seed=3, batch_size=16, seq_len=256).get_batch(0)
     assert (y[x == A] != IGNORE_INDEX).all() and (x == A).sum() > 16
     assert not (y == U).any() and not (y == A).any()
+
+
+def test_an_sft_sample_of_seq_len_plus_one_ids_fits_whole(enc, monkeypatch):
+    """seq_len + 1 ids make seq_len inputs and seq_len targets: such a sample is kept, not dropped."""
+    messages = tasks.conversation(random.Random(0), "instruct")
+    (ids, _), = tasks.sft_samples(enc, messages, "instruct", 10**6)
+    calls = itertools.count()
+
+    def the_same_conversation(rng, variant):  # and a bound, should the sampler drop it every time
+        assert next(calls) < 50, "the sample was dropped"
+        return messages
+    monkeypatch.setattr(tasks, "conversation", the_same_conversation)
+    x, _ = tasks.SFTSampler("instruct", seed=0, batch_size=2, seq_len=len(ids) - 1).get_batch(0)
+    assert x.shape == (2, len(ids) - 1) and x[0].tolist() == ids[:-1]
 
 
 def test_only_instruct_sft_data_has_reflective_answers(enc):
@@ -283,6 +298,8 @@ def test_calculator_tool_answers_or_explains():
     assert tasks.call_tool(call("382 * 47")) == "17954" and tasks.call_tool(call("7 / 2")) == "3.5"
     for bad in (call("__import__('os')"), call("1 / 0"), call("2 ** 99999"), '{"name": "shell"}', "not json"):
         assert tasks.call_tool(bad).startswith("error:")
+    assert tasks.call_tool(call("1" * 64)) == "1" * 64  # the longest expression it takes
+    assert tasks.call_tool(call("1" * 65)).startswith("error: expression must be a string of at most 64")
 
 
 def test_code_verifier_counts_passed_cases():
@@ -292,6 +309,12 @@ def test_code_verifier_counts_passed_cases():
     assert tasks.reward(task, "def f(x):\n    return 3") == pytest.approx(1 / 3)
     assert tasks.reward(task, "def f(x) return") == 0.0                       # syntax error
     assert tasks.reward(task, "def f(x):\n    return x\nprint('0' * 16, 3)") == 0.0  # cannot print a score
+    # A result of another type is wrong, inside a list too: [1.0] is not [1], [True] is not [1].
+    assert tasks.same([[1, "a"]], [[1, "a"]]) and not tasks.same(1.0, 1) and not tasks.same(True, 1)
+    assert not tasks.same([1.0], [1]) and not tasks.same([True], [1]) and not tasks.same([[1.0]], [[1]])
+    listed = tasks.Task("code", "", "", key="", reasoning=("",), cases=(((1,), [2]), ((2,), [4])))
+    assert tasks.reward(listed, "def f(x):\n    return [2 * x]") == 1.0
+    assert tasks.reward(listed, "def f(x):\n    return [2.0 * x]") == 0.0
 
 
 @pytest.mark.parametrize("answer", [
@@ -415,7 +438,10 @@ def test_held_out_accuracy_leaves_out_what_the_verifier_could_not_score(enc, mon
     import sample
     answer = enc.encode_ordinary("def f(x):\n    return x") + [E]
 
+    temperatures = []
+
     def scripted(model, prompts, max_new_tokens, temperature, logprobs, **options):
+        temperatures.append(temperature)
         logprobs[:] = [[0.0] * len(answer) for _ in prompts]
         return [list(answer) for _ in prompts]
 
@@ -426,6 +452,7 @@ def test_held_out_accuracy_leaves_out_what_the_verifier_could_not_score(enc, mon
     result = train.evaluate_tasks(Mellum2(SMALL_TASKS), 2, 16)
     assert math.isnan(result["code"]) and 0 <= result["math"] <= 1 and 0 <= result["tool"] <= 1
     assert "code unscored" in train.describe_eval(result, "sft")
+    assert set(temperatures) == {0.0}  # held-out accuracy is greedy: the same model, the same score
     # A task counts as solved only with full marks: half the test cases passed is not half a solve.
     monkeypatch.setattr(tasks, "reward", lambda task, text: 0.5)
     result = train.evaluate_tasks(Mellum2(SMALL_TASKS), 2, 16)
@@ -466,6 +493,13 @@ def test_the_sandbox_refuses_the_modules_beneath_its_audited_calls(program, monk
         monkeypatch.setattr(tasks, "sandbox_user", lambda user=user: user)
         result = tasks.run_sandboxed(program)
         assert not result.ok and "is not allowed" in result.stderr
+
+
+def test_sandbox_sets_each_limit():
+    """Read from inside: the audit hook and the wall-clock kill would hide a limit left unset."""
+    names = ("RLIMIT_CPU", "RLIMIT_AS", "RLIMIT_FSIZE", "RLIMIT_NPROC", "RLIMIT_NOFILE", "RLIMIT_CORE")
+    program = "import resource\n" + "".join(f"print(resource.getrlimit(resource.{n})[0])\n" for n in names)
+    assert train.run_sandboxed(program, timeout=2.0).stdout.split() == ["2", str(256 * 2**20), "65536", "16", "32", "0"]
 
 
 def test_sandbox_bounds_the_files_a_program_writes():
@@ -676,6 +710,10 @@ def test_grpo_tensors_train_exactly_the_written_tokens_of_finished_rollouts():
     assert logp_infer[0, trained].tolist() == pytest.approx(used_tool.logp)
     assert not mask[1].any()                       # over the cap: dropped from the loss
     assert advantages.tolist() == pytest.approx([0.7, -0.7])
+    # Two groups: each row gets its own group's advantage, in the order of the rows.
+    second = [dataclasses.replace(used_tool, shaped=0.5), dataclasses.replace(unfinished, shaped=0.1)]
+    assert train.grpo_tensors([[used_tool, unfinished], second], data.PAD)[-1].tolist() == \
+        pytest.approx([0.7, -0.7, 0.4, -0.4])
 
 
 def test_a_rollout_cut_off_by_the_cap_is_unfinished(enc):
