@@ -1201,7 +1201,7 @@ def test_cache_reused_and_rebuilt_on_change(tmp_path, enc):
     assert not retokenized.from_cache and retokenized.folder not in (first.folder, renamed.folder)
 
 
-def test_cache_rebuilt_when_the_split_pattern_or_the_held_out_share_changes(tmp_path, monkeypatch):
+def test_cache_rebuilt_when_the_split_pattern_the_held_out_share_or_the_docstring_cut_changes(tmp_path, monkeypatch):
     """The same rank file with another pre-tokenization pattern encodes differently: the cached
     tokens of the old pattern must not be reused."""
     root = write_tiny_corpus(tmp_path / "src", seed=5, n=4)
@@ -1217,6 +1217,10 @@ def test_cache_rebuilt_when_the_split_pattern_or_the_held_out_share_changes(tmp_
     monkeypatch.setattr(data, "VAL_FRACTION", 0.5)
     halved = data.build_corpus([root], cache_dir=tmp_path / "cache", progress=False, default_sources=False)
     assert not halved.from_cache and halved.folder not in (first.folder, changed.folder)
+    # Nor one whose docstring documents were cut at another word count (the default corpus's web and math).
+    monkeypatch.setattr(data, "MIN_DOCSTRING_WORDS", 5)
+    wordier = data.build_corpus([root], cache_dir=tmp_path / "cache", progress=False, default_sources=False)
+    assert not wordier.from_cache and wordier.folder not in (first.folder, changed.folder, halved.folder)
 
 
 @pytest.mark.parametrize("damage", ["truncated tokens", "empty offsets", "garbled offsets", "torn manifest",
@@ -1912,6 +1916,27 @@ def test_resume_continues_exactly(small_corpus, tmp_path, capsys):
     # No GPU generator states: nothing draws from them, and restoring one per GPU of the machine that
     # wrote the checkpoint failed (IndexError) on a machine with fewer.
     assert set(train.load_checkpoint(tmp_path / "b" / "ckpt.pt")["rng"]) == {"torch", "python"}
+
+
+def test_a_resumed_run_goes_on_with_the_random_streams_where_they_were(small_corpus, tmp_path, monkeypatch):
+    """Nothing in a step draws from torch's or Python's global generator today; a change that does
+    (dropout, say) must still resume exactly. Here each step draws one number from each."""
+    draws, train_step = [], train.train_step
+
+    def drawing(*args, **kwargs):
+        draws.append((torch.rand(1).item(), random.random()))
+        return train_step(*args, **kwargs)
+    monkeypatch.setattr(train, "train_step", drawing)
+    random.seed(7)  # train() seeds torch's generator, not Python's: both runs start from the same state
+    train.train(run_args(small_corpus, tmp_path / "a", "--max-steps", "4"))
+    straight = draws[:]
+    draws.clear()
+    random.seed(7)
+    train.train(run_args(small_corpus, tmp_path / "b", "--max-steps", "4"), stop_after=2)
+    torch.manual_seed(12345)  # whatever ran in between
+    random.seed(12345)
+    train.train(run_args(small_corpus, tmp_path / "b", "--resume"))
+    assert draws == straight and len(set(draws)) == 4
 
 
 def test_a_resumed_run_may_split_its_steps_into_smaller_micro_batches(small_corpus, tmp_path, capsys, monkeypatch):
