@@ -3493,9 +3493,17 @@ def test_passkey_accuracy_counts_the_passkeys_written(monkeypatch, enc):
 
 def test_long_stage_trains_from_a_checkpoint(small_corpus, tmp_path, capsys):
     train.train(run_args(small_corpus, tmp_path / "base", "--max-steps", "2"))
+    capsys.readouterr()
     model = train.train(run_args(small_corpus, tmp_path / "long", "--stage", "long", "--init-from",
                                  str(tmp_path / "base"), "--max-steps", "2", "--context", "512", "--aux-coef", "0.05"))
     assert model.config.max_seq_len == 512 and model.config.yarn_factor == 2.0
+    # Its header plans the repetition of phase 3's mixture, the one it reads.
+    corpus, header = data.build_corpus([small_corpus], progress=False, default_sources=False), capsys.readouterr().out
+    plan = data.planned_repetition(corpus, 2 * 4 * 512, phase=len(data.PHASES) - 1)
+    assert plan != data.planned_repetition(corpus, 2 * 4 * 512)
+    for source, repetition in plan.items():
+        assert f"{source}: {len(corpus.train[source].tokens):,} training tokens, planned repetition " \
+               f"{repetition:.2f}x" in header
     assert model.config.aux_loss_coef == 0.05  # the run's, not that of the checkpoint it starts from
     assert model.config.yarn_original_max_seq_len == 256 and model.config.yarn_layers == "full"
     # It goes on from the pre-trained weights (two steps at a tenth of the learning rate move each
