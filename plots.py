@@ -21,8 +21,7 @@ def read_metrics(folder):
     path = os.path.join(folder, "metrics.jsonl")
     if not os.path.isfile(path):
         raise ValueError("no metrics.jsonl in it (a train.py run folder has one)")
-    with open(path, errors="replace") as f:  # a damaged byte spoils its line only
-        records = [r for r in map(train.parsed_jsonl, f) if r]  # a line cut short by a crash is skipped
+    records = [record for _, record in train.metrics_lines(path)]  # a line cut short by a crash is skipped
     if not records:
         raise ValueError("its metrics.jsonl holds no step's record yet")
     return records

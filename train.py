@@ -902,13 +902,12 @@ class MetricsLog:
         if not replacing and os.path.exists(path):  # else the first record makes the file
             kept = []
             if step:  # resumed: the lines up to its checkpoint
-                with open(path, encoding="utf-8", errors="replace") as f:  # a damaged byte spoils its line only
-                    kept = [line for line in f if (record := parsed_jsonl(line)) and record["step"] <= step]
+                kept = [line for line, record in metrics_lines(path) if record["step"] <= step]
             self._replace_with(kept)
 
     def _replace_with(self, lines):
         def write(tmp):
-            with open(tmp, "w", encoding="utf-8") as f:  # as read: a kept line may hold a replaced byte
+            with open(tmp, "w", encoding="utf-8") as f:  # as metrics_lines reads: a kept line may hold a replaced byte
                 f.writelines(lines)
         data.write_atomically(self.path, write)
 
@@ -949,6 +948,13 @@ def parsed_jsonl(line):
     except ValueError:
         return None
     return record if isinstance(record, dict) and isinstance(record.get("step"), int) else None
+
+
+def metrics_lines(path):
+    """(line, record) of each line of a metrics.jsonl that holds a record, in order. It is read as
+    UTF-8 on every system, as it is written; a byte that is not (an edit) spoils its own line only."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        return [(line, record) for line in f if (record := parsed_jsonl(line))]
 
 
 # -----------------------------------------------------------------------------------------------
@@ -1324,8 +1330,7 @@ def last_long_context_eval(run_dir):
     path = os.path.join(run_dir, "metrics.jsonl")
     if not os.path.isfile(path):
         return None
-    with open(path, errors="replace") as f:
-        evaluations = [r["long_context_eval"] for r in map(parsed_jsonl, f) if r and "long_context_eval" in r]
+    evaluations = [r["long_context_eval"] for _, r in metrics_lines(path) if "long_context_eval" in r]
     return evaluations[-1] if evaluations else None
 
 
