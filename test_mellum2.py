@@ -1579,6 +1579,10 @@ def test_val_batches_lay_the_documents_end_to_end(tmp_path):
         for batch_size in (1, 2):
             assert rows_of(data.val_batches(corpus, "code", batch_size, seq_len=T, max_rows=2)) == \
                 [rows[0], rows[len(rows) // 2]]
+        # A count whose steps of n_rows // n rows would leave the last rows out: spread by i * n_rows // n.
+        used = next(n for n in range(3, len(rows)) if len(rows) % n > 1)
+        assert rows_of(data.val_batches(corpus, "code", 2, seq_len=T, max_rows=used)) == \
+            [rows[i * len(rows) // used] for i in range(used)]
 
 
 @torch.no_grad()
@@ -1695,16 +1699,19 @@ def test_optimizer_routing():
     assert not {n for n in names if n.endswith("mlp.gate.weight")}  # every router, the MTP layer's too
     assert sum(len(g["params"]) for g in adamw.param_groups) + len(in_muon) == len(list(model.parameters()))
     assert adamw.defaults["betas"] == (0.9, 0.95) and adamw.defaults["eps"] == 1e-8  # App. B
-    # With no gradient, one step only decays: the matrices by lr * 0.1, the norm gains not at all.
-    gain, head = model.norm.weight, model.lm_head.weight
+    # With no gradient, one step only decays: the matrices (the routers' too) by lr * 0.1, the norm
+    # gains not at all.
+    gain, head, router = model.norm.weight, model.lm_head.weight, model.layers[0].mlp.gate.weight
     with torch.no_grad():
         gain.mul_(2.0)
-    before = {p: p.detach().clone() for p in (gain, head)}
+    before = {p: p.detach().clone() for p in (gain, head, router)}
     for p in model.parameters():
         p.grad = torch.zeros_like(p)
     for optimizer in (adamw, muon):
         optimizer.step()
-    assert torch.equal(gain, before[gain]) and torch.allclose(head, before[head] * (1 - 1e-3 * 0.1))
+    assert torch.equal(gain, before[gain])
+    for matrix in (head, router):
+        assert torch.allclose(matrix, before[matrix] * (1 - 1e-3 * 0.1))
 
 
 def test_warmup_hold_decay_at_its_boundaries():
@@ -1850,6 +1857,10 @@ def test_training_reduces_the_loss_and_writes_metrics(small_corpus, tmp_path, mo
     assert lrs[0] == pytest.approx(3e-3 / 6) and lrs[5] == lrs[10] == 3e-3 and lrs[-1] == pytest.approx(3e-3 / 2)
     state = train.load_checkpoint(tmp_path / "ckpt.pt")
     assert state["step"] == 12 and state["tokenizer"]["sha256"]
+    # Every parameter group, the norm gains' too, followed the schedule to its last step.
+    assert {group["lr"] for opt in state["optimizers"] for group in opt["param_groups"]} == {lrs[-1]}
+    # Each step is logged under the phase its batch came from.
+    assert [r["phase"] for r in records] == [data.PHASES[data.phase_index(i, 12)].name for i in range(12)]
 
 
 def test_a_data_folder_with_nothing_usable_is_reported(small_corpus, tmp_path, capsys):
@@ -1895,6 +1906,24 @@ def test_a_replacement_stopped_before_its_first_checkpoint_keeps_the_finished_ru
     assert f"before this run's first checkpoint: {tmp_path} keeps the finished run" in err
     train.train(run_args(small_corpus, tmp_path, "--max-steps", "3"), stop_after=3)  # its last step: done
     assert train.load_checkpoint(tmp_path / "ckpt.pt")["settings"]["steps"] == 3
+
+
+def test_the_speed_logged_after_a_resume_counts_only_its_own_tokens(small_corpus, tmp_path, monkeypatch):
+    # A clock that moves one second per training step and stands still otherwise: each record's
+    # tokens_per_s is then its tokens since the run (re)started over the steps since.
+    clock, train_step = [0.0], train.train_step
+
+    def timed_step(*args, **kwargs):
+        clock[0] += 1.0
+        return train_step(*args, **kwargs)
+
+    monkeypatch.setattr(train, "train_step", timed_step)
+    monkeypatch.setattr(train, "time", types.SimpleNamespace(time=lambda: clock[0]))
+    train.train(run_args(small_corpus, tmp_path, "--max-steps", "6"), stop_after=3)
+    train.train(run_args(small_corpus, tmp_path, "--resume"))
+    records = [record for _, record in train.metrics_lines(tmp_path / "metrics.jsonl")]
+    assert [r["tokens"] for r in records] == [512, 1536, 2560, 3584, 4608, 5632]  # the first step at half batch
+    assert [r["tokens_per_s"] for r in records] == [512, 768, 2560 / 3, 1024, 1024, 1024]
 
 
 def test_resume_continues_exactly(small_corpus, tmp_path, capsys):
@@ -2052,7 +2081,7 @@ def test_fp8_training_runs(small_corpus, tmp_path, monkeypatch):
     assert all(math.isfinite(json.loads(line)["ntp"]) for line in open(tmp_path / "metrics.jsonl"))
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(small_corpus, tmp_path, monkeypatch):
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(small_corpus, tmp_path, monkeypatch, capsys):
     train.train(run_args(small_corpus, tmp_path, "--max-steps", "6"), stop_after=2)
     before = (tmp_path / "ckpt.pt").read_bytes()
     real_forward = Mellum2.forward
@@ -2063,8 +2092,13 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(small_corpus, 
         return logits, loss
 
     monkeypatch.setattr(Mellum2, "forward", poisoned)
-    with pytest.raises(train.NonFiniteLoss, match="non-finite loss at step 3"):
-        train.train(run_args(small_corpus, tmp_path, "--resume"))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--size", "tiny", "--data", small_corpus, "--no-default-data", "--out-dir", str(tmp_path),
+                    "--resume"])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 1 and len(err.splitlines()) == 1
+    assert err.startswith("error: non-finite loss at step 3")
     assert (tmp_path / "ckpt.pt").read_bytes() == before
 
 
@@ -2492,10 +2526,13 @@ from mellum2 import Mellum2, IGNORE_INDEX
 torch.set_num_threads(1)
 rank, world, device = train.setup_distributed("cpu")
 
-def run(distributed):
+def run(distributed, optimizer):
     torch.manual_seed(0)
     model = randomize(Mellum2(SMALL))
-    opts = train.build_optimizers(model, 1e-3)
+    if optimizer == "muon":
+        opts, clip = train.build_optimizers(model, 1e-3), 1.0
+    else:  # SGD unclipped moves by the gradient itself, where Muon's and AdamW's steps hide its scale
+        opts, clip = [torch.optim.SGD(model.parameters(), lr=0.1)], float("inf")
     wrapped = torch.nn.parallel.DistributedDataParallel(model) if distributed else model
     g = torch.Generator().manual_seed(1)
     for step in range(3):
@@ -2504,17 +2541,27 @@ def run(distributed):
         y[:3, 4:] = IGNORE_INDEX  # as in SFT: the first process holds fewer targets than the second
         if distributed:
             x, y = x[4 * rank:4 * rank + 4], y[4 * rank:4 * rank + 4]
-        train.train_step(wrapped, x, y, 2, opts, torch.autocast("cpu", enabled=False))
-    return torch.cat([p.detach().flatten() for p in model.parameters()])
+        parts, _ = train.train_step(wrapped, x, y, 2, opts, torch.autocast("cpu", enabled=False), clip)
+    return torch.cat([p.detach().flatten() for p in model.parameters()]), parts
 
-together = run(distributed=True)
-gathered = [torch.empty_like(together) for _ in range(world)]
-dist.all_gather(gathered, together)
+together = {{optimizer: run(True, optimizer) for optimizer in ("muon", "sgd")}}
+gathered = {{optimizer: [torch.empty_like(params) for _ in range(world)]
+            for optimizer, (params, _) in together.items()}}
+for optimizer, (params, _) in together.items():
+    dist.all_gather(gathered[optimizer], params)
+stop = train.StopRequest()
+stop.requested = rank == 1  # a signal that reached one process alone stops them all
+agreed = [torch.empty(1) for _ in range(world)]
+dist.all_gather(agreed, torch.tensor([float(stop.all_agree())]))
+stop.release()
 train.leave_process_group()  # on every rank: exiting with DDP or gloo threads still alive aborts
 if rank == 0:
-    alone = run(distributed=False)
-    print("replicas_equal", torch.equal(gathered[0], gathered[1]))
-    print("max_diff", (together - alone).abs().max().item())
+    print("stop_agreed", all(flag.item() == 1 for flag in agreed))
+    for optimizer, (params, parts) in together.items():
+        alone, alone_parts = run(False, optimizer)
+        print(optimizer + "_replicas_equal", torch.equal(gathered[optimizer][0], gathered[optimizer][1]))
+        print(optimizer + "_max_diff", (params - alone).abs().max().item())
+        print(optimizer + "_logged_diff", max(abs(parts[k] - alone_parts[k]) for k in alone_parts))
 '''
 
 
@@ -2530,9 +2577,37 @@ def test_two_processes_equal_one(tmp_path):
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                              str(script)], capture_output=True, text=True, timeout=300, cwd=repo, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
-    out = dict(line.split() for line in result.stdout.splitlines() if line.startswith(("replicas", "max_diff")))
-    assert out["replicas_equal"] == "True"
-    assert float(out["max_diff"]) < 1e-6
+    out = dict(line.split() for line in result.stdout.splitlines() if line.startswith(("muon_", "sgd_", "stop_")))
+    assert out["stop_agreed"] == "True"
+    for optimizer in ("muon", "sgd"):
+        assert out[f"{optimizer}_replicas_equal"] == "True"
+        assert float(out[f"{optimizer}_max_diff"]) < 1e-6, optimizer
+        # What the step logs too: the loss parts and the expert balance of the whole batch, not of one process's half
+        assert float(out[f"{optimizer}_logged_diff"]) < 1e-5, optimizer
+
+
+def test_a_two_process_run_equals_a_one_process_run(small_corpus, tmp_path):
+    """train.py itself under torchrun: each process takes its contiguous share of every batch (micro-batches
+    of 2 rows, which a one-process run also forms, the ramp's half batch included), and the run ends
+    with the parameters of the same run in one process, and logs what it logs."""
+    repo = os.path.dirname(os.path.abspath(__file__))
+    command = ["train.py", "--size", "tiny", "--data", small_corpus, "--no-default-data", "--allow-over-repetition",
+               "--batch-size", "8", "--micro-batch", "2", "--max-steps", "3", "--device", "cpu"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    for launcher, out_dir in ((torchrun, "two"), ([], "one")):
+        result = subprocess.run([sys.executable, *launcher, *command, "--out-dir", str(tmp_path / out_dir)],
+                                capture_output=True, text=True, timeout=300, cwd=repo, env=env)
+        assert result.returncode == 0, result.stderr[-3000:]
+    one, two = (train.load_checkpoint(tmp_path / d / "ckpt.pt") for d in ("one", "two"))
+    for name, weight in one["model"].items():
+        assert (weight - two["model"][name]).abs().max().item() < 1e-6, name
+    records = {d: [record for _, record in train.metrics_lines(tmp_path / d / "metrics.jsonl")] for d in ("one", "two")}
+    assert [r["tokens"] for r in records["two"]] == [r["tokens"] for r in records["one"]] == [1024, 3072, 5120]
+    assert two["tokens"] == 5120
+    for a, b in zip(records["one"], records["two"]):
+        for key in ("ntp", "expert_balance"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5), key
 
 
 @pytest.mark.parametrize("env", [{"RANK": "1"}, {"RANK": "abc", "LOCAL_RANK": "0"}])
@@ -2547,6 +2622,19 @@ def test_a_rank_not_set_as_torchrun_sets_it_is_one_line(env, tmp_path, monkeypat
     assert exit_info.value.code == 1 and len(err.splitlines()) == 1
     assert err.startswith(f"error: RANK is set ({env['RANK']!r})") and err.endswith("or unset RANK")
     assert not (tmp_path / "run").exists()
+
+
+def test_only_the_first_process_of_all_nodes_locks_the_run_folder(tmp_path, monkeypatch):
+    # On a second node, the first process (LOCAL_RANK 0) is RANK 1 or more: with a shared file system
+    # it would find the folder locked by RANK 0 and refuse to run.
+    locked = []
+    monkeypatch.setattr(train, "run_folder_lock", lambda folder: locked.append(folder) or contextlib.nullcontext())
+    monkeypatch.setattr(train, "train", lambda args: None)
+    for rank, local_rank in (("0", "0"), ("1", "0"), ("2", "0"), ("1", "1")):
+        monkeypatch.setenv("RANK", rank)
+        monkeypatch.setenv("LOCAL_RANK", local_rank)
+        train.main(["--out-dir", str(tmp_path / "run")])
+    assert locked == [str(tmp_path / "run")]
 
 
 def test_a_refusal_under_torchrun_is_one_line_per_process(tmp_path):
@@ -2670,12 +2758,14 @@ def test_batch_decoding_survives_attention_that_gives_nan_where_a_query_sees_not
         scores = (q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])).masked_fill(~mask, float("-inf"))
         return scores.softmax(dim=-1) @ v
 
-    model = randomize(Mellum2(replace(SMALL, max_seq_len=64)), seed=5).eval()
-    prompts = [[1, 2, 3], list(range(10, 27))]
-    alone = [sample.generate(model, [p], 6, temperature=0)[0] for p in prompts]
-    for layer in model.layers:
-        layer.self_attn.attend = softmax_attend
-    assert sample.generate(model, prompts, 6, temperature=0) == alone
+    # Prompts longer and shorter than a step the cache stores before attending (spare + 1 = 9 tokens),
+    # and a full layer first, whose NaN would reach a sliding one's keys.
+    for pattern, prompts in (("SSSF", [[1, 2, 3], list(range(10, 27))]), ("FS", [[1, 2, 3], list(range(4, 10))])):
+        model = randomize(Mellum2(replace(SMALL, max_seq_len=64, attn_pattern=pattern)), seed=5).eval()
+        alone = [sample.generate(model, [p], 6, temperature=0)[0] for p in prompts]
+        for layer in model.layers:
+            layer.self_attn.attend = softmax_attend
+        assert sample.generate(model, prompts, 6, temperature=0) == alone, pattern
 
 
 @torch.no_grad()
@@ -2787,14 +2877,17 @@ def test_every_draft_equals_the_mtp_head_over_the_whole_text(chunk, monkeypatch)
     drafted, draft = [], model.draft
     monkeypatch.setattr(model, "draft", lambda h, ids, cache, positions: drafted.append(
         (int(positions[0, -1]), ids.shape[1], draft(h, ids, cache, positions))) or drafted[-1][2])
-    prompt = [3, 4, 5, 6, 7, 8, 9]
-    new, drafts, accepted = sample.generate_speculative(model, prompt, 36, temperature=0)
-    assert 0 < accepted < drafts
-    _, expected = naive_final_states_and_mtp_logits(model, torch.tensor(prompt + new))
-    for position, _, logits in drafted:  # a draft reads (h at position - 1, the token at position)
-        torch.testing.assert_close(logits[0], expected[position - 1], atol=1e-4, rtol=1e-4)
-    prompt_pairs = [3, 3, 1] if chunk == 3 else [7]  # (state, token) pairs the first calls read
-    assert [pairs for _, pairs, _ in drafted[:len(prompt_pairs)]] == prompt_pairs
+    # A prompt of n tokens leaves n (state, token) pairs for the first calls to read: 7, and 6, a
+    # whole number of chunks.
+    for prompt, prompt_pairs in (([3, 4, 5, 6, 7, 8, 9], [3, 3, 1] if chunk == 3 else [7]),
+                                 ([3, 4, 5, 6, 7, 8], [3, 3] if chunk == 3 else [6])):
+        drafted.clear()
+        new, drafts, accepted = sample.generate_speculative(model, prompt, 36, temperature=0)
+        assert 0 < accepted < drafts
+        _, expected = naive_final_states_and_mtp_logits(model, torch.tensor(prompt + new))
+        for position, _, logits in drafted:  # a draft reads (h at position - 1, the token at position)
+            torch.testing.assert_close(logits[0], expected[position - 1], atol=1e-4, rtol=1e-4)
+        assert [pairs for _, pairs, _ in drafted[:len(prompt_pairs)]] == prompt_pairs
 
 
 @pytest.mark.parametrize("temperature, top_k", [(1.0, 0), (0.5, 0), (1.0, 3)])
@@ -2967,6 +3060,9 @@ def test_sampling_distribution_equals_transformers_warpers(temperature, top_k, t
     (["--hide-thinking"], "--hide-thinking is for --chat"),
     (["--stop", ""], "--stop needs"),
     (["--seed", "99999999999999999999999"], "--seed"),
+    (["--seed", str(2**64)], "--seed must be between 0 and 2**64 - 1"),
+    (["--prefix", "a"], "--prefix and --suffix go together"),
+    (["--suffix", "b"], "--prefix and --suffix go together"),
     (["--device", "nonsense"], "unknown device"),
     (["--device", ""], "unknown device ''"),
     (["--device", "cuda:64"], "not available"),
@@ -3008,6 +3104,9 @@ def test_a_tiny_temperature_is_nearly_greedy():
     for logits in (torch.tensor([[3.0, 1.0, 3.5, -2.0]]), torch.tensor([[30.0, 10.0, 35.0, -20.0]])):
         for temperature in (1e-40, 1e-300):  # 35 / 1e-40 overflows fp32: the logits must be shifted first
             assert torch.equal(sample.next_token_probs(logits, temperature), torch.tensor([[0.0, 0, 1, 0]]))
+    # Each row of a batch is shifted by its own best logit, however far below the other rows' it lies.
+    batch = torch.tensor([[3.0, 1.0, 3.5, -2.0], [-20.0, -10.0, -15.0, -30.0]])
+    assert torch.equal(sample.next_token_probs(batch, 1e-40), torch.tensor([[0.0, 0, 1, 0], [0, 1, 0, 0]]))
 
 
 def test_printer_holds_back_what_may_still_change(capsys):
@@ -3041,6 +3140,11 @@ def test_printer_holds_back_what_may_still_change(capsys):
         any(printer(0, i) for i in ids)
         printer.finish()
         assert capsys.readouterr().out == "x = '日本語 €'\n", stops
+    # A byte that begins no character (a model may write one) prints as U+FFFD once the next token
+    # shows it stays alone, and the text after it streams and stops as any other.
+    printer = sample.Printer(vocab, ["import"], hide_thinking=False)
+    assert any(printer(0, i) for i in [enc.encode_single_token(b"\x80"), *enc.encode_ordinary(" ok\nimport sys\n")])
+    assert capsys.readouterr().out == "\ufffd ok\n"
 
 
 def test_printer_hides_every_think_block_and_only_them(capsys):
@@ -3224,10 +3328,11 @@ def test_chat_leaves_a_call_in_its_last_turn_unanswered(tmp_path, monkeypatch, c
     enc, special = data.load_tokenizer(), data.SPECIAL_TOKENS
     request = '{"name": "calculator", "arguments": {"expression": "2 + 2"}}'
     call = [special["<tool_call>"], *enc.encode_ordinary(request), special["</tool_call>"], special["<|end|>"]]
-    turns = []
+    turns, budgets = [], []
 
     def always_calls(model, prompts, max_new_tokens, on_token=None, **options):
         turns.append(prompts[0])
+        budgets.append(max_new_tokens)
         for token in call:
             on_token(0, token)
         return [call]
@@ -3238,6 +3343,7 @@ def test_chat_leaves_a_call_in_its_last_turn_unanswered(tmp_path, monkeypatch, c
     sample.main(["--init-from", str(tmp_path), "--chat", "--start", "2 + 2?", "--max-new-tokens", "200"])
     out = capsys.readouterr().out
     assert len(turns) == train.MAX_TURNS and out.count("<tool_response>4</tool_response>") == train.MAX_TURNS - 1
+    assert budgets == [200 - turn * len(call) for turn in range(train.MAX_TURNS)]  # --max-new-tokens for them all
     assert out.endswith("</tool_call>\n") and out.count("<tool_call>") == train.MAX_TURNS
 
 
@@ -3516,6 +3622,8 @@ def test_long_stage_trains_from_a_checkpoint(small_corpus, tmp_path, capsys):
     assert sorted(map(int, json.loads(lines[-1])["long_context_eval"])) == [256, 512, 1024, 2048]
     # Its batches hold the third phase's mixture from the first step (§4), not the curriculum's start.
     assert {json.loads(line).get("phase") for line in lines} - {None} == {data.PHASES[-1].name}
+    # Whole batches from the first step: pre-training alone ramps its batch (§3.4.3).
+    assert [record["tokens"] for line in lines if "tokens" in (record := json.loads(line))] == [4 * 512, 8 * 512]
     # Resumed when finished it has nothing to do; stopped during its final evaluation, it evaluates.
     capsys.readouterr()
     for metrics_before, evaluates in ((lines, False), (lines[:-1], True)):
@@ -3687,8 +3795,12 @@ def test_evaluate_runs_on_a_small_model_and_writes_json(small_built_corpus, tmp_
         return passkey_accuracy(model, enc, length, *args)
 
     monkeypatch.setattr(train, "passkey_accuracy", recording_the_length)
+    fim_prompts, fim_exact_match = [], evaluate.fim_exact_match
+    monkeypatch.setattr(evaluate, "fim_exact_match", lambda model, enc, examples: fim_prompts.extend(
+        prompt for prompt, _ in examples) or fim_exact_match(model, enc, examples))
     results = evaluate.evaluate(model, small_built_corpus, n=2, max_rows=8)
     assert lengths == [128 - 8]  # at the model's full context, less the answer's room
+    assert fim_prompts and sample.room_after(model, max(map(len, fim_prompts)), 48) == 48  # a whole middle's room
     assert {"val_loss/code", "bits_per_byte/web", "fim_exact_match", "synthetic_math", "tasks/code",
             "passkey"} <= set(results)
     assert results["val_loss/code"] > 0 and math.isnan(results["synthetic_math"])   # this corpus has no math
@@ -3729,6 +3841,17 @@ def test_synthetic_math_leaves_out_problems_also_trained_on(tmp_path, enc, monke
     asked.clear()
     assert evaluate.synthetic_math_accuracy(None, enc, corpus, n=3) == 1.0 and len(asked) == 3
 
+    # Wherever the twin lies in the training split: here it is its last document.
+    def split_of(*texts):
+        docs = [enc.encode_ordinary(text) for text in texts]
+        return data.TokenSplit(np.array(sum(docs, []), dtype=np.uint16), np.cumsum([0] + [len(d) for d in docs]),
+                               [f"math/{i}.txt" for i in range(len(docs))], 0)
+    first, twin, other = sorted(held_out - also_trained)[:3]
+    asked.clear()
+    evaluate.synthetic_math_accuracy(None, enc, replace(corpus, train={"math": split_of(first, twin)},
+                                                        val={"math": split_of(twin, other)}), n=64)
+    assert asked == [other[:other.index("\n") + 1]]
+
 
 def test_evaluate_stops_with_one_line_when_the_cache_cannot_be_written(monkeypatch, capsys):
     monkeypatch.setattr(evaluate.sample, "load_model", lambda *a: (None, sample.Vocabulary(None, {}, set())))
@@ -3749,6 +3872,8 @@ def test_evaluate_stops_with_one_line_when_the_cache_cannot_be_written(monkeypat
     (["--json", "{tmp}/ckpt.pt"], "give a .json file"),
     (["--json", "{tmp}/config.json"], "not config.json"),
     (["--n", "100000"], "--n must be between 1 and 1000"),
+    (["--n", "0"], "--n must be between 1 and 1000"),
+    (["--n", "-3"], "--n must be between 1 and 1000"),
 ])
 def test_evaluate_bad_input(argv, message, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:  # a bad --json path is caught before the model loads

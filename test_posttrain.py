@@ -76,6 +76,18 @@ def test_thinking_trains_only_the_final_turn_with_its_reasoning_and_unfolds(enc)
     assert trained_pieces(second, second_mask) == [[THINK, *t("three and three"), END_THINK, *t("6"), E]]
 
 
+def test_the_column_traces_write_the_digits_of_the_result():
+    """The Thinking scratchpad: the digits written column by column, read from the top column down,
+    are the sum or the difference its last sentence states."""
+    for a in range(2, 100):  # the tasks draw from 2 to 30
+        for b in range(2, 100):
+            digits = re.findall(r"write (\d)", tasks.addition_trace(a, b))
+            assert int("".join(reversed(digits))) == a + b, (a, b)
+            if b <= a:
+                digits = re.findall(r"= (\d)", tasks.subtraction_trace(a, b).split(". So")[0])
+                assert int("".join(reversed(digits))) == a - b, (a, b)
+
+
 def test_unfolding_keeps_at_most_five_and_skips_turns_without_reasoning(enc):
     messages = []
     for i in range(7):
@@ -187,17 +199,19 @@ def test_icepop_keeps_rho_inside_the_band_and_drops_it_outside():
 def test_grpo_loss_clipping_icepop_and_token_level_mean():
     # row 0 (A = +1): ratios 1.5 (clipped to 1.28), 0.5 (kept: the min picks it), 1.25 (inside the
     # asymmetric band, which a band of 1 +- 0.2 would clip); row 1 (A = -1): ratio 0.5 (clipped to
-    # 0.8), 1.5 (kept), and a token whose engine ratio rho = 6 is dropped.
-    ratio = torch.tensor([[1.5, 0.5, 1.0, 1.25], [0.5, 1.5, 1.0, 1.0]])
+    # 0.8), 1.5 (kept), and a token whose engine ratio rho = 6 is dropped. A padding token in each
+    # row has ratios outside both bands, as a prompt or tool-reply position can: no statistic counts it.
+    ratio = torch.tensor([[1.5, 0.5, 3.0, 1.25], [0.5, 1.5, 1.0, 0.3]])
     logp_old = torch.full((2, 4), -1.0)
     logp = (logp_old + ratio.log()).requires_grad_()
-    rho = torch.tensor([[1.0, 2.0, 1.0, 1.0], [1.0, 1.0, 6.0, 1.0]])
+    rho = torch.tensor([[1.0, 2.0, 10.0, 1.0], [1.0, 1.0, 6.0, 0.1]])
     logp_infer = logp_old - rho.log()
-    mask = torch.tensor([[1.0, 1.0, 0.0, 1.0], [1.0, 1.0, 1.0, 0.0]])   # a padding token in each row
+    mask = torch.tensor([[1.0, 1.0, 0.0, 1.0], [1.0, 1.0, 1.0, 0.0]])
     loss, stats = train.grpo_loss(logp, logp_old, logp_infer, torch.tensor([1.0, -1.0]), mask, n_tokens=6)
     expected = -(1.0 * 1.28 + 2.0 * 0.5 + 1.0 * 1.25 + 1.0 * -0.8 + 1.0 * -1.5 + 0.0) / 6
     assert loss.item() == pytest.approx(expected, abs=1e-6)
     assert stats["icepop_masked"] == 1 and stats["clipped"] == 4
+    assert stats["abs_log_rho"] == pytest.approx(math.log(2.0) + math.log(6.0), rel=1e-6)
     loss.backward()
     # Clipped tokens pass no gradient; kept ones pass -w * A * r / n_tokens (d r / d logp = r).
     expected_grad = torch.tensor([[0.0, -2.0 * 0.5 / 6, 0.0, -1.25 / 6], [0.0, 1.5 / 6, 0.0, 0.0]])
@@ -600,6 +614,22 @@ def test_sft_stage_runs_and_scores_the_held_out_tasks(sft_run):
     assert all(a >= b for a, b in zip(lrs[1:], lrs[2:]))
 
 
+def test_sft_takes_whole_batches_from_its_first_step(tmp_path, monkeypatch):
+    # Pre-training alone ramps its batch (§3.4.3); SFT's preset has no ramp.
+    rows, train_step = [], train.train_step
+
+    def counting_rows(model, x, *args, **kwargs):
+        rows.append(len(x))
+        return train_step(model, x, *args, **kwargs)
+
+    monkeypatch.setattr(train, "train_step", counting_rows)
+    monkeypatch.setitem(train.SFT_RUNS, "tiny", dataclasses.replace(train.SFT_RUNS["tiny"], steps=2, eval_every=2,
+                                                                   eval_tasks=1, batch_size=4, micro_batch=4))
+    base = save_run(tmp_path / "base", Mellum2(SMALL_TASKS), "pretrain")
+    train.train(train.parse_args(["--stage", "sft", "--init-from", base, "--out-dir", str(tmp_path / "sft")]))
+    assert rows == [4, 4]
+
+
 TINY_RL = train.RLRun(steps=3, prompts=2, group_size=4, lr=1e-3, warmup_steps=1, eval_every=3, eval_tasks=2,
                       ckpt_every=1)
 
@@ -611,6 +641,28 @@ def grpo_args(sft_run, out, *extra):
 def varied_reward(task, text):
     """A stand-in verifier that gives mixed rewards to any answers (the real ones are tested above)."""
     return float(sum(map(ord, text)) % 3 == 0)
+
+
+def test_grpo_logs_what_its_batch_holds(sft_run, tmp_path, monkeypatch):
+    # Scripted rollouts: every answer right, 3 of its 5 ids written by the model (2 are a tool's
+    # reply), and every other answer reflecting thrice, which concision shapes from 1 to 0.7: raw
+    # rewards are all equal, shaped ones are not.
+    batch_suites = []
+
+    def scripted_rollout(model, enc, task_list, max_tokens, temperature=1.0, seed=None):
+        if temperature > 0:  # the training batch (held-out scoring is greedy)
+            batch_suites.extend(t.suite for t in task_list)
+        return [train.Rollout(t, [1], ids=[5] * 5, written=[1, 1, 0, 0, 1], logp=[-1.0] * 3, finished=True,
+                              answer="1", reflections=3 * (i % 2)) for i, t in enumerate(task_list)]
+
+    monkeypatch.setattr(train, "rollout", scripted_rollout)
+    monkeypatch.setattr(tasks, "reward", lambda task, text: 1.0)
+    monkeypatch.setitem(train.GRPO_RUNS, "tiny", dataclasses.replace(TINY_RL, steps=1, eval_every=1))
+    train.grpo(grpo_args(sft_run, tmp_path))
+    (record,) = [r for r in map(json.loads, open(tmp_path / "metrics.jsonl")) if r["step"] == 1]
+    assert record["answer_tokens"] == 3 and record["accuracy"] == 1.0
+    assert record["suite_accuracy"] == {suite: float(suite in batch_suites) for suite in tasks.SUITES}
+    assert record["zero_variance"] == 0.0 and record["groups_kept"] == TINY_RL.prompts
 
 
 def test_grpo_runs_end_to_end_and_resumes_exactly(sft_run, tmp_path, monkeypatch):
