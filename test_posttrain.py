@@ -77,8 +77,8 @@ def test_thinking_trains_only_the_final_turn_with_its_reasoning_and_unfolds(enc)
 
 
 def test_the_column_traces_write_the_digits_of_the_result():
-    """The Thinking scratchpad: the digits written column by column, read from the top column down,
-    are the sum or the difference its last sentence states."""
+    """The Thinking scratchpad: the digits it writes column by column, read from the highest place
+    to the lowest, are the sum or the difference its last sentence states."""
     for a in range(2, 100):  # the tasks draw from 2 to 30
         for b in range(2, 100):
             digits = re.findall(r"write (\d)", tasks.addition_trace(a, b))
