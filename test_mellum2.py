@@ -1835,7 +1835,8 @@ def run_args(corpus, out_dir, *extra):
                              "--batch-size", "4", "--allow-over-repetition", *extra])
 
 
-def test_training_reduces_the_loss_and_writes_metrics(small_corpus, tmp_path, monkeypatch):
+def rows_per_step(monkeypatch):
+    """The list of how many rows each training step takes, filled as train.train_step runs."""
     rows, train_step = [], train.train_step
 
     def counting_rows(model, x, *args, **kwargs):
@@ -1843,6 +1844,11 @@ def test_training_reduces_the_loss_and_writes_metrics(small_corpus, tmp_path, mo
         return train_step(model, x, *args, **kwargs)
 
     monkeypatch.setattr(train, "train_step", counting_rows)
+    return rows
+
+
+def test_training_reduces_the_loss_and_writes_metrics(small_corpus, tmp_path, monkeypatch):
+    rows = rows_per_step(monkeypatch)
     train.train(run_args(small_corpus, tmp_path, "--max-steps", "12", "--lr", "3e-3"))
     records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     assert [r["step"] for r in records] == list(range(1, 13))
@@ -3829,7 +3835,8 @@ def test_synthetic_math_leaves_out_problems_also_trained_on(tmp_path, enc, monke
     also_trained = {enc.decode(split.doc(i).tolist()) for i, key in enumerate(split.keys)
                     if {key.replace("a.txt", "b.txt"), key.replace("b.txt", "a.txt")} & trained}
     assert also_trained and held_out - also_trained
-    solutions = {text[:text.index("\n") + 1]: text[text.index("\n") + 1:] for text in held_out}
+    question = lambda text: text[:text.index("\n") + 1]  # noqa: E731  (the prompt: the first line)
+    solutions = {question(text): text[len(question(text)):] for text in held_out}
     asked = []
 
     def reference(model, prompts, max_new_tokens, **options):
@@ -3837,7 +3844,7 @@ def test_synthetic_math_leaves_out_problems_also_trained_on(tmp_path, enc, monke
         return [enc.encode_ordinary(solutions[enc.decode(p)]) for p in prompts]
     monkeypatch.setattr(evaluate.sample, "generate", reference)
     assert evaluate.synthetic_math_accuracy(None, enc, corpus, n=64) == 1.0
-    assert sorted(asked) == sorted(text[:text.index("\n") + 1] for text in held_out - also_trained)
+    assert sorted(asked) == sorted(map(question, held_out - also_trained))
     asked.clear()
     assert evaluate.synthetic_math_accuracy(None, enc, corpus, n=3) == 1.0 and len(asked) == 3
 
@@ -3850,7 +3857,7 @@ def test_synthetic_math_leaves_out_problems_also_trained_on(tmp_path, enc, monke
     asked.clear()
     evaluate.synthetic_math_accuracy(None, enc, replace(corpus, train={"math": split_of(first, twin)},
                                                         val={"math": split_of(twin, other)}), n=64)
-    assert asked == [other[:other.index("\n") + 1]]
+    assert asked == [question(other)]
 
 
 def test_evaluate_stops_with_one_line_when_the_cache_cannot_be_written(monkeypatch, capsys):

@@ -24,7 +24,7 @@ import data
 import tasks
 import train
 from mellum2 import IGNORE_INDEX, Mellum2
-from test_mellum2 import SMALL
+from test_mellum2 import SMALL, rows_per_step
 
 S = data.SPECIAL_TOKENS
 U, A, E, THINK, END_THINK = S["<|user|>"], S["<|assistant|>"], S["<|end|>"], S["<think>"], S["</think>"]
@@ -616,13 +616,7 @@ def test_sft_stage_runs_and_scores_the_held_out_tasks(sft_run):
 
 def test_sft_takes_whole_batches_from_its_first_step(tmp_path, monkeypatch):
     # Pre-training alone ramps its batch (§3.4.3); SFT's preset has no ramp.
-    rows, train_step = [], train.train_step
-
-    def counting_rows(model, x, *args, **kwargs):
-        rows.append(len(x))
-        return train_step(model, x, *args, **kwargs)
-
-    monkeypatch.setattr(train, "train_step", counting_rows)
+    rows = rows_per_step(monkeypatch)
     monkeypatch.setitem(train.SFT_RUNS, "tiny", dataclasses.replace(train.SFT_RUNS["tiny"], steps=2, eval_every=2,
                                                                    eval_tasks=1, batch_size=4, micro_batch=4))
     base = save_run(tmp_path / "base", Mellum2(SMALL_TASKS), "pretrain")
