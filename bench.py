@@ -272,6 +272,12 @@ def prefill(args):
     """A long prompt into the KV cache as sample.py feeds it (sample.PREFILL_CHUNK tokens at a time)
     against all of it in one pass: time and peak memory, on the tiny preset stretched to the prompt's
     length (untrained weights: a prefill costs the same whatever they hold)."""
+    # One pass holds (T, T) masks and attention weights: about 7 bytes an entry as measured here. The
+    # system would kill the process outright on running out, with no message.
+    need, have = 8 * args.prompt_len**2, train.memory_of(torch.device("cpu"))
+    if have is not None and need > have:
+        raise ValueError(f"--prompt-len {args.prompt_len}: the one-pass prefill would need about {need / 2**30:,.0f} "
+                         f"GiB and this machine has {have / 2**30:.0f} GiB")
     torch.manual_seed(0)
     config = Mellum2Config.from_preset("tiny", max_seq_len=args.prompt_len + 1)
     model = Mellum2(config).eval()

@@ -1847,14 +1847,18 @@ def rows_per_step(monkeypatch):
     return rows
 
 
-def test_training_reduces_the_loss_and_writes_metrics(small_corpus, tmp_path, monkeypatch):
+def test_training_reduces_the_loss_and_writes_metrics(small_corpus, tmp_path, monkeypatch, capsys):
     rows = rows_per_step(monkeypatch)
     train.train(run_args(small_corpus, tmp_path, "--max-steps", "12", "--lr", "3e-3"))
     records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     assert [r["step"] for r in records] == list(range(1, 13))
-    # The batch ramp (6% of 12 steps: the first) trains on half of --batch-size 4, and the token count says so.
+    # The batch ramp (6% of 12 steps: the first) trains on half of --batch-size 4, and the token count says so,
+    # as does the run's header beforehand (the sampler still draws 4 rows a step, as the data plan counts).
     assert rows == [2] + [4] * 11
     assert [r["tokens"] for r in records] == [256 * sum(rows[:i + 1]) for i in range(12)]
+    header = f"tokens {records[-1]['tokens']:,} to train (12 steps x 4 x 256, half batch for the first 1); " \
+             f"the data plan covers {12 * 4 * 256:,}"
+    assert header in capsys.readouterr().out
     assert records[-1]["ntp"] < records[0]["ntp"] - 1.0
     assert {"ntp", "mtp", "aux", "z", "lr", "expert_balance", "phase"} <= set(records[0])
     assert records[-1]["lr"] > 0 and "val" in records[-1]
@@ -4087,6 +4091,7 @@ def test_a_mistyped_flag_or_value_is_one_line_on_every_script(capsys):
     (["decode", "--new-tokens", "2"], "--new-tokens must be at least 3"),
     (["decode", "--init-from", "nowhere"], "nowhere: no such folder"),
     (["decode", "--threads", "100000"], f"--threads 100000: this machine has {os.cpu_count()} CPUs"),
+    (["prefill", "--prompt-len", "10000000"], "--prompt-len 10000000: the one-pass prefill would need about 745,058"),
 ])
 def test_bench_bad_input(argv, message, capsys):
     import bench

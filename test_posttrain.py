@@ -471,6 +471,11 @@ def test_held_out_accuracy_leaves_out_what_the_verifier_could_not_score(enc, mon
     monkeypatch.setattr(tasks, "reward", lambda task, text: 0.5)
     result = train.evaluate_tasks(Mellum2(SMALL_TASKS), 2, 16)
     assert [result[suite] for suite in tasks.SUITES] == [0.0] * len(tasks.SUITES)
+    # A preset with no held-out tasks scores nothing, and says so, rather than failing on an empty max().
+    result = train.evaluate_tasks(Mellum2(SMALL_TASKS), 0, 16)
+    assert all(math.isnan(result[key]) for key in (*tasks.SUITES, "reflection_words"))
+    assert train.describe_eval(result, "sft").startswith(
+        "held-out accuracy " + ", ".join(f"{suite} unscored" for suite in tasks.SUITES))
 
 
 # -----------------------------------------------------------------------------------------------

@@ -1180,8 +1180,13 @@ def train(args, stop_after=None, settings_of=None):
             say(f"data   {s['steps']} steps x {s['batch_size']} {s['variant']} samples of at most {seq_len} tokens, "
                 f"generated from the task suites {', '.join(tasks.SUITES)}")
         else:
-            say(f"tokens {token_budget:,} planned ({s['steps']} steps x {s['batch_size']} x {seq_len}; "
-                f"half batch for the first {math.ceil(s['ramp_fraction'] * s['steps'])} steps)")
+            batches = [batch_size_at(i, s["steps"], s["batch_size"], s["ramp_fraction"]) for i in range(s["steps"])]
+            ramp_steps = sum(batch < s["batch_size"] for batch in batches)
+            # The sampler draws whole batches while the ramp trains on their first half, so the data
+            # plan (and its repetition) covers a little more than the run trains on.
+            say(f"tokens {seq_len * sum(batches):,} to train ({s['steps']} steps x {s['batch_size']} x {seq_len}"
+                + (f", half batch for the first {ramp_steps}" if ramp_steps else "")
+                + f"); the data plan covers {token_budget:,}")
             for source, r in data.planned_repetition(corpus, token_budget, only_phase).items():
                 say(f"       {source}: {len(corpus.train[source].tokens):,} training tokens, "
                     f"planned repetition {r:.2f}x")
@@ -1370,6 +1375,8 @@ def rollout(model, enc, task_list, max_tokens, temperature=1.0, seed=None):
     rows = [Rollout(t, data.render_chat(enc, [{"role": "user", "content": t.prompt}])) for t in task_list]
     active = rows
     for turn in range(MAX_TURNS):
+        if not active:  # every row has finished or stopped (or there were no tasks)
+            break
         budget = [max_tokens - sum(r.written) for r in active]
         written = [0] * len(active)
 
@@ -1400,8 +1407,6 @@ def rollout(model, enc, task_list, max_tokens, temperature=1.0, seed=None):
             else:
                 r.finished, r.answer = True, said.content
         active = talking
-        if not active:
-            break
     return rows
 
 
@@ -1430,7 +1435,7 @@ def evaluate_tasks(model, n_per_suite, max_tokens, seed=0):
     for suite in tasks.SUITES:  # over the answers scored: None is our verifier failing, not a wrong answer
         rewards = [r.reward for r in rows if r.task.suite == suite and r.reward is not None]
         result[suite] = sum(reward == 1.0 for reward in rewards) / len(rewards) if rewards else math.nan
-    result["reflection_words"] = sum(r.reflections for r in rows) / len(rows)
+    result["reflection_words"] = sum(r.reflections for r in rows) / len(rows) if rows else math.nan
     return result
 
 
@@ -1821,18 +1826,23 @@ def grpo(args, stop_after=None):
     return raw
 
 
+def memory_of(device):
+    """Bytes of memory on `device`: a CUDA GPU's own, else the machine's; None where Python has no
+    portable way to ask (Windows)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[1]
+    if hasattr(os, "sysconf"):
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return None
+
+
 def check_memory(config, device):
     """Refuse, with the numbers, a model whose training state cannot fit: fp32 weights, gradients and
     up to two optimizer moments are 16 bytes a parameter, on every process (DDP replicates them)."""
     with torch.device("meta"):
         n_params = Mellum2(config).num_params(include_mtp=True)
-    if device.type == "cuda":
-        have = torch.cuda.mem_get_info(device)[1]
-    elif hasattr(os, "sysconf"):
-        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    else:
-        return  # no portable way to ask on this system; let it try
-    if 16 * n_params > have:
+    have = memory_of(device)
+    if have is not None and 16 * n_params > have:  # None: no way to ask on this system; let it try
         raise ValueError(f"training {n_params / 1e9:.1f}B parameters needs about {16 * n_params / 2**30:.0f} GiB "
                          f"(weights, gradients, optimizer state) on each process; this {device.type} has "
                          f"{have / 2**30:.0f} GiB: choose a smaller --size")
