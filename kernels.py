@@ -282,7 +282,7 @@ def fused_moe(x, weights, experts, gate_proj, up_proj, down_proj):
     # Contiguous, as the model's parameters already are: the gate+up launch reads both through one
     # set of strides.
     gate_proj, up_proj, down_proj = (w.contiguous() for w in (gate_proj, up_proj, down_proj))
-    return FusedMoE.apply(x.contiguous(), weights.contiguous(), experts, gate_proj, up_proj, down_proj)
+    return FusedMoE.apply(x.contiguous(), weights, experts, gate_proj, up_proj, down_proj)
 
 
 def triton_experts(moe, x, weights, experts):

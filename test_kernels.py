@@ -106,6 +106,22 @@ def test_kernel_attention_half_precision(dtype):
 
 
 @needs_triton
+def test_kernel_attention_takes_any_layout_and_autocast_dtype():
+    # q with the head dim not the fastest (the same values): the result must not change.
+    q, k, v = attention_inputs(40, 2, 1)
+    strided = q.mT.contiguous().mT
+    assert strided.stride(-1) != 1
+    assert_close(kernels.flash_attention(strided, k, v, 8), brute_force_attention(q, k, v, 8))
+    # Under bf16 autocast the model hands over q, k and v of either dtype, as its layers leave them:
+    # the kernel computes in autocast's, as F.scaled_dot_product_attention would.
+    q, k, v = q.detach(), k.detach().bfloat16(), v.detach()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = kernels.flash_attention(q, k, v, 8)
+    assert y.dtype == torch.bfloat16
+    assert_close(y, brute_force_attention(*(t.bfloat16() for t in (q, k, v)), 8), torch.bfloat16)
+
+
+@needs_triton
 def test_kernel_attention_saves_the_log_sum_exp():
     q, k, v = (t.detach() for t in attention_inputs(45, 2, 1))
     _, lse = kernels.attention_forward(q, k, v, 10, 16, 16)
@@ -280,6 +296,23 @@ def test_kernel_moe_reads_each_weight_in_its_own_layout():
 
 
 @needs_triton
+def test_kernel_moe_takes_inputs_and_gradients_in_any_layout():
+    """x and the routing weights column-major, and the gradient arriving transposed (y used as y.mT
+    downstream), the same values as contiguous ones: neither the result nor any gradient may change."""
+    x, weights, experts, gate_proj, up_proj, down_proj = moe_inputs(20, 32, 16, 4, 2, "random")
+    leaves = [x, weights, gate_proj, up_proj, down_proj]
+    column_major = [t.mT.contiguous().mT for t in (x, weights)]
+    assert not any(t.is_contiguous() for t in column_major)
+    y = kernels.fused_moe(*column_major, experts, gate_proj, up_proj, down_proj)
+    reference = brute_force_moe(x, weights, experts, gate_proj, up_proj, down_proj)
+    assert_close(y, reference)
+    mix = torch.randn(32, 20)
+    for actual, wanted in zip(torch.autograd.grad((y.mT * mix).sum(), leaves),
+                              torch.autograd.grad((reference.mT * mix).sum(), leaves)):
+        assert_close(actual, wanted)
+
+
+@needs_triton
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_kernel_moe_half_precision(dtype):
     inputs = moe_inputs(40, 40, 24, 8, 2, "one_empty", dtype=dtype)
@@ -351,6 +384,8 @@ def test_kernel_modes_and_errors(monkeypatch):
         kernels.install(model, "fast")
     monkeypatch.setenv("MELLUM2_KERNELS", "torch")
     assert kernels.install(model) == "torch"
+    with pytest.raises(ValueError, match="^unknown kernel mode 'fast'"):  # the mode given, not the variable, is blamed
+        kernels.install(model, "fast")
     monkeypatch.setenv("MELLUM2_KERNELS", "cuda")
     with pytest.raises(ValueError, match="unknown MELLUM2_KERNELS=cuda"):  # the error names the variable
         kernels.install(model)
