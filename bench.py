@@ -274,10 +274,7 @@ def prefill(args):
     length (untrained weights: a prefill costs the same whatever they hold)."""
     # One pass holds (T, T) masks and attention weights: about 7 bytes an entry as measured here. The
     # system would kill the process outright on running out, with no message.
-    need, have = 8 * args.prompt_len**2, train.memory_of(torch.device("cpu"))
-    if have is not None and need > have:
-        raise ValueError(f"--prompt-len {args.prompt_len}: the one-pass prefill would need about {need / 2**30:,.0f} "
-                         f"GiB and this machine has {have / 2**30:.0f} GiB")
+    train.check_fits(8 * args.prompt_len**2, f"--prompt-len {args.prompt_len}: the one-pass prefill")
     torch.manual_seed(0)
     config = Mellum2Config.from_preset("tiny", max_seq_len=args.prompt_len + 1)
     model = Mellum2(config).eval()
@@ -385,10 +382,11 @@ def kernel_speed(args):
 
 
 def positive(text):
-    """argparse type: an integer of at least 1 (every count here: a batch, steps, tokens, threads)."""
+    """argparse type: an integer of at least 1 (every count here: a batch, steps, tokens, threads),
+    below 2**31, so that products of them stay within torch's 64-bit sizes."""
     value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    if not 1 <= value < 2**31:
+        raise argparse.ArgumentTypeError(f"must be from 1 to 2**31 - 1, got {value}")
     return value
 
 

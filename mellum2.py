@@ -926,7 +926,13 @@ def read_safetensors(path, device="cpu", dtype=None):
         try:
             with safe_open(os.path.join(path, name), framework="pt") as f:
                 for key in f.keys():
-                    tensors[key] = f.get_tensor(key).to(device=device, dtype=dtype)
+                    t = f.get_tensor(key)
+                    if not t.is_floating_point():  # converted to `dtype`, integers would pass for weights
+                        raise CheckpointError(f"{os.path.join(path, name)}: {key} holds {t.dtype} values, where "
+                                              f"weights are floating-point")
+                    tensors[key] = t.to(device=device, dtype=dtype)
+        except CheckpointError:
+            raise
         except Exception as e:  # safetensors raises its own error types for truncated or corrupt files
             raise CheckpointError(f"{os.path.join(path, name)}: unreadable safetensors file ({e})") from None
     return tensors
@@ -940,7 +946,8 @@ def hf_to_state_dict(tensors, config):
     (layers.N.mlp.experts.e.gate_proj.weight, e = 0..E-1) into one (E, out, in) tensor. `tensors` is
     emptied on the way and each stack is made as soon as its last expert arrives, so that the experts'
     own matrices (91% of the released model) are let go one layer at a time rather than held beside
-    their stacks. A layer with experts absent is left out: the caller reports its stack as missing."""
+    their stacks. A layer with experts absent is left out, and an expert numbered beyond the config's
+    count kept under its own name: the caller reports the stack as missing and the expert as unexpected."""
     state, experts = {}, {}
     for key in list(tensors):
         t = tensors.pop(key)
@@ -949,6 +956,9 @@ def hf_to_state_dict(tensors, config):
             state[key.removeprefix("model.")] = t
             continue
         prefix, e, proj = match.groups()
+        if int(e) >= config.n_expert:
+            state[key.removeprefix("model.")] = t
+            continue
         by_index = experts.setdefault((prefix, proj), {})
         by_index[int(e)] = t
         if sorted(by_index) == list(range(config.n_expert)):
@@ -1055,7 +1065,11 @@ def settings_from_hf(hf):
         if hf.get(key) not in (None, [wanted] * n_mtp):
             raise unsupported(f"{key}={hf[key]!r} (the MTP layer is one sliding-window MoE block)")
     layer_types = hf.get("layer_types") or ["full_attention"] * n_layer
-    letters = "".join({"sliding_attention": "S", "full_attention": "F"}[t] for t in layer_types)
+    letter_of = {"sliding_attention": "S", "full_attention": "F"}
+    if not (isinstance(layer_types, list) and all(t in letter_of for t in layer_types)):
+        raise CheckpointError(f"config.json: unreadable (layer_types {layer_types!r}, where a list of "
+                              f"{' and '.join(letter_of)} belongs)")
+    letters = "".join(letter_of[t] for t in layer_types)
     slides = "S" in letters or n_mtp > 0  # a trunk layer or the MTP block has a sliding window
     window = hf.get("sliding_window", defaults.sliding_window)
     if window is None:
@@ -1077,6 +1091,10 @@ def settings_from_hf(hf):
     if not set(rope) <= {"full_attention", "sliding_attention"}:  # as transformers, which reads it per layer type
         raise unsupported("rope_parameters not keyed by layer type (full_attention, sliding_attention)")
     full, sliding = rope.get("full_attention", {}), rope.get("sliding_attention", {})
+    for kind, params in (("full_attention", full), ("sliding_attention", sliding)):
+        if not isinstance(params, dict):
+            raise CheckpointError(f"config.json: unreadable (rope_parameters {kind} {params!r}, where an object of "
+                                  f"RoPE parameters belongs)")
     theta = full.get("rope_theta", defaults.rope_theta)
     if slides and sliding.get("rope_theta", theta) != theta:
         raise unsupported("different RoPE bases on sliding and full layers")

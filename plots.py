@@ -10,6 +10,7 @@ nothing else in the project needs it; pip install matplotlib).
 Each command prints the files it wrote (FOLDER/plots/*.png).
 """
 
+import math
 import os
 import sys
 
@@ -19,6 +20,8 @@ import train
 
 def read_metrics(folder):
     path = os.path.join(folder, "metrics.jsonl")
+    if os.path.isfile(folder):
+        raise ValueError("a file, where a train.py run folder belongs")
     if not os.path.isfile(path):
         raise ValueError("no metrics.jsonl in it (a train.py run folder has one)")
     records = [record for _, record in train.metrics_lines(path)]  # a line cut short by a crash is skipped
@@ -28,9 +31,11 @@ def read_metrics(folder):
 
 
 def series(records, key, inner=None):
-    """(steps, values) of one logged number, or of one entry of a logged dict (inner)."""
+    """(steps, values) of one logged number, or of one entry of a logged dict (inner). A value that
+    is no finite number (an edited file's) is left out: matplotlib would plot text as categories."""
     points = [(r["step"], r[key] if inner is None else r[key][inner]) for r in records
               if key in r and (inner is None or inner in r[key])]
+    points = [(step, v) for step, v in points if type(v) in (int, float) and math.isfinite(v)]
     return [p[0] for p in points], [p[1] for p in points]
 
 

@@ -209,6 +209,17 @@ def test_mtp_tensors_are_read_when_config_json_leaves_out_their_count(tmp_path):
     again = Mellum2.from_pretrained(tmp_path, device="cpu")
     assert again.config == ours.config
     assert torch.equal(again.mtp.fc.weight, ours.mtp.fc.weight)
+    # The other way round: a checkpoint without the MTP layer whose config.json still counts one, as
+    # transformers re-saves ours (it drops mtp.*), loads as the trunk it holds.
+    from safetensors.torch import load_file, save_file
+    tensors = load_file(tmp_path / "model.safetensors")
+    save_file({k: t for k, t in tensors.items() if not k.startswith("mtp.")}, tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text(json.dumps({**hf_config, "num_nextn_predict_layers": 1}))
+    trunk = Mellum2.from_pretrained(tmp_path, device="cpu")
+    assert trunk.config == replace(ours.config, n_mtp=0)
+    idx = torch.randint(0, SMALL.vocab_size, (1, 12))
+    with torch.no_grad():
+        assert torch.equal(trunk(idx)[0], ours(idx)[0])
 
 
 def test_loading_lets_each_layers_experts_go_once_they_are_stacked(tmp_path, monkeypatch):
@@ -605,6 +616,10 @@ def test_parameter_counts_of_the_release():
 @pytest.mark.parametrize("overrides,message", [
     (dict(n_head=6, n_kv_head=4), "divisible"),
     (dict(n_expert=4, n_expert_active=5), "n_expert_active"),
+    (dict(n_expert_active=0), "n_expert_active \\(0\\) must be between 1"),  # a router that picks nothing
+    (dict(attn_pattern=""), "attn_pattern must be a non-empty string"),
+    (dict(head_dim=15), "head_dim must be even"),                 # RoPE rotates pairs of channels
+    (dict(yarn_factor=0.5), "yarn_factor must be >= 1.0"),        # < 1 would shrink the context
     (dict(sliding_window=0), "sliding_window"),
     (dict(attn_pattern="SXF"), "attn_pattern"),
     (dict(rms_norm_eps=float("nan")), "rms_norm_eps"),  # every norm would output NaN
@@ -658,6 +673,20 @@ def test_loading_names_the_problems(tmp_path):
     for expected in ["missing layers.1.self_attn.k_norm.weight", "missing layers.2.mlp.up_proj",
                      "norm.weight has shape (3,)", "unexpected layers.0.extra.weight"]:
         assert expected in text
+    # An expert the config does not count, numbered so that it is read before the others (10 < 2 as
+    # text): named as unexpected, not dropped, and not taken for a gap among its layer's experts.
+    Mellum2(SMALL).save_pretrained(tmp_path / "more-experts")
+    tensors = load_file(tmp_path / "more-experts" / "model.safetensors")
+    extra = f"layers.3.mlp.experts.{SMALL.n_expert + 2}.gate_proj.weight"
+    tensors["model." + extra] = tensors["model.layers.3.mlp.experts.0.gate_proj.weight"].clone()
+    save_file(tensors, tmp_path / "more-experts" / "model.safetensors")
+    with pytest.raises(CheckpointError, match=rf"does not match its config.json: unexpected {re.escape(extra)}$"):
+        Mellum2.from_pretrained(tmp_path / "more-experts")
+    del tensors["model." + extra]  # and weights stored as integers: not read as if they were floats
+    tensors["model.embed_tokens.weight"] = tensors["model.embed_tokens.weight"].int()
+    save_file(tensors, tmp_path / "more-experts" / "model.safetensors")
+    with pytest.raises(CheckpointError, match="model.safetensors: model.embed_tokens.weight holds torch.int32 values"):
+        Mellum2.from_pretrained(tmp_path / "more-experts")
     config = json.loads((tmp_path / "config.json").read_text())
     for key, value in config.items():  # two more layers: dozens of tensors missing
         if isinstance(value, list) and len(value) == config["num_hidden_layers"]:
@@ -683,7 +712,7 @@ def test_a_config_survives_export_with_every_setting_changed():
     config = replace(SMALL, yarn_factor=4.0, yarn_original_max_seq_len=32, yarn_beta_fast=16.0, yarn_beta_slow=2.0,
                      yarn_attention_factor=1.3, yarn_layers="all", rope_theta=20000.0, rms_norm_eps=1e-5,
                      mtp_loss_weight=0.3, aux_loss_coef=0.05, z_loss_coef=0.003, init_std=0.01, moe_impl="loop",
-                     attn_pattern="SF", bos_token_id=1, eos_token_id=2)
+                     attn_pattern="SFSF", bos_token_id=1, eos_token_id=2)  # kept as written, not as "SF"
     hf = mellum2.config_to_hf(config)
     assert mellum2.config_from_hf(hf) == config
     # and transformers reads the same RoPE from it, YaRN's attention factor and ramp included
@@ -735,7 +764,16 @@ def test_config_keys_left_out_mean_what_they_mean_to_transformers():
     ({"num_hidden_layers": 4.0}, "num_hidden_layers 4.0, where"),          # was a TypeError from list * float
     ({"num_hidden_layers": 0}, "num_hidden_layers 0, where"),
     ({"num_attention_heads": 6}, "unreadable.*divisible"),
-    ({"layer_types": ["local"] * 28}, "unreadable"),
+    ({"layer_types": ["local"] * 28}, r"layer_types \['local', .*\], where a list of sliding_attention and full"),
+    ({"num_hidden_layers": 4, "layer_types": "full"}, "layer_types 'full', where a list"),  # not KeyError 'f'
+    ({"rope_parameters": {"full_attention": 5}}, "rope_parameters full_attention 5, where an object"),
+    ({"num_nextn_predict_layers": 1, "sliding_window": None}, "sliding_window null"),  # the MTP block slides
+    ({"num_nextn_predict_layers": 1, "mtp_mlp_layer_types": ["dense"]}, "mtp_mlp_layer_types"),
+    ({"norm_topk_prob": False}, "norm_topk_prob=False"),      # the top-k weights used as softmax gave them
+    ({"rope_parameters": {"full_attention": {"rope_type": "yarn", "factor": 4.0, "truncate": False}}},
+     "truncate=False"),
+    ({"rope_parameters": {"full_attention": {"rope_type": "yarn", "factor": 16.0},
+                          "sliding_attention": {"rope_type": "yarn", "factor": 4.0}}}, "RoPE type"),
     ({"hidden_size": 2304.0}, "n_embd must be int, got 2304.0"),           # not torch.empty's TypeError
     ({"eos_token_id": [28, "x"]}, "eos_token_id must be an id or ids"),
     ({"layer_types": ["sliding_attention"] * 4},
@@ -1654,6 +1692,14 @@ def test_muon_orthogonalises_each_expert_on_its_own(shape):
     assert not torch.allclose(flat, train.orthogonalize(flat.float()), atol=1e-2)
 
 
+def test_a_gpu_is_picked_by_an_index_it_has(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a machine with two GPUs
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert mellum2.pick_device() == torch.device("cuda") and mellum2.pick_device("cuda:1") == torch.device("cuda:1")
+    with pytest.raises(ValueError, match="device 'cuda:2' is not available on this machine"):  # numbered from 0
+        mellum2.pick_device("cuda:2")
+
+
 def test_bf16_only_on_gpus_with_bf16_matrix_units(monkeypatch):
     # A T4 (compute capability 7.5) emulates bf16, so torch.cuda.is_bf16_supported() says yes; but
     # there it is slow, and Triton's bf16 dots do not compile. The capability is the asked device's.
@@ -1835,6 +1881,14 @@ def run_args(corpus, out_dir, *extra):
                              "--batch-size", "4", "--allow-over-repetition", *extra])
 
 
+def test_a_batch_beyond_memory_is_refused_before_any_step(small_corpus, tmp_path):
+    # Else it would draw 10**23 rows (an overflow deep in numpy), or at 10**9 be killed by the system.
+    with pytest.raises(ValueError, match=f"--batch-size {10**23}: the token ids of a step would need about "
+                                         f"[\\d,]+ GiB and this machine has"):
+        train.train(run_args(small_corpus, tmp_path, "--batch-size", str(10**23)))
+    assert not (tmp_path / "ckpt.pt").exists()
+
+
 def rows_per_step(monkeypatch):
     """The list of how many rows each training step takes, filled as train.train_step runs."""
     rows, train_step = [], train.train_step
@@ -1997,6 +2051,10 @@ def test_a_resumed_run_may_split_its_steps_into_smaller_micro_batches(small_corp
     with pytest.raises(SystemExit):
         train.main(["--stage", "grpo", "--init-from", str(tmp_path), "--out-dir", str(tmp_path / "oom")])
     assert capsys.readouterr().err.strip().endswith("): a smaller --group-size needs less")
+    monkeypatch.setattr(train, "grpo", lambda args: out_of_memory(args, MemoryError()))  # Python's own says nothing
+    with pytest.raises(SystemExit):
+        train.main(["--stage", "grpo", "--init-from", str(tmp_path), "--out-dir", str(tmp_path / "oom")])
+    assert capsys.readouterr().err.strip() == "error: out of memory (MemoryError): a smaller --group-size needs less"
     monkeypatch.undo()
 
     straight = train.train(run_args(small_corpus, tmp_path / "a", "--max-steps", "4"))
@@ -2008,6 +2066,11 @@ def test_a_resumed_run_may_split_its_steps_into_smaller_micro_batches(small_corp
                tmp_path / "b" / "ckpt.pt")
     with pytest.raises(CheckpointError, match="settings lack decay_fraction, which this train.py reads"):
         train.train(run_args(small_corpus, tmp_path / "b", "--resume"))
+    # One of another kind: said before the run, not as a TypeError where the data or the schedule reads it.
+    for key, value in [("data", 5), ("seed", 1.0), ("optimizer", None)]:
+        torch.save({**state, "settings": {**state["settings"], key: value}}, tmp_path / "b" / "ckpt.pt")
+        with pytest.raises(CheckpointError, match=f"setting {key} = {value} is not a"):
+            train.train(run_args(small_corpus, tmp_path / "b", "--resume"))
     # As an earlier version wrote it: validation counted in batches of the micro-batch (16 x 4 rows),
     # and no dense baseline to ask for.
     assert state["settings"].pop("eval_rows") == 64 and state["settings"]["micro_batch"] == 4
@@ -2355,6 +2418,13 @@ def test_a_checkpoint_with_a_part_missing_or_of_another_type_is_refused(tmp_path
             ("model", weights_as_numbers, "weights that are not tensors"), ("tokens", "x", "token count of type str"),
             ("rng", {}, "random generator states"), ("rng", {**whole["rng"], "torch": torch.zeros(3)}, "random"),
             ("rng", {**whole["rng"], "python": [3]}, "random"), ("settings", {"steps": "3"}, "steps = '3'"),
+            ("rng", {**whole["rng"], "torch": whole["rng"]["torch"][:-8]}, "random"),  # the right type, cut short
+            ("rng", {**whole["rng"], "python": (3, (1, 2), None)}, "random"), ("tokens", -5, "token count of -5"),
+            ("settings", {"steps": 3, "lr": "abc"}, "lr = 'abc', where a number from 0 to 1e+06 belongs"),
+            ("settings", {"steps": 3, "lr": math.nan}, "lr = nan"), ("settings", {"steps": 3, "seed": -1}, "seed"),
+            ("settings", {"steps": 3, "decay_fraction": 2.0}, "decay_fraction = 2.0, where a number from 0 to 1"),
+            ("settings", {"steps": 3, "warmup_steps": 4}, "4 warmup steps in a 3-step run"),
+            ("settings", {"steps": 3, "run": {"oversample": 0.5}}, "oversample = 0.5"),
             ("settings", {"steps": 3, "ckpt_every": 0}, "ckpt_every = 0, where a count of at least 1"),
             ("settings", {"steps": 3, "run": {"eval_every": 0}}, "eval_every = 0"),  # a GRPO run's schedule
             ("settings", {"steps": 3, "run": [1]}, "GRPO schedule (settings run) of type list"),
@@ -3964,6 +4034,8 @@ def test_plot_series_come_from_the_metrics(tmp_path, capsys, monkeypatch):
                {"step": 3, "ntp": 3.0, "lr": 0.3}]
     assert plots.series(records, "ntp") == ([1, 2, 3], [5.0, 4.0, 3.0])
     assert plots.series(records, "val", "code") == ([2], [4.5])
+    edited = records + [{"step": 4, "ntp": "2.0", "lr": math.nan}, {"step": 5, "ntp": None, "lr": True}]
+    assert plots.series(edited, "ntp") == ([1, 2, 3], [5.0, 4.0, 3.0]) and plots.series(edited, "lr")[0] == [1, 2, 3]
     for variant, loss in (("selective-yarn", 4.0), ("unchanged", 4.2)):
         (tmp_path / variant).mkdir()
         (tmp_path / variant / "metrics.jsonl").write_text(  # evaluated twice (a resumed run): the last counts
@@ -3999,6 +4071,10 @@ def test_plot_series_come_from_the_metrics(tmp_path, capsys, monkeypatch):
         plots.main([str(tmp_path / "nothing-here")])
     assert capsys.readouterr().err.strip() == \
         f"error: {tmp_path / 'nothing-here'}: cannot plot it (no metrics.jsonl in it (a train.py run folder has one))"
+    with pytest.raises(SystemExit) as exit_info:  # a file: named as one, not as a folder without metrics
+        plots.main([str(tmp_path / "plots")])
+    assert capsys.readouterr().err.strip() == \
+        f"error: {tmp_path / 'plots'}: cannot plot it (a file, where a train.py run folder belongs)"
 
 
 def test_post_training_runs_plot_accuracy_apart_from_the_losses():
@@ -4067,7 +4143,8 @@ def test_a_mistyped_flag_or_value_is_one_line_on_every_script(capsys):
              (sample.parse_args, ["--temperature", "warm"], "--temperature: invalid float value"),
              (evaluate.parse_args, ["--n"], "--n: expected one argument"),
              (plots.parse_args, [], "required: folder"),
-             (bench.parse_args, ["decode", "--prompts", "0"], "--prompts: must be at least 1")]
+             (bench.parse_args, ["decode", "--prompts", "0"], "--prompts: must be from 1 to 2**31 - 1, got 0"),
+             (bench.parse_args, ["model", "--experts", str(2**31), "2"], "--experts: must be from 1 to 2**31 - 1")]
     for parse, argv, message in cases:
         with pytest.raises(SystemExit) as exit_info:
             parse(argv)
@@ -4163,6 +4240,7 @@ def test_dense_counterpart_has_the_same_active_parameters(small_corpus, tmp_path
     moe = Mellum2Config.from_preset("tiny")
     dense = mellum2.dense_config(moe)
     assert dense.n_expert == dense.n_expert_active == 1 and dense.expert_dim == moe.n_expert_active * moe.expert_dim
+    assert dense.n_mtp == moe.n_mtp == 1  # the baseline differs in the MLP only
     # the same weights per token, but for the router's (E x D instead of 1 x D)
     difference = Mellum2(moe).num_params(active=True) - Mellum2(dense).num_params(active=True)
     assert difference == moe.n_layer * (moe.n_expert - 1) * moe.n_embd

@@ -727,6 +727,8 @@ def test_grpo_keeps_policies_only_for_batches_it_will_run(sft_run, tmp_path, mon
     (["--stage", "grpo", "--init-from", "{pretrain}"], "holds a --stage pretrain run: start from a --stage sft run"),
     (["--stage", "grpo", "--init-from", "{sft}", "--group-size", "1"], "--group-size must be at least 2"),
     (["--stage", "grpo", "--init-from", "{sft}", "--max-staleness", "60"], "--max-staleness between 0 and 4"),
+    (["--stage", "grpo", "--init-from", "{sft}", "--group-size", str(10**9)],  # 12 prompts x 1e9 answers
+     "--group-size 1000000000: 12,000,000,000 rollouts at once would need about"),
     (["--stage", "grpo", "--init-from", "{sft}", "--sync", "--max-staleness", "2"], "no effect with --sync"),
     (["--stage", "grpo", "--init-from", "{sft}", "--variant", "thinking"], "needs a thinking SFT run"),
     (["--stage", "grpo"], "give --init-from"),

@@ -576,8 +576,10 @@ CHECKPOINT_KEYS = {"model": dict, "optimizers": list, "step": int, "config": dic
 
 
 def one_line(error):
-    """An exception as one line of an error message: library messages can span several."""
-    return f"{type(error).__name__}: {' '.join(str(error).split())}"
+    """An exception as one line of an error message: library messages can span several, and some
+    are empty (Python's MemoryError)."""
+    words = " ".join(str(error).split())
+    return f"{type(error).__name__}: {words}" if words else type(error).__name__
 
 
 def describe_os_error(error):
@@ -654,7 +656,8 @@ def load_checkpoint(path, mmap=False, verify=True):
 
 # Settings that count something, each a whole number of at least 1 wherever a run has it: a zero
 # ckpt_every in an edited checkpoint, found only after the last step, would lose the final checkpoint.
-COUNT_SETTINGS = ("steps", "batch_size", "micro_batch", "eval_every", "ckpt_every", "group_size")
+COUNT_SETTINGS = ("steps", "batch_size", "micro_batch", "eval_every", "ckpt_every", "group_size", "prompts",
+                  "minibatches")
 
 
 def checkpoint_problem(state):
@@ -663,10 +666,14 @@ def checkpoint_problem(state):
         return "weights that are not tensors"
     if not isinstance(state.get("tokens", 0), int):
         return f"a token count of type {type(state['tokens']).__name__}"
+    if state.get("tokens", 0) < 0:
+        return f"a token count of {state['tokens']}"
     rng = state["rng"]
-    if not (isinstance(rng.get("torch"), torch.Tensor) and rng["torch"].dtype == torch.uint8
-            and isinstance(rng.get("python"), tuple)):
-        return "random generator states other than torch's (a uint8 tensor) and Python's (a tuple)"
+    try:  # each state as the generator it restores reads it: one of the wrong length or content is refused
+        torch.Generator().set_state(rng["torch"])
+        random.Random().setstate(rng["python"])
+    except (KeyError, TypeError, ValueError, RuntimeError):
+        return "random generator states other than torch's (a uint8 tensor) and Python's (a tuple) as saved"
     schedule = state["settings"].get("run", {})  # a GRPO run keeps its schedule there
     if not isinstance(schedule, dict):
         return f"a GRPO schedule (settings run) of type {type(schedule).__name__}"
@@ -674,8 +681,14 @@ def checkpoint_problem(state):
     for key in COUNT_SETTINGS:
         if key in counts and not (type(counts[key]) is int and counts[key] >= 1):
             return f"setting {key} = {counts[key]!r}, where a count of at least 1 belongs"
+    for key, (low, high) in SETTING_RANGES.items():
+        value = counts.get(key)
+        if value is not None and not (type(value) in (int, float) and low <= value <= high):
+            return f"setting {key} = {value!r}, where a number from {low:g} to {high:g} belongs"
     if "steps" not in counts:
         return "settings without steps"
+    if counts.get("warmup_steps", 0) > counts["steps"]:
+        return f"{counts['warmup_steps']} warmup steps in a {counts['steps']}-step run"
     if not 0 <= state["step"] <= counts["steps"]:
         return f"step {state['step']} of a {counts['steps']}-step run"
     stage = state["settings"].get("stage", "pretrain")
@@ -704,14 +717,26 @@ def model_from_checkpoint(state):
     return model
 
 
+# The settings of the flags a run may go without (None), and the only ones that may be None.
+OPTIONAL_SETTINGS = ("init_from", "context", "yarn_factor")
+
+
 def check_resumable(saved, fresh):
-    """A run that continues a checkpoint reads each setting a new run of its kind has: one missing (an
-    edited file, or an earlier train.py's from before the setting existed) is said now, not found by a
-    crash partway through the run."""
+    """A run that continues a checkpoint reads each setting a new run of its kind has, of the kind it
+    has there (a whole number may stand for a float): one missing (an edited file, or an earlier
+    train.py's from before the setting existed) or of another kind is said now, not found by a crash
+    partway through the run."""
     missing = [key for key in fresh if key not in saved]
     if missing:
         raise CheckpointError(f"the checkpoint's settings lack {', '.join(missing)}, which this train.py reads: it "
                               f"was edited, or written by an earlier version; start the run again")
+    for key, value in fresh.items():
+        kept = saved[key]
+        if key in OPTIONAL_SETTINGS and None in (kept, value):  # given to one run and not the other
+            continue
+        if type(kept) is not type(value) and (type(kept), type(value)) != (int, float):
+            raise CheckpointError(f"the checkpoint's setting {key} = {kept!r} is not a {type(value).__name__} as "
+                                  f"a run's is: the file was edited; start the run again")
 
 
 def run_folder(args):
@@ -1140,6 +1165,8 @@ def train(args, stop_after=None, settings_of=None):
     config = raw.config
     seq_len = config.max_seq_len
     token_budget = s["steps"] * s["batch_size"] * seq_len
+    # A step's rows are drawn whole on the CPU, inputs and targets of 8-byte token ids.
+    check_fits(16 * s["batch_size"] * seq_len, f"--batch-size {s['batch_size']}: the token ids of a step")
     if sft:
         sampler = tasks.SFTSampler(s["variant"], s["seed"], s["batch_size"], seq_len)
     else:
@@ -1719,6 +1746,11 @@ def grpo(args, stop_after=None):
         if replacing_note:
             print(replacing_note)
     run = RLRun(**{**s["run"], "group_size": s["group_size"]})
+    # A batch's rollouts decode together, each row with fp32 K and V for every layer up to the
+    # context (fewer on sliding layers: an upper bound) and a row of logits.
+    c, rollouts = raw.config, math.ceil(run.prompts * run.oversample) * run.group_size
+    check_fits(rollouts * 4 * (c.max_seq_len * c.n_layer * 2 * c.n_kv_head * c.head_dim + c.vocab_size),
+               f"--group-size {run.group_size}: {rollouts:,} rollouts at once")
     torch.manual_seed(s["seed"])
     raw.to(device)
     # §5.2.4: AdamW (0.9, 0.999), weight decay 0.01, constant LR after a linear warmup, clip 1.0.
@@ -1834,6 +1866,15 @@ def memory_of(device):
     if hasattr(os, "sysconf"):
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     return None
+
+
+def check_fits(need, what):
+    """Refuse, with the numbers, work that needs more than this machine's memory: the system would kill
+    the process outright on running out, with no message, or it would swap for hours first."""
+    have = memory_of(torch.device("cpu"))
+    if have is not None and need > have:
+        raise ValueError(f"{what} would need about {need / 2**30:,.0f} GiB and this machine has "
+                         f"{have / 2**30:.0f} GiB")
 
 
 def check_memory(config, device):
@@ -1962,6 +2003,13 @@ FP32_MAX = torch.finfo(torch.float32).max  # larger settings overflow the fp32 t
 # Far above any learning rate that trains (the presets' peak is 3e-3): the optimizers scale it (AdamW by
 # 10 in its first step), and well below fp32's limit their arithmetic would overflow with a traceback.
 MAX_LR = 1e6
+# The numbers other than counts (COUNT_SETTINGS) a run reads from its settings, and the range each
+# keeps: check_command holds the flags among them to these, and checkpoint_problem an edited file, in
+# which one out of range would train wrongly or crash midway.
+SETTING_RANGES = {"seed": (0, 2**63 - 1), "lr": (0, MAX_LR), "aux_coef": (0, FP32_MAX), "yarn_factor": (1, FP32_MAX),
+                  "decay_fraction": (0, 1), "ramp_fraction": (0, 1), "oversample": (1, math.inf),
+                  "staleness": (0, MAX_STALENESS), "warmup_steps": (0, math.inf), "eval_rows": (0, math.inf),
+                  "eval_tasks": (0, math.inf)}
 
 
 # The flags only some stages read: given to another, they would change nothing, silently.
@@ -1987,7 +2035,7 @@ def check_command(args):
         (0 <= args.seed < 2**63, f"--seed must be between 0 and 2**63 - 1, got {args.seed}"),
         (args.lr is None or 0 < args.lr <= MAX_LR, f"--lr must be positive and at most {MAX_LR:,.0f}, got {args.lr}"),
         (args.yarn_factor is None or 1 <= args.yarn_factor < FP32_MAX,
-         f"--yarn-factor must be at least 1 and finite, got {args.yarn_factor}"),
+         f"--yarn-factor must be at least 1 and below {FP32_MAX:.3g} (fp32's largest), got {args.yarn_factor}"),
         (not (args.yarn_factor is not None and args.rope_variant == "unchanged" and not args.compare),
          "--yarn-factor has no effect with --rope-variant unchanged"),
         (not (args.init_from and (args.dense or args.no_mtp)),
