@@ -673,7 +673,7 @@ def checkpoint_problem(state):
         torch.Generator().set_state(rng["torch"])
         random.Random().setstate(rng["python"])
     except (KeyError, TypeError, ValueError, RuntimeError):
-        return "random generator states other than torch's (a uint8 tensor) and Python's (a tuple) as saved"
+        return "random generator states that torch's and Python's generators do not take back"
     schedule = state["settings"].get("run", {})  # a GRPO run keeps its schedule there
     if not isinstance(schedule, dict):
         return f"a GRPO schedule (settings run) of type {type(schedule).__name__}"
@@ -2004,8 +2004,8 @@ FP32_MAX = torch.finfo(torch.float32).max  # larger settings overflow the fp32 t
 # 10 in its first step), and well below fp32's limit their arithmetic would overflow with a traceback.
 MAX_LR = 1e6
 # The numbers other than counts (COUNT_SETTINGS) a run reads from its settings, and the range each
-# keeps: check_command holds the flags among them to these, and checkpoint_problem an edited file, in
-# which one out of range would train wrongly or crash midway.
+# keeps: checkpoint_problem refuses an edited file with one outside (it would train wrongly or crash
+# midway); check_command holds the flags among them within these, so that every run can be resumed.
 SETTING_RANGES = {"seed": (0, 2**63 - 1), "lr": (0, MAX_LR), "aux_coef": (0, FP32_MAX), "yarn_factor": (1, FP32_MAX),
                   "decay_fraction": (0, 1), "ramp_fraction": (0, 1), "oversample": (1, math.inf),
                   "staleness": (0, MAX_STALENESS), "warmup_steps": (0, math.inf), "eval_rows": (0, math.inf),
@@ -2048,8 +2048,8 @@ def check_command(args):
          f"its own: give another --out-dir"),
         (not (args.sync and "--max-staleness" in args.typed_flags), "--max-staleness has no effect with --sync"),
         ("" not in args.data, "--data needs a folder name"),
-        (args.aux_coef is None or 0 <= args.aux_coef < math.inf,
-         f"--aux-coef must be at least 0 and finite, got {args.aux_coef}"),
+        (args.aux_coef is None or 0 <= args.aux_coef <= FP32_MAX,
+         f"--aux-coef must be at least 0 and at most {FP32_MAX:.3g} (fp32's largest), got {args.aux_coef}"),
     ]
     for ok, message in problems:
         if not ok:
