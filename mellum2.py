@@ -952,13 +952,10 @@ def hf_to_state_dict(tensors, config):
     for key in list(tensors):
         t = tensors.pop(key)
         match = EXPERT_KEY.match(key)
-        if not match:
+        if not match or int(match[2]) >= config.n_expert:  # not an expert's, or one the config does not count
             state[key.removeprefix("model.")] = t
             continue
         prefix, e, proj = match.groups()
-        if int(e) >= config.n_expert:
-            state[key.removeprefix("model.")] = t
-            continue
         by_index = experts.setdefault((prefix, proj), {})
         by_index[int(e)] = t
         if sorted(by_index) == list(range(config.n_expert)):

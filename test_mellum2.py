@@ -769,7 +769,7 @@ def test_config_keys_left_out_mean_what_they_mean_to_transformers():
     ({"rope_parameters": {"full_attention": 5}}, "rope_parameters full_attention 5, where an object"),
     ({"num_nextn_predict_layers": 1, "sliding_window": None}, "sliding_window null"),  # the MTP block slides
     ({"num_nextn_predict_layers": 1, "mtp_mlp_layer_types": ["dense"]}, "mtp_mlp_layer_types"),
-    ({"norm_topk_prob": False}, "norm_topk_prob=False"),      # the top-k weights used as softmax gave them
+    ({"norm_topk_prob": False}, "norm_topk_prob=False"),      # Mellum 2 renormalises the top-k weights
     ({"rope_parameters": {"full_attention": {"rope_type": "yarn", "factor": 4.0, "truncate": False}}},
      "truncate=False"),
     ({"rope_parameters": {"full_attention": {"rope_type": "yarn", "factor": 16.0},
