@@ -215,7 +215,8 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0
              on_token=None, logprobs=None):
     """prompts: lists of token ids -> the new ids of each (up to max_new_tokens, ending at a stop id).
     seed: an int, or a torch.Generator to go on drawing from (see seeded_generator).
-    on_token(row, id) is called as each token is chosen (streaming); if it returns True, that row stops.
+    on_token(row, id) is called as each token is chosen (streaming), the stop id included, so that it
+    sees exactly what is returned; if it returns True, that row stops.
     With a list for `logprobs`, it receives per row the log-probability each new token had in the
     distribution it was drawn from (what an RL rollout engine records, train.py --stage grpo)."""
     device = next(model.parameters()).device
@@ -247,7 +248,7 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0
                 out[row].append(token)
                 if chosen is not None:
                     logprobs[row].append(chosen[row])
-                done[row] = token in stop_ids or bool(on_token and on_token(row, token))
+                done[row] = bool(on_token and on_token(row, token)) or token in stop_ids  # it sees a stop id too
         if all(done) or step == max_new_tokens - 1:  # the last token needs no forward of its own
             break
         h, _ = model.trunk(tokens[:, None], cache)
@@ -544,7 +545,11 @@ def main(argv=None):
             reply = tasks.tool_reply(vocab.enc, call)
             print("\n" + data.text_of(vocab.enc, reply), flush=True)
             ids += reply
-            if written >= args.max_new_tokens or len(ids) >= context:
+            if len(ids) >= context:
+                print(f"note: with the tool's reply the chat fills this model's {context}-token context",
+                      file=sys.stderr)
+                break
+            if written >= args.max_new_tokens:
                 break
         seconds = time.time() - start
         print()

@@ -2913,6 +2913,16 @@ def test_greedy_speculative_output_equals_plain(seed):
             opt.step()
             opt.zero_grad()
     model.eval()
+
+    def decode_shown(decode, prompt, stop_ids=(), k=0):
+        """Greedy output, checking that on_token saw each token returned once, in order (the stop id
+        too, in both loops); it asks to stop after k tokens."""
+        shown = []
+        out = decode(model, [prompt] if decode is sample.generate else prompt, 30, temperature=0,
+                     stop_ids=stop_ids, on_token=lambda row, token: shown.append(token) or len(shown) == k)[0]
+        assert out == shown, decode.__name__
+        return out
+
     g = torch.Generator().manual_seed(seed)
     for n in (1, 5, 20):
         prompt = (torch.arange(n) % 17).tolist() if seed % 2 else torch.randint(0, 256, (n,), generator=g).tolist()
@@ -2922,17 +2932,11 @@ def test_greedy_speculative_output_equals_plain(seed):
         assert drafts > 0 and (accepted > drafts // 2 if seed % 2 else accepted < drafts)
         # A stop id ends both at its first occurrence, whether it came as the checked token, or as
         # the bonus after an accepted draft (the pattern's tokens come both ways).
-        for stop in {plain[0], plain[1], plain[10], plain[-1]}:
-            expected = plain[:plain.index(stop) + 1]
-            assert sample.generate(model, [prompt], 30, temperature=0, stop_ids={stop})[0] == expected
-            assert sample.generate_speculative(model, prompt, 30, temperature=0, stop_ids={stop})[0] == expected
-        # So does on_token asking to stop, and each token is shown once, in order.
-        for k in (1, 2, 11):
-            for decode in (sample.generate, sample.generate_speculative):
-                shown = []
-                out = decode(model, [prompt] if decode is sample.generate else prompt, 30, temperature=0,
-                             on_token=lambda row, token: shown.append(token) or len(shown) == k)[0]
-                assert out == shown == plain[:k], decode.__name__
+        for decode in (sample.generate, sample.generate_speculative):
+            for stop in {plain[0], plain[1], plain[10], plain[-1]}:
+                assert decode_shown(decode, prompt, stop_ids={stop}) == plain[:plain.index(stop) + 1]
+            for k in (1, 2, 11):  # so does on_token asking to stop
+                assert decode_shown(decode, prompt, k=k) == plain[:k]
         # Sampling with a nucleus holding only the likeliest token draws what greedy decoding chooses.
         assert sample.generate(model, [prompt], 30, temperature=1.0, top_p=1e-6, seed=seed)[0] == plain
         assert sample.generate_speculative(model, prompt, 30, temperature=1.0, top_p=1e-6, seed=seed)[0] == plain
@@ -3120,11 +3124,15 @@ def test_sampling_distribution_equals_transformers_warpers(temperature, top_k, t
     (["--init-from", "{tmp}/corrupt"], "unreadable checkpoint"),
     (["--start", ""], "the prompt is empty"),
     (["--start", "x = 1\n" * 100], "this model's context is 256"),
+    (["--start", " a" * 256], "the prompt is 256 tokens and fills this model's 256-token context"),
     (["--start", "FILE:{tmp}/huge.py"], "holds over 16,777,216 characters"),
     (["--init-from", "{tmp}/model/config.json"], "is a file: give the folder"),
     (["--init-from", "{tmp}/unfinished-download"], "missing model-00002-of-00002.safetensors"),
     (["--temperature", "-1"], "--temperature"),
+    (["--temperature", "inf"], "--temperature must be >= 0 and finite, got inf"),
+    (["--temperature", "nan"], "--temperature must be >= 0 and finite, got nan"),
     (["--top-p", "0"], "--top-p"),
+    (["--top-p", "1.5"], "--top-p must be in (0, 1], got 1.5"),
     (["--top-k", "-3"], "--top-k"),
     (["--max-new-tokens", "0"], "--max-new-tokens"),
     (["--init-from", "{tmp}/foreign"], "not a train.py checkpoint"),
@@ -3141,6 +3149,7 @@ def test_sampling_distribution_equals_transformers_warpers(temperature, top_k, t
     (["--stop", ""], "--stop needs"),
     (["--seed", "99999999999999999999999"], "--seed"),
     (["--seed", str(2**64)], "--seed must be between 0 and 2**64 - 1"),
+    (["--seed", "-1"], "--seed must be between 0 and 2**64 - 1, got -1"),
     (["--prefix", "a"], "--prefix and --suffix go together"),
     (["--suffix", "b"], "--prefix and --suffix go together"),
     (["--device", "nonsense"], "unknown device"),
@@ -3187,6 +3196,15 @@ def test_a_tiny_temperature_is_nearly_greedy():
     # Each row of a batch is shifted by its own best logit, however far below the other rows' it lies.
     batch = torch.tensor([[3.0, 1.0, 3.5, -2.0], [-20.0, -10.0, -15.0, -30.0]])
     assert torch.equal(sample.next_token_probs(batch, 1e-40), torch.tensor([[0.0, 0, 1, 0], [0, 1, 0, 0]]))
+
+
+def test_top_k_keeps_the_ties_of_the_kth_and_top_p_one_keeps_every_token():
+    """As transformers' warpers do. A token tied with the k-th likeliest stays; and top_p = 1.0 is
+    off, even for a token whose share is too small to move fp32's running sum off 1."""
+    tied = sample.next_token_probs(torch.tensor([[2.0, 1.0, 1.0, 0.0]]), 1.0, top_k=2)
+    torch.testing.assert_close(tied, torch.tensor([[*torch.tensor([2.0, 1.0, 1.0]).softmax(-1), 0.0]]))
+    tiny_share = sample.next_token_probs(torch.tensor([[0.0, 0.0, -20.0]]), 1.0, top_p=1.0)
+    torch.testing.assert_close(tiny_share, torch.tensor([[0.0, 0.0, -20.0]]).softmax(-1), rtol=1e-5, atol=0)
 
 
 def test_printer_holds_back_what_may_still_change(capsys):
@@ -3403,28 +3421,67 @@ def test_chat_runs_the_calculator_and_lets_the_model_go_on(tmp_path, monkeypatch
     assert draws == torch.rand(2, generator=torch.Generator().manual_seed(1337)).tolist()
 
 
-def test_chat_leaves_a_call_in_its_last_turn_unanswered(tmp_path, monkeypatch, capsys):
-    """As in the rollouts that trained it: no turn is left to read the reply, so none is printed."""
+def scripted_calls(monkeypatch, speculative):
+    """Replaces the decoding loop sample.main uses with one whose every turn calls the calculator
+    (its speculative form counting 5 drafts, 2 accepted) -> (the call's ids, the prompt and the
+    budget of each turn, as they grow)."""
     enc, special = data.load_tokenizer(), data.SPECIAL_TOKENS
     request = '{"name": "calculator", "arguments": {"expression": "2 + 2"}}'
     call = [special["<tool_call>"], *enc.encode_ordinary(request), special["</tool_call>"], special["<|end|>"]]
     turns, budgets = [], []
 
-    def always_calls(model, prompts, max_new_tokens, on_token=None, **options):
-        turns.append(prompts[0])
+    def always_calls(model, prompt, max_new_tokens, on_token=None, **options):
+        turns.append(prompt if speculative else prompt[0])  # generate() takes a batch of prompts
         budgets.append(max_new_tokens)
         for token in call:
             on_token(0, token)
-        return [call]
+        return (call, 5, 2) if speculative else [call]
 
-    monkeypatch.setattr(sample, "generate", always_calls)
+    monkeypatch.setattr(sample, "generate_speculative" if speculative else "generate", always_calls)
+    return call, turns, budgets
+
+
+@pytest.mark.parametrize("speculative", [False, True])
+def test_chat_leaves_a_call_in_its_last_turn_unanswered(speculative, tmp_path, monkeypatch, capsys):
+    """As in the rollouts that trained it: no turn is left to read the reply, so none is printed."""
+    call, turns, budgets = scripted_calls(monkeypatch, speculative)
     train.save_checkpoint(tmp_path / "ckpt.pt", Mellum2(Mellum2Config.from_preset("tiny")), [], 1,
                           {"stage": "sft", "steps": 1})
-    sample.main(["--init-from", str(tmp_path), "--chat", "--start", "2 + 2?", "--max-new-tokens", "200"])
-    out = capsys.readouterr().out
+    sample.main(["--init-from", str(tmp_path), "--chat", "--start", "2 + 2?", "--max-new-tokens", "200"]
+                + ["--speculative"] * speculative)
+    out, err = capsys.readouterr()
     assert len(turns) == train.MAX_TURNS and out.count("<tool_response>4</tool_response>") == train.MAX_TURNS - 1
     assert budgets == [200 - turn * len(call) for turn in range(train.MAX_TURNS)]  # --max-new-tokens for them all
     assert out.endswith("</tool_call>\n") and out.count("<tool_call>") == train.MAX_TURNS
+    if speculative:  # the drafts of all turns: accepted first
+        assert err.splitlines()[-1].startswith(f"speculative: {2 * train.MAX_TURNS}/{5 * train.MAX_TURNS} drafts "
+                                               "accepted (40%), ")
+
+
+def test_chat_ends_with_a_note_when_a_tool_reply_fills_the_context(tmp_path, monkeypatch, capsys):
+    enc = data.load_tokenizer()
+    call, turns, _ = scripted_calls(monkeypatch, speculative=False)
+    reply = data.render_message(enc, {"role": "tool", "content": "4"}) + [data.SPECIAL_TOKENS["<|assistant|>"]]
+    question = " a" * (256 - 3 - len(call) - len(reply))  # <|user|> question <|end|> <|assistant|>
+    Mellum2(Mellum2Config.from_preset("tiny")).save_pretrained(tmp_path)
+    sample.main(["--init-from", str(tmp_path), "--chat", "--start", question])
+    assert len(turns[0]) + len(call) + len(reply) == 256
+    out, err = capsys.readouterr()
+    assert len(turns) == 1 and out.endswith("<tool_response>4</tool_response>\n\n")
+    assert err.splitlines()[-1] == "note: with the tool's reply the chat fills this model's 256-token context"
+
+
+def test_speculative_sampling_prints_the_plain_text_and_then_its_acceptance(tmp_path, capsys):
+    Mellum2(Mellum2Config.from_preset("tiny")).save_pretrained(tmp_path)
+    texts = []
+    for argv in ([], ["--speculative"], ["--speculative", "--max-new-tokens", "1"]):
+        sample.main(["--init-from", str(tmp_path), "--temperature", "0", "--max-new-tokens", "20"] + argv)
+        texts.append(capsys.readouterr())
+    assert texts[0].out == texts[1].out and texts[0].err == ""
+    accepted, drafts, share = map(int, re.fullmatch(r"speculative: (\d+)/(\d+) drafts accepted \((\d+)%\), "
+                                                    r"\d+\.\d tokens/s", texts[1].err.splitlines()[-1]).groups())
+    assert 0 <= accepted <= drafts and drafts > 0 and share == round(100 * accepted / drafts)
+    assert re.fullmatch(r"speculative: 0/0 drafts accepted \(0%\), \d+\.\d tokens/s", texts[2].err.strip())
 
 
 def test_sample_prints_what_the_output_encoding_cannot_hold_as_question_marks(tmp_path, monkeypatch):
@@ -3451,6 +3508,9 @@ def test_fill_in_the_middle_prompt_puts_the_suffix_first(tmp_path):
     for argv in (["--prefix", prefix, "--suffix", suffix],
                  ["--prefix", f"FILE:{tmp_path / 'before.py'}", "--suffix", f"FILE:{tmp_path / 'after.py'}"]):
         assert sample.build_prompt(sample.parse_args(argv), vocab) == (expected, {data.EOT})
+    # A gap at the start of a file: the prefix is empty, the suffix alone is the prompt's text.
+    ids, _ = sample.build_prompt(sample.parse_args(["--prefix", "", "--suffix", suffix]), vocab)
+    assert ids == [FIM_SUFFIX, *enc.encode_ordinary(suffix), FIM_PREFIX, FIM_MIDDLE]
 
 
 def test_fill_in_the_middle_needs_all_three_sentinels():
@@ -3467,6 +3527,11 @@ def test_sample_stops_on_ctrl_c_with_one_line(monkeypatch, capsys):
     with pytest.raises(SystemExit) as exit_info:
         sample.main([])
     assert exit_info.value.code == 130 and capsys.readouterr().err.strip() == "interrupted"
+
+
+def test_a_prompt_file_of_exactly_the_limit_is_read(tmp_path):
+    (tmp_path / "limit.py").write_text("x" * sample.MAX_PROMPT_CHARS)
+    assert len(sample.read_text(f"FILE:{tmp_path / 'limit.py'}")) == sample.MAX_PROMPT_CHARS
 
 
 def test_a_prompt_file_may_begin_with_a_byte_order_mark(tmp_path):
@@ -3486,6 +3551,8 @@ def test_special_token_text_in_a_prompt_stays_text(capsys):
     assert "note: <|endoftext|> in the prompt is read as plain text" in capsys.readouterr().err
     assert not set(ids) & set(data.SPECIAL_TOKENS.values())
     assert enc.decode(ids) == "<|endoftext|><fim_middle> hi"
+    sample.build_prompt(sample.parse_args(["--prefix", "x = ", "--suffix", "<|endoftext|>"]), vocab)
+    assert "note: <|endoftext|> in the prompt is read as plain text" in capsys.readouterr().err  # the suffix too
     chat, stops = sample.build_prompt(sample.parse_args(["--chat", "--start", "<|assistant|>"]), vocab)
     assert chat.count(data.SPECIAL_TOKENS["<|assistant|>"]) == 1 and chat[-1] == data.SPECIAL_TOKENS["<|assistant|>"]
     assert data.SPECIAL_TOKENS["<|end|>"] in stops
@@ -3517,6 +3584,8 @@ def test_a_hugging_face_directory_brings_its_own_tokenizer(tmp_path, capsys):
     assert vocab.enc.decode_bytes(ids) == b"def <fim_middle>(a):" and 2 not in ids
     fim, _ = sample.build_prompt(sample.parse_args(["--prefix", "def f(", "--suffix", "):"]), vocab)
     assert fim[0] == 3 and fim[-1] == 2  # SPM: <fim_suffix> first, ends with <fim_middle>
+    with pytest.raises(ValueError, match="--chat renders the project's chat template, which this tokenizer"):
+        sample.build_prompt(sample.parse_args(["--chat", "--start", "hi"]), vocab)
     capsys.readouterr()
     sample.build_prompt(sample.parse_args(["--start", "def f():\n    return 1"]), vocab)
     assert "note:" not in capsys.readouterr().err  # four spaces are text, not a special token typed in
