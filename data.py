@@ -626,7 +626,9 @@ def write_atomically(path, write):
     (The model's exports and train.py's checkpoints are written this way too.) The file keeps the
     permissions a plain open() gives a new file, even when `write` replaces it with one of its own:
     safetensors makes its files readable by their owner alone, and others on a shared machine could
-    not load an export."""
+    not load an export. A symbolic link stays one: the file it points at is replaced (a checkpoint
+    linked to a larger disk, say, is not written beside the link)."""
+    path = os.path.realpath(path)
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         open(tmp, "wb").close()

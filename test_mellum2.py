@@ -1208,6 +1208,21 @@ def test_an_atomic_write_reaches_the_disk_before_its_rename(tmp_path, monkeypatc
     assert (tmp_path / "ckpt.pt").read_bytes() == b"weights" and os.listdir(tmp_path) == ["ckpt.pt"]
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="symbolic links need extra rights on Windows")
+def test_an_atomic_write_through_a_symbolic_link_replaces_the_file_it_points_at(tmp_path):
+    (tmp_path / "big-disk").mkdir()
+    (tmp_path / "big-disk" / "results.json").write_text("old")
+    (tmp_path / "results.json").symlink_to(tmp_path / "big-disk" / "results.json")
+
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write("new")
+
+    data.write_atomically(str(tmp_path / "results.json"), write)
+    assert (tmp_path / "results.json").is_symlink() and (tmp_path / "big-disk" / "results.json").read_text() == "new"
+    assert sorted(os.listdir(tmp_path / "big-disk")) == ["results.json"]  # no temporary file left
+
+
 def test_cache_reused_and_rebuilt_on_change(tmp_path, enc):
     root = write_tiny_corpus(tmp_path / "src", seed=5, n=4)
     cache = tmp_path / "cache"
