@@ -1034,6 +1034,22 @@ def test_bpe_is_deterministic_and_round_trips(tmp_path):
     assert data.parse_ranks(path.read_bytes()) == first
 
 
+def test_each_message_of_the_chat_template_spelled_out(enc):
+    """The template token by token, against the form in data.py's comment (its tests elsewhere
+    compare rendered chats with each other): reasoning, then the text, then the call; a tool's answer
+    comes back in a user turn."""
+    special, text = data.SPECIAL_TOKENS, enc.encode_ordinary
+    call = {"name": "calculator", "arguments": {"expression": "2 + 2"}}
+    turn = {"role": "assistant", "reasoning": "Add them.", "content": "Let me compute.", "tool_call": call}
+    assert data.render_message(enc, turn) == [
+        special["<|assistant|>"], special["<think>"], *text("Add them."), special["</think>"], *text("Let me compute."),
+        special["<tool_call>"], *text(json.dumps(call)), special["</tool_call>"], special["<|end|>"]]
+    assert data.render_message(enc, {"role": "tool", "content": "4"}) == [
+        special["<|user|>"], *text("<tool_response>4</tool_response>"), special["<|end|>"]]
+    # What is printed of it: the text alone, every special token (the end of text too) left out.
+    assert data.text_of(enc, [special["<|assistant|>"], *text("4"), special["<|end|>"], data.EOT]) == "4"
+
+
 def test_the_tokenizer_retraining_command_writes_a_rank_file(tmp_path, monkeypatch, capsys):
     # The default corpus and 3824 merges take minutes: the same command on small texts, 150 merges.
     inputs = [data.InputFile(source, "text", f"{source}/{i}", text)
@@ -1058,6 +1074,10 @@ def test_the_tokenizer_trains_on_training_documents_alone_within_each_source_bud
     assert not any("held out" in text for text in texts)
     taken = {s: sum(text.startswith(s + " ") for text in texts) for s in data.SOURCES}
     assert taken == {"web": 20, "code": 1, "math": 0}
+    # The documents taken are a sample drawn by a salted hash of their keys, not the first by name
+    # (which for the default code would all be from one corner of the standard library).
+    assert texts[-1] == min(docs["code"]["train"], key=lambda d: data.key_hash(d[0], salt="tokenizer:"))[1]
+    assert texts[-1] != "code train 0000"
 
 
 def test_loader_rereads_a_replaced_file_and_names_a_damaged_one(tmp_path):
@@ -1078,6 +1098,12 @@ def test_loader_rereads_a_replaced_file_and_names_a_damaged_one(tmp_path):
         data.load_tokenizer(path)
     with pytest.raises(data.DataError, match=f"{path}: unreadable tokenizer rank file"):
         data.build_corpus([tmp_path], cache_dir=tmp_path / "cache", default_sources=False, tokenizer_path=path)
+    # A rank given twice, and a file cut at a line's end: each named, not left to tiktoken to crash on.
+    with pytest.raises(data.DataError, match="ranks are not 0..n-1, each once"):
+        data.parse_ranks(b"YQ== 0\nYg== 0\n")
+    data.save_ranks({token: rank for token, rank in ranks.items() if rank < 4000}, path)
+    with pytest.raises(data.DataError, match="unreadable tokenizer rank file .tokenizer has 4000 ranks, expected 4080"):
+        data.load_tokenizer(path)
 
 
 # --- §3.1 sources, split, cache -------------------------------------------------------------------
@@ -1104,6 +1130,20 @@ def test_default_inputs_listing():
     assert not any("/test/" in k or "/tests/" in k or k.startswith("stdlib/encodings/") for _, k in keys)
     assert {f.source for f in inputs} == set(data.SOURCES)
     assert sum(len(f.text) for f in inputs if f.source == "code") > data.MIN_STDLIB_CODE_BYTES
+    # The web source reads the standard library's docstrings, not its code a second time; and with a
+    # full standard library there, the code is its own, not the packages' (a stand-in for a stripped one).
+    assert all(f.kind == "docstrings" for f in inputs if f.source == "web" and f.key.startswith("stdlib/"))
+    if sum(len(f.text) for f in inputs if f.key.startswith("stdlib/") and f.source == "code") \
+            >= data.MIN_STDLIB_CODE_BYTES:
+        assert all(k.startswith("stdlib/") for s, k in keys if s == "code")
+
+
+def test_docstrings_of_twelve_words_or_more_from_modules_classes_and_functions():
+    twelve = "Return the sum of the two numbers given, in the order given."
+    assert len(twelve.split()) == 12
+    source = (f'"""Module: {twelve}"""\nclass A:\n    """Class: {twelve}"""\n    def f(self):\n'
+              f'        """{twelve[:-14]}."""\nasync def g():\n    """{twelve}"""\n')
+    assert data._docstrings(source) == f"Module: {twelve}\n\nClass: {twelve}\n\n{twelve}"  # not f's 11 words
 
 
 def test_val_split_is_stable_and_near_5_percent():
@@ -1167,13 +1207,25 @@ def test_a_name_that_is_not_utf8_is_read_like_any_other(tmp_path):
     assert sorted(keys) == ["caf\\xe9/other.py", "caf\\xe9/r\\xe9sum\\xe9.py"] and not any(corpus.skipped.values())
 
 
-def test_a_data_folder_routes_each_file_by_its_first_folder_else_its_suffix(tmp_path):
-    files = {"math/drills/p.txt": "math", "web/code/notes.py": "web", "LOUD.PY": "code", "readme.txt": "web"}
+def test_a_data_folder_routes_each_file_by_its_first_folder_else_its_suffix(tmp_path, monkeypatch):
+    """A file named like a source goes by its suffix (only a folder routes); the user's own test
+    modules are read (only the default sources leave them out); a hidden folder (.git) is not."""
+    files = {"math/drills/p.txt": "math", "web/code/notes.py": "web", "LOUD.PY": "code", "readme.txt": "web",
+             "code": "web", "test_utils.py": "code", ".git/config": None}
     for rel in files:
         (tmp_path / "mine" / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / "mine" / rel).write_text("x = 1\nprint(x)\n" * 20)
     inputs = data._user_inputs([tmp_path / "mine"], collections.Counter())
-    assert {i.key: i.source for i in inputs} == {f"mine/{rel}": source for rel, source in files.items()}
+    assert {i.key: i.source for i in inputs} == {f"mine/{rel}": source for rel, source in files.items() if source}
+    # In the same order whatever order the file system lists its entries in.
+    listed = os.walk
+
+    def backwards(root, **options):
+        for folder, dirs, names in listed(root, **options):
+            dirs.reverse()  # in place: the walk still descends into what the caller keeps of them
+            yield folder, dirs, names[::-1]
+    monkeypatch.setattr(os, "walk", backwards)
+    assert data._user_inputs([tmp_path / "mine"], collections.Counter()) == inputs
 
 
 def test_data_folders_of_one_name_keep_their_files_apart(tmp_path):
@@ -1274,10 +1326,18 @@ def test_cache_rebuilt_when_the_split_pattern_the_held_out_share_or_the_docstrin
     monkeypatch.setattr(data, "MIN_DOCSTRING_WORDS", 5)
     wordier = data.build_corpus([root], cache_dir=tmp_path / "cache", progress=False, default_sources=False)
     assert not wordier.from_cache and wordier.folder not in (first.folder, changed.folder, halved.folder)
+    # Nor one whose files went to another source: the same notes.txt, as code instead of web.
+    (root / "notes.txt").write_text("x = 1\nprint(x)\n")
+    as_web = data.build_corpus([root], cache_dir=tmp_path / "cache", progress=False, default_sources=False)
+    monkeypatch.setattr(data, "CODE_SUFFIXES", data.CODE_SUFFIXES | {".txt"})
+    as_code = data.build_corpus([root], cache_dir=tmp_path / "cache", progress=False, default_sources=False)
+    assert not as_code.from_cache and "src/notes.txt" in as_code.train["code"].keys + as_code.val["code"].keys
+    assert as_web.folder != as_code.folder
 
 
 @pytest.mark.parametrize("damage", ["truncated tokens", "empty offsets", "garbled offsets", "torn manifest",
-                                    "shortened tokens", "overwritten tokens", "swapped offsets"])
+                                    "shortened tokens", "overwritten tokens", "swapped offsets",
+                                    "shifted offsets"])
 def test_damaged_cache_is_rebuilt(tmp_path, damage):
     root = write_tiny_corpus(tmp_path / "src", seed=5, n=4)
     first = data.build_corpus([root], cache_dir=tmp_path / "cache", progress=False, default_sources=False)
@@ -1296,9 +1356,13 @@ def test_damaged_cache_is_rebuilt(tmp_path, damage):
         np.save(tokens, np.load(tokens)[:-3])
     elif damage == "overwritten tokens":  # the same size, but ids no tokenizer gives (the embedding would fail)
         np.save(tokens, np.full_like(np.load(tokens), 65535))
-    else:  # the same size, but a document that ends before it starts (the sampler would fail)
+    elif damage == "swapped offsets":  # the same size, but a document that ends before it starts
         offsets = np.load(first.folder / "code.train.offsets.npy")
         offsets[[1, 2]] = offsets[[2, 1]]
+        np.save(first.folder / "code.train.offsets.npy", offsets)
+    else:  # the same size, but the first document starts a token late: that token would belong to none
+        offsets = np.load(first.folder / "code.train.offsets.npy")
+        offsets[0] = 1
         np.save(first.folder / "code.train.offsets.npy", offsets)
     rebuilt = data.build_corpus([root], cache_dir=tmp_path / "cache", progress=False, default_sources=False)
     assert not rebuilt.from_cache and rebuilt.folder == first.folder
@@ -1636,6 +1700,12 @@ def test_val_batches_lay_the_documents_end_to_end(tmp_path):
         used = next(n for n in range(3, len(rows)) if len(rows) % n > 1)
         assert rows_of(data.val_batches(corpus, "code", 2, seq_len=T, max_rows=used)) == \
             [rows[i * len(rows) // used] for i in range(used)]
+    # One row of the whole stream: the last document's <|endoftext|> is its last target.
+    assert rows_of(data.val_batches(corpus, "code", 1, seq_len=len(stream) - 1)) == [stream]
+    # A source the corpus does not have gives no batches.
+    code_only = data.build_corpus([tmp_path / "src" / "code"], cache_dir=tmp_path / "cache", progress=False,
+                                  default_sources=False)
+    assert code_only.sources == ("code",) and list(data.val_batches(code_only, "web", 2, 16)) == []
 
 
 @torch.no_grad()
@@ -3719,8 +3789,10 @@ def test_passkey_prompts_and_scoring():
         assert text.endswith("What is the pass key? The pass key is") and "The pass key is 48213." in text
         where = text.index("The pass key is 48213") / len(text)
         assert abs(where - depth) < 0.15
-    with pytest.raises(ValueError, match="at least"):
+    with pytest.raises(ValueError, match="at least") as refused:
         data.passkey_example(enc, 10, 0.5, 12345)
+    shortest = int(re.search(r"at least (\d+) tokens", str(refused.value))[1])  # the needle and the question
+    assert len(data.passkey_example(enc, shortest, 0.5, 12345)[0]) == shortest
     answer = [7, 8, 9]
     logits = torch.zeros(5 + len(answer) - 1, 20)
     for i, token in enumerate(answer):  # the argmax before each answer position is that answer token
