@@ -4012,6 +4012,44 @@ def test_fim_examples_cut_one_held_out_line(small_built_corpus, enc):
         assert cut - 1 <= 64 // 4 and len(prompt) - cut - 2 <= 3 * 64 // 4
 
 
+def test_fim_examples_take_four_character_lines_and_three_quarters_of_the_budget_before(tmp_path, enc):
+    for name in ("a.py", "b.py"):  # two files: one of them is held out
+        (tmp_path / "src" / "code").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "src" / "code" / name).write_text("".join(f"def f{i}(x):\n    pass\n" for i in range(40)))
+    corpus = data.build_corpus([tmp_path / "src"], cache_dir=tmp_path / "cache", progress=False,
+                               default_sources=False)
+    every = evaluate.fim_examples(enc, corpus, 10**6, budget=64)
+    assert sum(line == "    pass" for _, line in every) == 40  # "pass" is a line worth completing
+    for prompt, line in every:  # <fim_suffix> suffix <fim_prefix> prefix <fim_middle>
+        cut = prompt.index(FIM_PREFIX)
+        prefix, suffix = prompt[cut + 1:-1], prompt[1:cut]
+        text = enc.decode(prefix + enc.encode_ordinary(line) + suffix)
+        held_out = enc.decode(corpus.val["code"].doc(0).tolist())
+        before = held_out[:held_out.index(text)] if text in held_out else ""
+        # All of the budget's three quarters before the line is used when there is that much code.
+        assert len(prefix) == min(48, len(prefix) + len(enc.encode_ordinary(before)))
+        assert len(suffix) <= 16
+
+
+def test_evaluate_puts_each_score_under_its_name(small_built_corpus, enc, monkeypatch, capsys):
+    monkeypatch.setattr(evaluate, "loss_and_bits_per_byte", lambda model, enc, corpus, source, *args: (1.5, 2.5))
+    monkeypatch.setattr(evaluate, "fim_exact_match", lambda model, enc, examples: 0.25)
+    monkeypatch.setattr(evaluate, "synthetic_math_accuracy", lambda model, enc, corpus, n: math.nan)
+    monkeypatch.setattr(train, "evaluate_tasks", lambda model, n, cap: {"math": 0.1, "code": 0.2, "tool": 0.3})
+    passkeys = []
+    monkeypatch.setattr(train, "passkey_accuracy", lambda model, enc, length, n, rng: passkeys.append(n) or 0.5)
+    model = Mellum2(replace(SMALL, vocab_size=data.VOCAB_SIZE, max_seq_len=128))
+    results = evaluate.evaluate(model, small_built_corpus, n=20)
+    assert passkeys == [16]  # at most 16 full-context passkeys, whatever n
+    assert results == {**{f"val_loss/{s}": 1.5 for s in small_built_corpus.sources},
+                       **{f"bits_per_byte/{s}": 2.5 for s in small_built_corpus.sources},
+                       "fim_exact_match": 0.25, "synthetic_math": results["synthetic_math"],
+                       "tasks/math": 0.1, "tasks/code": 0.2, "tasks/tool": 0.3, "passkey": 0.5}
+    evaluate.print_table({"val_loss/web": 1.5, "bits_per_byte/web": 2.5, "synthetic_math": math.nan, "passkey": 0.5})
+    assert capsys.readouterr().out.splitlines() == ["val_loss/web          1.500", "bits_per_byte/web     2.500",
+                                                    "synthetic_math            -", "passkey               50.0%"]
+
+
 def test_fim_exact_match_scores_whole_lines(monkeypatch, enc):
     examples = [([1], "x = 1"), ([2], "    return x"), ([3], "y = 2"), ([4], "    return z")]
     answers = {1: " x = 1\n", 2: "    return y", 3: "y = 2", 4: "    return z"}
@@ -4020,6 +4058,7 @@ def test_fim_exact_match_scores_whole_lines(monkeypatch, enc):
         return [ids[:ids.index(data.EOT) + 1] if data.EOT in stop_ids else ids for ids in written]
     monkeypatch.setattr(evaluate.sample, "generate", generate)
     assert evaluate.fim_exact_match(None, enc, examples) == pytest.approx(3 / 4)
+    assert math.isnan(evaluate.fim_exact_match(None, enc, []))  # no held-out code: no score, not 0%
 
 
 def test_evaluate_runs_on_a_small_model_and_writes_json(small_built_corpus, tmp_path, monkeypatch, capsys):

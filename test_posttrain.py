@@ -81,8 +81,13 @@ def test_the_column_traces_write_the_digits_of_the_result():
     to the lowest, are the sum or the difference its last sentence states."""
     for a in range(2, 100):  # the tasks draw from 2 to 30
         for b in range(2, 100):
-            digits = re.findall(r"write (\d)", tasks.addition_trace(a, b))
+            trace = tasks.addition_trace(a, b)
+            digits = re.findall(r"write (\d)", trace)
             assert int("".join(reversed(digits))) == a + b, (a, b)
+            # A column carries exactly when it reaches 10 (a column's sum, its carry in included, is
+            # the number before ", write").
+            column_sums = [int(n) for n in re.findall(r"(\d+), write", trace)]
+            assert trace.count("carry 1") == sum(total >= 10 for total in column_sums), (a, b)
             if b <= a:
                 digits = re.findall(r"= (\d)", tasks.subtraction_trace(a, b).split(". So")[0])
                 assert int("".join(reversed(digits))) == a - b, (a, b)
@@ -167,6 +172,11 @@ def test_only_instruct_sft_data_has_reflective_answers(enc):
                    for step in range(5) for row in sampler.get_batch(step)[1]]
         reflections[variant] = sum(tasks.count_reflection_words(a) for a in answers)
     assert reflections["instruct"] > 0 and reflections["thinking"] == 0
+    # Only math answers reflect: code must stay code that runs, a tool call's answer the call's result.
+    rng = random.Random(0)
+    for suite in ("code", "tool"):
+        task = tasks.make_task(suite, rng)
+        assert tasks.demonstration(task, reflective=True) == tasks.demonstration(task)
 
 
 def test_held_out_problems_never_appear_in_training():
@@ -175,6 +185,8 @@ def test_held_out_problems_never_appear_in_training():
         held = {t.key for t in tasks.eval_tasks(suite, 50)}
         trained = {tasks.make_task(suite, rng).key for _ in range(500)}
         assert held and not held & trained
+        # And the held-out share is the small one: training draws from the rest.
+        assert all(map(tasks.held_out, held)) and not any(map(tasks.held_out, trained))
     # The same sum in other words ("What is 5 + 3?", "Ava has 5 ... and gets 3 more") is the same
     # problem: the calculation its worked answer ends with never occurs on both sides.
     problem = lambda t: re.findall(r"\d+ [-+*] \d+ = \d+", t.reasoning[-1])[-1]  # noqa: E731
@@ -283,6 +295,7 @@ def test_math_and_tool_verifiers():
     assert tasks.reward(math_task, "43") == 0.0 and tasks.reward(math_task, "no idea") == 0.0
     assert tasks.reward(math_task, "-42") == 0.0
     assert tasks.reward(math_task, "4.2") == 0.0 and tasks.reward(math_task, "42.0") == 1.0  # a decimal is whole
+    assert tasks.reward(math_task, "42.4") == 0.0  # not rounded to the answer
     assert tasks.reward(math_task, "1,042") == 0.0 and tasks.reward(math_task, "2 * 21 = 42") == 1.0
     # A comma groups thousands, and only them: "4,2" is no 42, "1,234" is 1234
     assert tasks.reward(math_task, "4,2") == 0.0 and tasks.reward(math_task, "1, 4,2") == 0.0
@@ -291,6 +304,14 @@ def test_math_and_tool_verifiers():
     tool = tasks.tool_task(random.Random(1))
     assert tasks.reward(tool, f"{tool.tool_call['arguments']['expression']} = {tool.answer}") == 1.0
     assert tasks.reward(tool, str(int(tool.answer) + 1)) == 0.0
+    # A tool task's answer is what its call gives (products and sums both).
+    rng = random.Random(2)
+    ops = set()
+    for _ in range(20):
+        tool = tasks.tool_task(rng)
+        ops.add(tool.tool_call["arguments"]["expression"].split()[1])
+        assert tasks.call_tool(json.dumps(tool.tool_call)) == tool.answer
+    assert ops == {"*", "+"}
 
 
 def test_a_turn_is_parsed_into_its_answer_and_its_call():
@@ -310,8 +331,14 @@ def test_a_turn_is_parsed_into_its_answer_and_its_call():
 def test_calculator_tool_answers_or_explains():
     call = lambda expression: json.dumps({"name": "calculator", "arguments": {"expression": expression}})  # noqa: E731
     assert tasks.call_tool(call("382 * 47")) == "17954" and tasks.call_tool(call("7 / 2")) == "3.5"
-    for bad in (call("__import__('os')"), call("1 / 0"), call("2 ** 99999"), '{"name": "shell"}', "not json"):
+    for expression, result in [("10 - 4", "6"), ("-5 + 3", "-2"), ("7 // 2", "3"), ("7 % 4", "3"),
+                               ("6 / 2", "3"), ("1 / 3", "0.333333")]:  # a whole number without ".0"
+        assert tasks.call_tool(call(expression)) == result, expression
+    for bad in (call("__import__('os')"), call("1 / 0"), call("2 ** 99999"), '{"name": "shell"}', "not json",
+                call("True + 1")):  # True is no number
         assert tasks.call_tool(bad).startswith("error:")
+    shell = json.dumps({"name": "shell", "arguments": {"expression": "1 + 1"}})  # a calculator's arguments
+    assert tasks.call_tool(shell) == "error: the only tool is calculator"
     assert tasks.call_tool(call("1" * 64)) == "1" * 64  # the longest expression it takes
     assert tasks.call_tool(call("1" * 65)).startswith("error: expression must be a string of at most 64")
 
@@ -320,11 +347,20 @@ def test_code_verifier_counts_passed_cases():
     task = tasks.Task("code", "", "", key="", reasoning=("",), cases=(((1,), 3), ((2,), 5), ((0,), 1)))
     assert tasks.reward(task, "def f(x):\n    return 2 * x + 1") == 1.0
     assert tasks.reward(task, "```python\ndef f(x):\n    return 2 * x + 1\n```") == 1.0
+    # The first fenced block is the answer; the prose and a usage example after it are not code to run.
+    assert tasks.reward(task, "```python\ndef f(x):\n    return 2 * x + 1\n```\nFor example:\n"
+                              "```python\nprint(f(1))\n```") == 1.0
+    # A program that reports right results and then fails to end (here: it spins at exit, its report
+    # already flushed) scores 0, like any crash or timeout.
+    spins_at_exit = "import atexit, sys\n@atexit.register\ndef spin():\n    sys.stdout.flush()\n    while True:\n" \
+                    "        pass\ndef f(x):\n    return 2 * x + 1"
+    assert tasks.code_reward(task, spins_at_exit, timeout=1.0) == 0.0
     assert tasks.reward(task, "def f(x):\n    return 3") == pytest.approx(1 / 3)
     assert tasks.reward(task, "def f(x) return") == 0.0                       # syntax error
     assert tasks.reward(task, "def f(x):\n    return x\nprint('0' * 16, 3)") == 0.0  # cannot print a score
     # A result of another type is wrong, inside a list too: [1.0] is not [1], [True] is not [1].
     assert tasks.same([[1, "a"]], [[1, "a"]]) and not tasks.same(1.0, 1) and not tasks.same(True, 1)
+    assert not tasks.same(True, False) and not tasks.same([True], [False])
     assert not tasks.same([1.0], [1]) and not tasks.same([True], [1]) and not tasks.same([[1.0]], [[1]])
     listed = tasks.Task("code", "", "", key="", reasoning=("",), cases=(((1,), [2]), ((2,), [4])))
     assert tasks.reward(listed, "def f(x):\n    return [2 * x]") == 1.0
@@ -437,6 +473,8 @@ def test_verifier_retries_its_own_failures_and_keeps_serving(monkeypatch):
             raise OSError("no more processes")
         return real(source, timeout=timeout)
 
+    with tasks.Verifier(retries=0) as verifier:  # no retries: each answer is still scored once
+        assert verifier.submit(task, "def f(x):\n    return x").result() == 1.0
     monkeypatch.setattr(tasks, "run_sandboxed", flaky)
     with tasks.Verifier(retries=2) as verifier:
         assert verifier.submit(task, "def f(x):\n    return x").result() == 1.0   # retried, not scored 0
