@@ -1861,6 +1861,11 @@ def test_warmup_hold_decay_at_its_boundaries():
         for run in runs.values():
             for steps in {run.steps, run.thinking_steps or run.steps}:
                 assert train.warmup_within(run.warmup_steps, steps) == run.warmup_steps
+    # A run cut short: half of it warms up, the rest holds and decays. One of one step has no warmup,
+    # and starts at the peak.
+    assert train.warmup_within(20, 10) == 5 and train.warmup_within(20, 41) == 20
+    assert train.warmup_within(5, 1) == 0 and train.lr_multiplier(0, 1, 0, decay_fraction=0.0) == 1.0
+    assert train.linear_warmup(0, 0) == 1.0
 
 
 def test_the_learning_rate_falls_from_the_first_step_of_phase_3():
@@ -1964,6 +1969,16 @@ def small_corpus(tmp_path_factory):
 def run_args(corpus, out_dir, *extra):
     return train.parse_args(["--size", "tiny", "--data", corpus, "--no-default-data", "--out-dir", str(out_dir),
                              "--batch-size", "4", "--allow-over-repetition", *extra])
+
+
+def test_the_training_loop_trains_the_ramped_batch(small_corpus, tmp_path, monkeypatch):
+    """§3.4.3: the first steps take half the batch, as the run header and the token count say."""
+    sizes, train_step = [], train.train_step
+    monkeypatch.setattr(train, "train_step",
+                        lambda model, x, *args: sizes.append(len(x)) or train_step(model, x, *args))
+    train.train(run_args(small_corpus, tmp_path, "--max-steps", "5"))
+    assert sizes == [2] + [4] * 4
+    assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])["tokens"] == sum(sizes) * 256
 
 
 def test_a_batch_beyond_memory_is_refused_before_any_step(small_corpus, tmp_path):
@@ -2630,6 +2645,19 @@ def test_the_expert_balance_logged_is_the_whole_steps():
         parts, _ = train.train_step(model, x, y, micro_batch,
                                     [torch.optim.SGD(model.parameters(), lr=0.0)], torch.autocast("cpu", enabled=False))
         assert parts["expert_balance"] == pytest.approx(expected, rel=1e-6), micro_batch
+    # With SFT's right padding, micro-batches route different numbers of tokens: each weighs by its own.
+    model = randomize(Mellum2(replace(SMALL, vocab_size=data.VOCAB_SIZE)), seed=1)
+    x[:4, 4:] = data.PAD
+    y = x.roll(-1, dims=1).masked_fill(x == data.PAD, IGNORE_INDEX)
+    model(x, y, pad=x == data.PAD)
+    expected = train.expert_balance(model.loss_parts["expert_load"])
+    for micro_batch in (8, 4, 2):
+        parts, _ = train.train_step(model, x, y, micro_batch,
+                                    [torch.optim.SGD(model.parameters(), lr=0.0)], torch.autocast("cpu", enabled=False))
+        assert parts["expert_balance"] == pytest.approx(expected, rel=1e-6), micro_batch
+    # Max over mean load, per layer, then the mean over layers: a balanced layer reads 1.0, one whose
+    # experts are all bypassed but one reads E.
+    assert train.expert_balance(torch.tensor([[0.5, 0.5], [1.0, 0.0]])) == 1.5
 
 
 def test_a_training_step_leaves_padding_out_of_the_routing_losses():

@@ -852,6 +852,25 @@ def test_a_tool_call_that_reaches_the_cap_is_unfinished(enc, monkeypatch):
     assert row.ids == call and not row.finished and row.answer == ""
 
 
+def test_a_rollouts_budget_counts_the_tokens_it_wrote_not_the_tools(enc, monkeypatch):
+    """The tool's reply is read, not written: after a call of k tokens, an answer may write max_tokens - k."""
+    import sample
+    call = [S["<tool_call>"], *enc.encode_ordinary('{"name": "calculator", "arguments": {"expression": "2"}}'),
+            S["</tool_call>"], E]
+    turns, budgets = [call, [*enc.encode_ordinary("2"), E]], []
+
+    def scripted(model, prompts, max_new_tokens, temperature, logprobs, **options):
+        budgets.append(max_new_tokens)
+        turn = turns.pop(0)
+        logprobs[:] = [[0.0] * len(turn)]
+        return [turn]
+
+    monkeypatch.setattr(sample, "generate", scripted)
+    row, = train.rollout(Mellum2(SMALL_TASKS).eval(), enc, [tasks.tool_task(random.Random(0))],
+                         max_tokens=len(call) + 5)
+    assert budgets == [len(call) + 5, 5] and row.finished and row.answer == "2"
+
+
 def test_each_turn_of_a_rollout_draws_from_a_seed_of_its_own(enc, monkeypatch):
     """A row that calls the tool in every turn: turns seeded alike would draw the same numbers."""
     import sample
@@ -869,6 +888,21 @@ def test_each_turn_of_a_rollout_draws_from_a_seed_of_its_own(enc, monkeypatch):
     assert seeds == [3 * train.MAX_TURNS + turn for turn in range(train.MAX_TURNS)]
     train.rollout(Mellum2(SMALL_TASKS).eval(), enc, [tasks.tool_task(random.Random(0))], max_tokens=200)
     assert seeds[train.MAX_TURNS:] == [None] * train.MAX_TURNS  # unseeded: fresh draws every turn
+
+
+def test_each_batch_of_rollouts_draws_from_a_seed_of_its_own(monkeypatch):
+    """Batches seeded alike would draw the same noise every step; the same batch, resampled after a
+    resume, the same as before."""
+    seeds = []
+    monkeypatch.setattr(train, "rollout", lambda *args, seed, **options: seeds.append(seed) or [])
+    model = Mellum2(SMALL_TASKS)
+    worker = train.RolloutWorker(model, train.GRPO_RUNS["tiny"], "instruct", seed=7, concision=True, threads=1)
+    try:
+        for index in (0, 1, 0):
+            worker._sample(index, train.copy_weights(model))
+    finally:
+        worker.close()
+    assert seeds[0] != seeds[1] and seeds[2] == seeds[0]
 
 
 def group_sampled_by(engine, answers_and_rewards):
@@ -907,11 +941,28 @@ def test_grpo_update_steps_once_per_mini_batch_against_the_policy_before_it():
     torch.manual_seed(0)
     model = Mellum2(SMALL_TASKS)
     rows = group_sampled_by(model, [([40, E], 1.0), ([50, 51, E], 0.0), ([41, 42, E], 1.0), ([50, E], 0.0)])
-    steps = []
+    fresh, steps = copy.deepcopy(model), []
     optimizer = torch.optim.SGD(model.parameters(), lr=30.0)
     optimizer.register_step_post_hook(lambda *args: steps.append(1))
     totals = train.grpo_update(model, [optimizer], [rows], minibatches=2, grad_clip=1e9)
     assert len(steps) == 2 and totals["clipped"] > 0
+    # Each step's gradient is clipped (§5.2.4: at 1.0) before it is taken.
+    model, before = fresh, [p.detach().clone() for p in fresh.parameters()]
+    train.grpo_update(model, [torch.optim.SGD(model.parameters(), lr=1.0)], [rows], minibatches=1, grad_clip=1e-3)
+    moved = torch.cat([(p.detach() - b).flatten() for p, b in zip(model.parameters(), before)])
+    assert 0 < moved.norm() <= 1e-3 * 1.0001
+
+
+def test_a_mini_batch_of_unfinished_rollouts_alone_trains_nothing_and_breaks_nothing():
+    """Cut off by the cap, a rollout has no tokens in the loss: a mini-batch of only such rows
+    divides a zero loss by zero tokens, which must be a zero gradient, not NaN."""
+    torch.manual_seed(0)
+    model = Mellum2(SMALL_TASKS)
+    rows = group_sampled_by(model, [([40, E], 1.0), ([41, E], 1.0), ([50, 51], 0.0), ([52, 53], 0.0)])
+    for row in rows[2:]:
+        row.finished = False
+    totals = train.grpo_update(model, [torch.optim.SGD(model.parameters(), lr=1.0)], [rows], minibatches=2)
+    assert totals["tokens"] == 4 and all(torch.isfinite(p).all() for p in model.parameters())
 
 
 def test_grpo_update_makes_rewarded_answers_more_likely():
