@@ -4048,12 +4048,11 @@ def test_fim_examples_take_four_character_lines_and_three_quarters_of_the_budget
                                default_sources=False)
     every = evaluate.fim_examples(enc, corpus, 10**6, budget=64)
     assert sum(line == "    pass" for _, line in every) == 40  # "pass" is a line worth completing
+    held_out = enc.decode(corpus.val["code"].doc(0).tolist())
     for prompt, line in every:  # <fim_suffix> suffix <fim_prefix> prefix <fim_middle>
         cut = prompt.index(FIM_PREFIX)
         prefix, suffix = prompt[cut + 1:-1], prompt[1:cut]
-        text = enc.decode(prefix + enc.encode_ordinary(line) + suffix)
-        held_out = enc.decode(corpus.val["code"].doc(0).tolist())
-        before = held_out[:held_out.index(text)] if text in held_out else ""
+        before = held_out[:held_out.index(enc.decode(prefix + enc.encode_ordinary(line) + suffix))]
         # All of the budget's three quarters before the line is used when there is that much code.
         assert len(prefix) == min(48, len(prefix) + len(enc.encode_ordinary(before)))
         assert len(suffix) <= 16
