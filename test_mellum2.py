@@ -179,6 +179,17 @@ def test_an_export_says_its_dtype_and_sizes_as_loaders_read_them(tmp_path):
     # Read in the dtype asked for, not the file's (fp32) nor the device's default (fp32 on a CPU).
     loaded = Mellum2.from_pretrained(tmp_path / "shards", device="cpu", dtype=torch.bfloat16)
     assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
+    # Without a dtype, the device's: a bf16 checkpoint (the release) computes in fp32 on a CPU.
+    assert {p.dtype for p in Mellum2.from_pretrained(tmp_path / "whole", device="cpu").parameters()} == {torch.float32}
+    # A tensor larger than a shard's size gets a shard of its own, and no shard is left empty.
+    model.save_pretrained(tmp_path / "one-each", max_shard_bytes=1)
+    index = json.loads((tmp_path / "one-each" / "model.safetensors.index.json").read_text())
+    files = sorted(f for f in os.listdir(tmp_path / "one-each") if f.endswith(".safetensors"))
+    assert files == sorted(set(index["weight_map"].values())) and len(files) == len(index["weight_map"])
+    # A shard the index lists that is not there: a download not finished.
+    os.remove(tmp_path / "one-each" / files[1])
+    with pytest.raises(CheckpointError, match=f"missing {files[1]}, listed in model.safetensors.index.json"):
+        Mellum2.from_pretrained(tmp_path / "one-each", device="cpu")
     assert mellum2.config_to_hf(Mellum2Config())["intermediate_size"] == 8 * 896
 
 
@@ -369,6 +380,20 @@ def test_a_bf16_model_keeps_to_bf16_in_the_forward_and_in_decoding():
     assert (step_got.float() - step_want).abs().mean() < 0.05 * step_want.abs().mean()
 
 
+def test_norms_and_the_loss_keep_fp32_where_transformers_does():
+    """An fp32 gain on bf16 activations (autocast) gives fp32, as in transformers; a bf16 gain
+    gives bf16. A bf16 model's cross-entropy is taken over fp32 logits, so its loss is fp32."""
+    norm = RMSNorm(8, 1e-6)
+    assert norm(torch.randn(2, 8, dtype=torch.bfloat16)).dtype == torch.float32
+    assert norm.to(torch.bfloat16)(torch.randn(2, 8, dtype=torch.bfloat16)).dtype == torch.bfloat16
+    model = randomize(Mellum2(SMALL)).to(torch.bfloat16)
+    idx = torch.randint(0, SMALL.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    logits, loss = model(idx, idx)
+    assert loss.dtype == torch.float32
+    expected = F.cross_entropy(logits.float().flatten(0, 1), idx.flatten())
+    assert model.loss_parts["ntp"].item() == pytest.approx(expected.item(), rel=1e-5)
+
+
 def test_moe_loop_and_grouped_agree_forward_and_backward():
     cfg = replace(SMALL, n_expert=8, n_expert_active=3)
     torch.manual_seed(0)
@@ -399,6 +424,12 @@ def test_grouped_experts_take_any_size_and_float64():
         _, weights, experts = moe.route(x)
         expected = moe.experts_loop(x, weights, experts)
         assert torch.allclose(moe.experts_grouped(x, weights, experts), expected, atol=1e-5), (expert_dim, dtype)
+    # A batch that leaves the last experts without tokens (a collapsed router): every expert still has
+    # its group, empty ones included.
+    moe = randomize(Mellum2(replace(SMALL, n_expert=16))).layers[0].mlp
+    x, weights = torch.randn(20, SMALL.n_embd), torch.rand(20, 2)
+    experts = torch.stack([torch.randperm(5)[:2] for _ in range(20)])  # only experts 0..4 of 16
+    assert torch.allclose(moe.experts_grouped(x, weights, experts), moe.experts_loop(x, weights, experts), atol=1e-5)
 
 
 def test_moe_decoding_path_matches_the_loop_forward_and_backward(monkeypatch):
@@ -460,6 +491,10 @@ def test_init_sets_every_norm_gain_to_one_and_draws_every_weight():
             assert p.std() > 0.01, name
             weights.append(p.flatten())
     assert torch.cat(weights).std().item() == pytest.approx(0.02, rel=0.02)
+    # initializer_range is the config's: a config.json asking for another gets it.
+    narrow = Mellum2(replace(SMALL, init_std=0.005))
+    drawn = torch.cat([p.detach().flatten() for name, p in narrow.named_parameters() if name not in gains])
+    assert drawn.std().item() == pytest.approx(0.005, rel=0.02)
 
 
 def test_aux_loss_is_one_at_perfect_balance_and_larger_otherwise():
@@ -638,10 +673,31 @@ def test_parameter_counts_of_the_release():
     (dict(init_std=0.0), "init_std"),
     (dict(vocab_size=512, eos_token_id=(2, 512)), "eos_token_id must be ids below vocab_size \\(512\\)"),
     (dict(vocab_size=512, bos_token_id=-1), "bos_token_id"),
+    (dict(rms_norm_eps=1.0), "rms_norm_eps"),              # a gain on inputs of norm ~1: would swamp them
+    (dict(yarn_attention_factor=0.0), "yarn_attention_factor"),  # full layers' cos and sin would be 0
+    (dict(expert_dim=0), "all sizes must be positive"),
+    (dict(n_layer=0), "all sizes must be positive"),
+    (dict(n_mtp=True), "n_mtp must be int, got True"),     # a JSON true is no count
+    (dict(n_layer=4.0), "n_layer must be int, got 4.0"),
 ])
 def test_invalid_configs_raise_one_clear_error(overrides, message):
     with pytest.raises(ValueError, match=message):
         replace(SMALL, **overrides)
+
+
+def test_configs_take_a_whole_number_for_a_float_and_zero_for_a_loss_coefficient():
+    """A hand-written config.json's "rope_theta": 500000 is a float setting given as an int; a
+    coefficient of 0 is the way to switch the MTP, balance or z-loss off."""
+    assert replace(SMALL, rope_theta=20000).rope_theta == 20000
+    hf = mellum2.config_to_hf(SMALL)
+    for rope in hf["rope_parameters"].values():
+        rope["rope_theta"] = 20000
+    assert mellum2.config_from_hf(hf).rope_theta == 20000
+    off = replace(SMALL, mtp_loss_weight=0.0, aux_loss_coef=0.0, z_loss_coef=0.0)
+    idx = torch.randint(0, SMALL.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    model = randomize(Mellum2(off))
+    _, loss = model(idx, idx)
+    assert loss.item() == pytest.approx(model.loss_parts["ntp"].item(), rel=1e-6)
 
 
 def test_unknown_preset():
@@ -674,16 +730,17 @@ def test_loading_names_the_problems(tmp_path):
                      "norm.weight has shape (3,)", "unexpected layers.0.extra.weight"]:
         assert expected in text
     # An expert the config does not count, numbered so that it is read before the others (10 < 2 as
-    # text): named as unexpected, not dropped, and not taken for a gap among its layer's experts.
+    # text) or just past the last: named as unexpected, not dropped, and not taken for a gap among
+    # its layer's experts.
     Mellum2(SMALL).save_pretrained(tmp_path / "more-experts")
     tensors = load_file(tmp_path / "more-experts" / "model.safetensors")
-    extra = f"layers.3.mlp.experts.{SMALL.n_expert + 2}.gate_proj.weight"
-    tensors["model." + extra] = tensors["model.layers.3.mlp.experts.0.gate_proj.weight"].clone()
-    save_file(tensors, tmp_path / "more-experts" / "model.safetensors")
-    with pytest.raises(CheckpointError, match=rf"does not match its config.json: unexpected {re.escape(extra)}$"):
-        Mellum2.from_pretrained(tmp_path / "more-experts")
-    del tensors["model." + extra]  # and weights stored as integers: not read as if they were floats
-    tensors["model.embed_tokens.weight"] = tensors["model.embed_tokens.weight"].int()
+    for number in (SMALL.n_expert + 2, SMALL.n_expert):
+        extra = f"layers.3.mlp.experts.{number}.gate_proj.weight"
+        save_file({**tensors, "model." + extra: tensors["model.layers.3.mlp.experts.0.gate_proj.weight"].clone()},
+                  tmp_path / "more-experts" / "model.safetensors")
+        with pytest.raises(CheckpointError, match=rf"does not match its config.json: unexpected {re.escape(extra)}$"):
+            Mellum2.from_pretrained(tmp_path / "more-experts")
+    tensors["model.embed_tokens.weight"] = tensors["model.embed_tokens.weight"].int()  # not read as floats
     save_file(tensors, tmp_path / "more-experts" / "model.safetensors")
     with pytest.raises(CheckpointError, match="model.safetensors: model.embed_tokens.weight holds torch.int32 values"):
         Mellum2.from_pretrained(tmp_path / "more-experts")
@@ -1783,6 +1840,12 @@ def test_a_gpu_is_picked_by_an_index_it_has(monkeypatch):
     assert mellum2.pick_device() == torch.device("cuda") and mellum2.pick_device("cuda:1") == torch.device("cuda:1")
     with pytest.raises(ValueError, match="device 'cuda:2' is not available on this machine"):  # numbered from 0
         mellum2.pick_device("cuda:2")
+
+
+def test_a_mac_gpu_is_picked_when_there_is_no_cuda(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert mellum2.pick_device() == torch.device("mps")
 
 
 def test_bf16_only_on_gpus_with_bf16_matrix_units(monkeypatch):
