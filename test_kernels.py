@@ -112,6 +112,11 @@ def test_kernel_attention_takes_any_layout_and_autocast_dtype():
     strided = q.mT.contiguous().mT
     assert strided.stride(-1) != 1
     assert_close(kernels.flash_attention(strided, k, v, 8), brute_force_attention(q, k, v, 8))
+    # k and v each by its own strides: a batch of 2 with k cut from a longer buffer.
+    q, k, v = (t.detach() for t in attention_inputs(20, 2, 2, B=2))
+    longer = torch.zeros(2, 2, 28, 16)
+    longer[:, :, :20] = k
+    assert_close(kernels.flash_attention(q, longer[:, :, :20], v, 8, 16, 16), brute_force_attention(q, k, v, 8))
     # Under bf16 autocast the model hands over q, k and v of either dtype, as its layers leave them:
     # the kernel computes in autocast's, as F.scaled_dot_product_attention would.
     q, k, v = q.detach(), k.detach().bfloat16(), v.detach()
@@ -164,6 +169,21 @@ def keys_unreadable_outside(q, k, v):
 
 
 @needs_triton
+@pytest.mark.parametrize("window, block_m, block_n, unread", [(1, 32, 32, 32), (8, 32, 16, 16)])
+def test_kernel_attention_starts_at_the_first_key_block_its_window_reaches(window, block_m, block_n, unread):
+    """Queries 32..63: the first key they see starts a block (window 1), or a query block spans two
+    key blocks (window 8, keys from 25 on): the keys before the first block reached, here NaN, are
+    never loaded."""
+    q, k, v = (t.detach() for t in attention_inputs(64, 2, 2))
+    unreadable = [t.clone() for t in (k, v)]
+    for t in unreadable:
+        t[:, :, :unread] = float("nan")
+    y = kernels.flash_attention(q, *unreadable, window, block_m, block_n)
+    assert torch.isfinite(y[:, :, 32:]).all()
+    assert_close(y[:, :, 32:], brute_force_attention(q, k, v, window)[:, :, 32:])
+
+
+@needs_triton
 def test_kernel_attention_reads_no_key_block_outside_the_window():
     q, k, v = (t.detach() for t in attention_inputs(128, 4, 2))
     y = kernels.flash_attention(*keys_unreadable_outside(q, k, v), 8, 32, 32)
@@ -182,6 +202,19 @@ def test_attention_backward_reads_no_key_outside_its_band():
                                           8, chunk=32)
     assert torch.isfinite(dq[:, :, 64:96]).all()
     assert_close(dq[:, :, 64:96], expected_dq[:, :, 64:96])
+    # The band's first key exactly: with window 8, the chunk of queries 8..15 reaches back to key 1,
+    # not to key 0 (NaN here).
+    q, k, v = attention_inputs(16, 2, 2)
+    y = brute_force_attention(q, k, v, 8)
+    dy = torch.randn_like(y)
+    expected_dq, = torch.autograd.grad(y, (q,), dy)
+    lse = (q @ k.mT / 16 ** 0.5).masked_fill(~training_mask(16, 8), float("-inf")).logsumexp(-1)
+    unreadable = [t.detach().clone() for t in (k, v)]
+    for t in unreadable:
+        t[:, :, 0] = float("nan")
+    dq, _, _ = kernels.attention_backward(q.detach(), *unreadable, y.detach(), lse.detach(), dy, 8, chunk=8)
+    assert torch.isfinite(dq[:, :, 8:]).all()
+    assert_close(dq[:, :, 8:], expected_dq[:, :, 8:])
 
 
 @pytest.mark.parametrize("window, chunk", [(None, 7), (5, 7), (20, 16), (20, 300)])
@@ -327,6 +360,11 @@ def test_kernel_moe_half_precision(dtype):
     for actual, wanted in zip(torch.autograd.grad(y, leaves, dy), expected):
         assert actual.dtype == dtype
         assert_close(actual, wanted, dtype)
+    # fp32 inputs under autocast: computed in autocast's dtype, as the PyTorch path would be.
+    with torch.autocast("cpu", dtype=dtype):
+        y = kernels.fused_moe(*(t.detach() for t in fp32))
+    assert y.dtype == dtype
+    assert_close(y, reference, dtype)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -408,7 +446,11 @@ def test_kernel_mode_triton_needs_a_gpu_or_the_interpreter(monkeypatch):
     monkeypatch.setattr(kernels, "INTERPRETING", False)
     with pytest.raises(ValueError, match="'triton' needs a model on a CUDA GPU, or TRITON_INTERPRET=1"):
         kernels.install(model, "triton")
-    assert kernels.resolve_mode("auto", "cuda:0") == "triton"
+    assert kernels.resolve_mode("auto", "cuda:0") == kernels.resolve_mode("triton", "cuda:0") == "triton"
+    # No device named (bench.py): this machine's best.
+    assert kernels.resolve_mode("auto") == "torch"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert kernels.resolve_mode("auto") == "triton"
 
 
 def test_kernels_without_triton(monkeypatch):
