@@ -3072,6 +3072,8 @@ def test_no_room_gives_no_tokens_and_a_prompt_past_the_context_is_an_error():
     for decode in (lambda p: sample.generate(model, [p], 5), lambda p: sample.generate_speculative(model, p, 5)):
         with pytest.raises(ValueError, match="the prompt is 65 tokens; this model's context is 64"):
             decode(full + [1])
+    # In a batch, the longest prompt sets the room, wherever it stands.
+    assert [len(new) for new in sample.generate(model, [[1, 2, 3], full[:60]], 10)] == [4, 4]
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -3228,6 +3230,9 @@ def test_draw_follows_the_distribution_and_never_draws_a_zero():
     assert ((counts - n * p).abs() <= 5 * (n * p * (1 - p)).sqrt()).all(), counts / n
     one_hot = F.one_hot(torch.tensor([4, 0, 6]), 7).float()
     assert sample.draw(one_hot, g).tolist() == [4, 0, 6]
+    # Each row scaled by its own total: a row of small weights after a row of large ones is even too.
+    ids = sample.draw(torch.tensor([[4.0, 4.0], [1.0, 1.0]]).repeat(500, 1), g)
+    assert ids.max() < 2 and abs((ids[1::2] == 0).float().mean().item() - 0.5) < 0.1
     # Nor with a GPU's cumsum, which can leave a zero's running total a rounding unit above the one
     # before it; here u is the largest it can be, the total, and a zero is last.
     cumsum = torch.Tensor.cumsum
@@ -3776,6 +3781,28 @@ def test_a_hugging_face_directory_brings_its_own_tokenizer(tmp_path, capsys):
         printer(0, i)
     printer.finish()
     assert capsys.readouterr().out == text
+
+
+def test_a_run_folder_speaks_the_projects_tokenizer_and_says_its_stage(tmp_path):
+    """A tokenizer.json left in a run folder is not its vocabulary; a Hugging Face directory does not
+    say what stage trained it; infinite weights are refused like NaN; and a directory without its
+    own tokenizer.json must have the project's vocabulary size."""
+    model = Mellum2(replace(SMALL, vocab_size=data.VOCAB_SIZE))
+    (tmp_path / "run").mkdir()
+    train.save_checkpoint(tmp_path / "run" / "ckpt.pt", model, [], 1, {"steps": 1})
+    byte_level_tokenizer(["<|endoftext|>"]).save(str(tmp_path / "run" / "tokenizer.json"))
+    _, vocab = sample.load_model(str(tmp_path / "run"), "cpu")
+    assert vocab.special is data.SPECIAL_TOKENS and vocab.stop_ids == {data.EOT}
+    model.save_pretrained(tmp_path / "export")
+    assert sample.trained_stage(str(tmp_path / "run")) == "pretrain"
+    assert sample.trained_stage(str(tmp_path / "export")) is None
+    model.lm_head.weight.data[3, 5] = float("inf")
+    train.save_checkpoint(tmp_path / "run" / "ckpt.pt", model, [], 1, {"steps": 1})
+    with pytest.raises(CheckpointError, match="run: the weights hold NaN or infinite values"):
+        sample.load_model(str(tmp_path / "run"), "cpu")
+    Mellum2(SMALL).save_pretrained(tmp_path / "narrow-vocab")  # 256 tokens
+    with pytest.raises(CheckpointError, match="the model has 256 tokens and no tokenizer.json; the project's"):
+        sample.load_model(str(tmp_path / "narrow-vocab"), "cpu")
 
 
 def test_a_hugging_face_tokenizer_fits_its_model_and_ends_text_itself(tmp_path, capsys):
@@ -4376,12 +4403,46 @@ def test_post_training_runs_plot_accuracy_apart_from_the_losses():
         plt.subplots.side_effect = [("training figure", grid), ("accuracy figure", single)]
         figures = plots.training_figures(records, plt)
         on_loss_panel = [call.kwargs["label"] for call in grid[0, 0].plot.call_args_list]
+        assert on_loss_panel[:4] == ["ntp", "mtp", "aux", "z"]
+        assert grid[0, 1].plot.call_args.args == (([1], [1e-4]) if accuracy else ([], []))  # the learning rate
         assert [label for label in on_loss_panel if label.startswith("validation")] == \
             ([] if accuracy else ["validation code", "validation math", "validation web"])
         assert figures == ({"training": "training figure", "held_out": "accuracy figure"} if accuracy
                            else {"training": "training figure"})
         drawn = {call.kwargs["label"]: call.args[:2] for call in single.plot.call_args_list}
         assert drawn == ({"math": ([0], [0.0]), "code": ([0], [0.5]), "tool": ([0], [0.25])} if accuracy else {})
+
+
+def test_grpo_and_yarn_runs_get_figures_of_their_own(tmp_path, monkeypatch, capsys):
+    import plots
+    figure, left, right, pyplot = (unittest.mock.MagicMock() for _ in range(4))
+    pyplot.subplots.return_value = (figure, (left, right))
+    monkeypatch.setitem(sys.modules, "matplotlib", types.SimpleNamespace(use=lambda backend: None, pyplot=pyplot))
+    monkeypatch.setitem(sys.modules, "matplotlib.pyplot", pyplot)
+    # A GRPO run: its first record, the evaluation before any batch, has no reward yet.
+    records = [{"step": 0, "val": {"math": 0.25, "code": 0.0, "tool": 0.5, "reflection_words": 0.0}},
+               {"step": 1, "reward": 0.5, "suite_accuracy": {"math": 0.5, "code": 0.0, "tool": 1.0}}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    plots.main([str(tmp_path)])
+    assert capsys.readouterr().out == f"{tmp_path / 'plots' / 'grpo.png'}\n"
+    drawn = [{call.kwargs["label"]: call.args[:2] for call in ax.plot.call_args_list} for ax in (left, right)]
+    assert drawn == [{"math": ([1], [0.5]), "code": ([1], [0.0]), "tool": ([1], [1.0])},   # sampled answers
+                     {"math": ([0], [0.25]), "code": ([0], [0.0]), "tool": ([0], [0.5])}]  # held out
+    # The YaRN comparison: the loss on the left, passkey accuracy on the right.
+    left.reset_mock(), right.reset_mock()
+    plots.rope_figures({"selective-yarn": {512: (5.0, 0.0), 256: (4.0, 0.5)}}, pyplot)
+    assert left.plot.call_args.args[:2] == ([256, 512], [4.0, 5.0])
+    assert right.plot.call_args.args[:2] == ([256, 512], [0.5, 0.0])
+    # An edited record whose "val" is a number, not a dict of them: one line, not a traceback.
+    grid = np.empty((2, 2), dtype=object)
+    for row, col in itertools.product(range(2), range(2)):
+        grid[row, col] = unittest.mock.MagicMock()
+    pyplot.subplots.return_value = (figure, grid)
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 1, "val": 1.5}) + "\n")
+    with pytest.raises(SystemExit) as exit_info:
+        plots.main([str(tmp_path)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1 and "cannot plot it" in err and len(err.splitlines()) == 1
 
 
 # -----------------------------------------------------------------------------------------------
