@@ -1197,9 +1197,10 @@ def test_default_inputs_listing():
 
 def test_docstrings_of_twelve_words_or_more_from_modules_classes_and_functions():
     twelve = "Return the sum of the two numbers given, in the order given."
-    assert len(twelve.split()) == 12
+    eleven = "Return the sum of the two numbers given, in the order."
+    assert len(twelve.split()) == 12 and len(eleven.split()) == 11
     source = (f'"""Module: {twelve}"""\nclass A:\n    """Class: {twelve}"""\n    def f(self):\n'
-              f'        """{twelve[:-14]}."""\nasync def g():\n    """{twelve}"""\n')
+              f'        """{eleven}"""\nasync def g():\n    """{twelve}"""\n')
     assert data._docstrings(source) == f"Module: {twelve}\n\nClass: {twelve}\n\n{twelve}"  # not f's 11 words
 
 

@@ -947,9 +947,9 @@ def test_grpo_update_steps_once_per_mini_batch_against_the_policy_before_it():
     totals = train.grpo_update(model, [optimizer], [rows], minibatches=2, grad_clip=1e9)
     assert len(steps) == 2 and totals["clipped"] > 0
     # Each step's gradient is clipped (§5.2.4: at 1.0) before it is taken.
-    model, before = fresh, [p.detach().clone() for p in fresh.parameters()]
-    train.grpo_update(model, [torch.optim.SGD(model.parameters(), lr=1.0)], [rows], minibatches=1, grad_clip=1e-3)
-    moved = torch.cat([(p.detach() - b).flatten() for p, b in zip(model.parameters(), before)])
+    before = [p.detach().clone() for p in fresh.parameters()]
+    train.grpo_update(fresh, [torch.optim.SGD(fresh.parameters(), lr=1.0)], [rows], minibatches=1, grad_clip=1e-3)
+    moved = torch.cat([(p.detach() - b).flatten() for p, b in zip(fresh.parameters(), before)])
     assert 0 < moved.norm() <= 1e-3 * 1.0001
 
 
