@@ -150,7 +150,8 @@ def main(argv=None):
         if not 1 <= args.n <= MAX_N:
             raise ValueError(f"--n must be between 1 and {MAX_N}, got {args.n}")
         if args.json is not None:
-            folder, name = os.path.split(os.path.abspath(args.json))
+            # The folder checked is the one written in: a link's target's (see data.write_atomically).
+            name, folder = os.path.basename(os.path.abspath(args.json)), os.path.dirname(os.path.realpath(args.json))
             if not name.endswith(".json") or name == "config.json" or not os.path.isdir(folder) \
                     or os.path.isdir(args.json):
                 raise ValueError(f"--json {args.json}: give a .json file (not config.json) in an existing folder")

@@ -62,6 +62,14 @@ def training_mask(T, window):
     return None if window is None else mellum2.attention_mask(positions, positions, window)
 
 
+def log_sum_exp(q, k, window):
+    """Each query's log-sum-exp of its visible scores (B, H, T): what the forward saves for the backward."""
+    T = q.shape[2]
+    scores = (q @ k.repeat_interleave(q.shape[1] // k.shape[1], dim=1).mT) / q.shape[-1] ** 0.5  # (B, H, T, T)
+    visible = torch.ones(T, T, dtype=torch.bool).tril() if window is None else training_mask(T, window)
+    return scores.masked_fill(~visible, float("-inf")).logsumexp(-1)
+
+
 ATTENTION_CASES = [  # T, window, H, Hkv, block_m, block_n, hd
     (100, None, 4, 4, 32, 32, 16),  # full causal, T not a block multiple, GQA group 1
     (100, 8, 4, 2, 32, 32, 16),     # window smaller than a block, group 2
@@ -130,8 +138,7 @@ def test_kernel_attention_takes_any_layout_and_autocast_dtype():
 def test_kernel_attention_saves_the_log_sum_exp():
     q, k, v = (t.detach() for t in attention_inputs(45, 2, 1))
     _, lse = kernels.attention_forward(q, k, v, 10, 16, 16)
-    scores = (q @ k.repeat_interleave(2, dim=1).mT) / 16 ** 0.5
-    expected = scores.masked_fill(~training_mask(45, 10), float("-inf")).logsumexp(-1)
+    expected = log_sum_exp(q, k, 10)
     assert_close(lse, expected)
 
 
@@ -196,8 +203,7 @@ def test_attention_backward_reads_no_key_outside_its_band():
     y = brute_force_attention(q, k, v, 8)
     dy = torch.randn_like(y)
     expected_dq, = torch.autograd.grad(y, (q,), dy)
-    scores = (q @ k.repeat_interleave(2, dim=1).mT) / 16 ** 0.5
-    lse = scores.masked_fill(~training_mask(128, 8), float("-inf")).logsumexp(-1)
+    lse = log_sum_exp(q, k, 8)
     dq, _, _ = kernels.attention_backward(*keys_unreadable_outside(q.detach(), k, v), y.detach(), lse.detach(), dy,
                                           8, chunk=32)
     assert torch.isfinite(dq[:, :, 64:96]).all()
@@ -208,7 +214,7 @@ def test_attention_backward_reads_no_key_outside_its_band():
     y = brute_force_attention(q, k, v, 8)
     dy = torch.randn_like(y)
     expected_dq, = torch.autograd.grad(y, (q,), dy)
-    lse = (q @ k.mT / 16 ** 0.5).masked_fill(~training_mask(16, 8), float("-inf")).logsumexp(-1)
+    lse = log_sum_exp(q, k, 8)
     unreadable = [t.detach().clone() for t in (k, v)]
     for t in unreadable:
         t[:, :, 0] = float("nan")
@@ -226,9 +232,7 @@ def test_attention_backward_in_chunks(window, chunk):
     y = brute_force_attention(q, k, v, window)
     dy = torch.randn_like(y)
     expected = torch.autograd.grad(y, (q, k, v), dy)
-    scores = (q @ k.repeat_interleave(2, dim=1).mT) / 16 ** 0.5
-    visible = torch.ones(45, 45, dtype=torch.bool).tril() if window is None else training_mask(45, window)
-    lse = scores.masked_fill(~visible, float("-inf")).logsumexp(-1)
+    lse = log_sum_exp(q, k, window)
     grads = kernels.attention_backward(q.detach(), k.detach(), v.detach(), y.detach(), lse.detach(), dy, window,
                                        chunk)
     for actual, wanted in zip(grads, expected):

@@ -4276,6 +4276,14 @@ def test_evaluate_bad_input(argv, message, tmp_path, capsys):
     assert exit_info.value.code == 1 and message in err and len(err.splitlines()) == 1
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="symbolic links need extra rights on Windows")
+def test_evaluate_checks_the_folder_a_json_link_points_into(tmp_path, capsys):
+    (tmp_path / "results.json").symlink_to(tmp_path / "gone" / "results.json")
+    with pytest.raises(SystemExit) as exit_info:  # refused before the model loads, not after the evaluation
+        evaluate.main(["--init-from", str(tmp_path / "nothing"), "--json", str(tmp_path / "results.json")])
+    assert exit_info.value.code == 1 and "in an existing folder" in capsys.readouterr().err
+
+
 def test_evaluate_out_of_memory_is_one_line(monkeypatch, capsys):
     monkeypatch.setattr(evaluate.sample, "load_model", lambda *a: (None, sample.Vocabulary(None, {}, set())))
     monkeypatch.setattr(evaluate.data, "build_corpus", lambda **k: None)
