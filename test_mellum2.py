@@ -4398,6 +4398,14 @@ def test_plot_series_come_from_the_metrics(tmp_path, capsys, monkeypatch):
         f"error: {tmp_path / 'plots'}: cannot plot it (a file, where a train.py run folder belongs)"
 
 
+def mock_axes_grid():
+    """Stand-ins for plt.subplots(2, 2)'s axes, indexed [row, col] as matplotlib's."""
+    grid = np.empty((2, 2), dtype=object)
+    for row, col in itertools.product(range(2), range(2)):
+        grid[row, col] = unittest.mock.MagicMock()
+    return grid
+
+
 def test_post_training_runs_plot_accuracy_apart_from_the_losses():
     """SFT and GRPO log held-out accuracies under "val" where pre-training logs losses: those go on a
     0-1 axis of their own, not onto the log-scale loss panel."""
@@ -4406,9 +4414,7 @@ def test_post_training_runs_plot_accuracy_apart_from_the_losses():
            {"step": 1, "ntp": 5.0, "mtp": 5.1, "aux": 1.0, "z": 0.4, "lr": 1e-4}]
     pretrain = [{"step": 1, "ntp": 5.0, "val": {"web": 4.0, "code": 3.5, "math": 3.0}}]
     for records, accuracy in ((sft, True), (pretrain, False)):
-        grid, single, plt = np.empty((2, 2), dtype=object), unittest.mock.MagicMock(), unittest.mock.MagicMock()
-        for row, col in itertools.product(range(2), range(2)):  # axes, indexed [row, col] as matplotlib's
-            grid[row, col] = unittest.mock.MagicMock()
+        grid, single, plt = mock_axes_grid(), unittest.mock.MagicMock(), unittest.mock.MagicMock()
         plt.subplots.side_effect = [("training figure", grid), ("accuracy figure", single)]
         figures = plots.training_figures(records, plt)
         on_loss_panel = [call.kwargs["label"] for call in grid[0, 0].plot.call_args_list]
@@ -4443,10 +4449,7 @@ def test_grpo_and_yarn_runs_get_figures_of_their_own(tmp_path, monkeypatch, caps
     assert left.plot.call_args.args[:2] == ([256, 512], [4.0, 5.0])
     assert right.plot.call_args.args[:2] == ([256, 512], [0.5, 0.0])
     # An edited record whose "val" is a number, not a dict of them: one line, not a traceback.
-    grid = np.empty((2, 2), dtype=object)
-    for row, col in itertools.product(range(2), range(2)):
-        grid[row, col] = unittest.mock.MagicMock()
-    pyplot.subplots.return_value = (figure, grid)
+    pyplot.subplots.return_value = (figure, mock_axes_grid())
     (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 1, "val": 1.5}) + "\n")
     with pytest.raises(SystemExit) as exit_info:
         plots.main([str(tmp_path)])
