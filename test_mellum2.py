@@ -2660,7 +2660,7 @@ def test_a_kernel_mode_this_machine_cannot_run_is_refused_before_any_work(tmp_pa
     assert not (tmp_path / "run").exists()
 
 
-def test_a_run_folder_in_use_is_refused(tmp_path, capsys):
+def test_a_run_folder_in_use_is_refused(tmp_path, tmp_path_factory, capsys):
     with train.run_folder_lock(str(tmp_path)):  # as another train.py would hold it
         with pytest.raises(SystemExit) as exit_info:
             train.main(["--size", "tiny", "--out-dir", str(tmp_path)])
@@ -2672,9 +2672,15 @@ def test_a_run_folder_in_use_is_refused(tmp_path, capsys):
     for name in ("ckpt.pt.tmp4242", "metrics.jsonl.tmp17", "notes.tmp", "ckpt.pt", "results.json.tmp99",
                  "theta/ckpt.pt.tmp5"):
         (tmp_path / name).write_text("x")
+    # A checkpoint linked to another disk is written there, and so is what a killed write leaves.
+    disk = tmp_path_factory.mktemp("disk")
+    for name in ("ckpt.pt.tmp31", "ckpt.pt.tmpx", "ckpt.pt"):
+        (disk / name).write_text("x")
+    (tmp_path / "theta" / "ckpt.pt").symlink_to(disk / "ckpt.pt")
     with train.run_folder_lock(str(tmp_path)):
         assert sorted(os.listdir(tmp_path)) == [".lock", "ckpt.pt", "notes.tmp", "results.json.tmp99", "theta"]
-        assert os.listdir(tmp_path / "theta") == []
+        assert os.listdir(tmp_path / "theta") == ["ckpt.pt"]
+        assert sorted(os.listdir(disk)) == ["ckpt.pt", "ckpt.pt.tmpx"]
 
 
 def test_micro_batches_add_up_to_one_step_when_rows_hold_different_numbers_of_targets():

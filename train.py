@@ -33,6 +33,7 @@ import contextlib
 import copy
 import dataclasses
 import gc
+import glob
 import hashlib
 import json
 import math
@@ -2078,13 +2079,16 @@ def run_folder_lock(out_dir):
             except OSError:
                 raise ValueError(f"{out_dir} is in use by another train.py run") from None
             # What a process killed while writing a checkpoint or log left (SIGKILL skips the clean-up
-            # in data.write_atomically), here or in a --compare run's variant folders; with the lock
-            # held, no other run is writing them.
-            for folder, _, names in os.walk(out_dir):
-                for name in names:
-                    written, tmp, pid = name.rpartition(".tmp")
-                    if written in ("ckpt.pt", "metrics.jsonl") and tmp and pid.isdigit():
-                        os.remove(os.path.join(folder, name))
+            # in data.write_atomically), here or in a --compare run's variant folders, or beside the
+            # file a linked checkpoint points at, where write_atomically writes; with the lock held,
+            # no other run is writing them.
+            for folder, _, _ in os.walk(out_dir):
+                for name in ("ckpt.pt", "metrics.jsonl"):
+                    path = os.path.join(folder, name)
+                    for leftover in {*glob.glob(glob.escape(path) + ".tmp*"),
+                                     *glob.glob(glob.escape(os.path.realpath(path)) + ".tmp*")}:
+                        if leftover.rpartition(".tmp")[2].isdigit():
+                            os.remove(leftover)
             yield
     finally:
         if created and os.listdir(out_dir) == [".lock"]:  # refused before writing anything: leave no trace
