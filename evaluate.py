@@ -28,10 +28,11 @@ import sys
 import time
 
 import data
+import kernels
 import sample
 import tasks
 import train
-from mellum2 import CheckpointError
+from mellum2 import CheckpointError, pick_device
 
 
 def loss_and_bits_per_byte(model, enc, corpus, source, seq_len, max_rows, batch_tokens=8192):
@@ -138,6 +139,8 @@ def parse_args(argv=None):
     p.add_argument("--json", metavar="PATH", help="also write the results here as JSON")
     p.add_argument("--n", type=int, default=64, help="problems per task (default 64)")
     p.add_argument("--device", help="cpu, cuda, mps (default: the best available)")
+    p.add_argument("--kernels", choices=kernels.MODES,
+                   help="triton, torch, or auto = triton on CUDA when installed (default: $MELLUM2_KERNELS, else auto)")
     return p.parse_args(argv)
 
 
@@ -159,7 +162,9 @@ def main(argv=None):
                 raise ValueError(f"--json {args.json}: cannot write in {folder}")
         else:  # the table is the only output
             train.check_stdout_open()
+        kernels.resolve_mode(args.kernels, pick_device(args.device))  # before the model is loaded
         model, vocab = sample.load_model(args.init_from, args.device)
+        kernels.install(model, args.kernels)
         if isinstance(vocab.enc, sample.HFTokenizer):
             raise ValueError("evaluate.py scores models that speak this project's tokenizer")
         corpus = data.build_corpus(progress=False)

@@ -22,6 +22,8 @@ def read_metrics(folder):
     path = os.path.join(folder, "metrics.jsonl")
     if os.path.isfile(folder):
         raise ValueError("a file, where a train.py run folder belongs")
+    if not os.path.isdir(folder):
+        raise ValueError("no such folder")
     if not os.path.isfile(path):
         raise ValueError("no metrics.jsonl in it (a train.py run folder has one)")
     records = [record for _, record in train.metrics_lines(path)]  # a line cut short by a crash is skipped

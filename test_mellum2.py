@@ -3304,6 +3304,18 @@ def test_sampling_distribution_equals_transformers_warpers(temperature, top_k, t
                                rtol=1e-5, atol=1e-6)
 
 
+def test_scripts_say_how_to_make_the_default_model(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # a fresh checkout: nothing trained yet
+    for main in (sample.main, evaluate.main):
+        with pytest.raises(SystemExit) as exit_info:
+            main([])
+        assert exit_info.value.code == 1
+        assert capsys.readouterr().err == "error: out/tiny: no such folder; python train.py --size tiny trains it\n"
+    with pytest.raises(SystemExit):  # another missing folder has nothing to suggest
+        sample.main(["--init-from", "out/small"])
+    assert capsys.readouterr().err == "error: out/small: no such folder\n"
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--init-from", "{tmp}/nothing"], "no such folder"),
     (["--init-from", ""], "--init-from needs a folder name"),
@@ -4253,8 +4265,33 @@ def test_synthetic_math_leaves_out_problems_also_trained_on(tmp_path, enc, monke
     assert asked == [question(other)]
 
 
+def loaded_stand_in(*args):
+    """sample.load_model's answer for evaluate.main tests that replace the evaluation itself: a small
+    model, and a vocabulary that is never read."""
+    return Mellum2(SMALL), sample.Vocabulary(None, {}, set())
+
+
+def test_evaluate_runs_the_kernels_asked_for(monkeypatch, capsys):
+    loaded = []
+    monkeypatch.setattr(evaluate.sample, "load_model", lambda *a: loaded.append(loaded_stand_in()) or loaded[-1])
+    monkeypatch.setattr(evaluate.data, "build_corpus", lambda **k: None)
+    monkeypatch.setattr(evaluate, "evaluate", lambda model, *a: {  # the "score": whether it runs Triton's attention
+        "passkey": float(model.layers[0].self_attn.attend is kernels.triton_attend)})
+    monkeypatch.setenv("MELLUM2_KERNELS", "cuda")  # a mistyped variable is refused before the model loads
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main([])
+    assert exit_info.value.code == 1 and not loaded
+    assert capsys.readouterr().err == "error: unknown MELLUM2_KERNELS=cuda; choose one of auto, triton, torch\n"
+    monkeypatch.delenv("MELLUM2_KERNELS")
+    evaluate.main(["--kernels", "torch"])
+    assert re.search(r"passkey +0\.0%", capsys.readouterr().out)
+    if kernels.triton is not None:  # under the interpreter (conftest.py) the Triton kernels run on the CPU
+        evaluate.main(["--kernels", "triton"])
+        assert re.search(r"passkey +100\.0%", capsys.readouterr().out)
+
+
 def test_evaluate_stops_with_one_line_when_the_cache_cannot_be_written(monkeypatch, capsys):
-    monkeypatch.setattr(evaluate.sample, "load_model", lambda *a: (None, sample.Vocabulary(None, {}, set())))
+    monkeypatch.setattr(evaluate.sample, "load_model", loaded_stand_in)
 
     def read_only(**options):
         raise PermissionError(13, "Permission denied", "cache/corpus-0123")
@@ -4291,7 +4328,7 @@ def test_evaluate_checks_the_folder_a_json_link_points_into(tmp_path, capsys):
 
 
 def test_evaluate_out_of_memory_is_one_line(monkeypatch, capsys):
-    monkeypatch.setattr(evaluate.sample, "load_model", lambda *a: (None, sample.Vocabulary(None, {}, set())))
+    monkeypatch.setattr(evaluate.sample, "load_model", loaded_stand_in)
     monkeypatch.setattr(evaluate.data, "build_corpus", lambda **k: None)
 
     def too_big(*args, **kwargs):
@@ -4310,7 +4347,7 @@ def test_evaluate_out_of_memory_is_one_line(monkeypatch, capsys):
 
 
 def test_evaluate_writes_the_json_even_when_the_terminal_fails(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(evaluate.sample, "load_model", lambda *a: (None, sample.Vocabulary(None, {}, set())))
+    monkeypatch.setattr(evaluate.sample, "load_model", loaded_stand_in)
     monkeypatch.setattr(evaluate.data, "build_corpus", lambda **k: None)
     monkeypatch.setattr(evaluate, "evaluate", lambda *a: {"passkey": 0.5})
 
@@ -4324,7 +4361,7 @@ def test_evaluate_writes_the_json_even_when_the_terminal_fails(tmp_path, monkeyp
     assert json.loads((tmp_path / "results.json").read_text()) == {"passkey": 0.5}
     # Started with its standard output closed (`>&-`): said in one line too, not a traceback.
     monkeypatch.undo()
-    monkeypatch.setattr(evaluate.sample, "load_model", lambda *a: (None, sample.Vocabulary(None, {}, set())))
+    monkeypatch.setattr(evaluate.sample, "load_model", loaded_stand_in)
     monkeypatch.setattr(evaluate.data, "build_corpus", lambda **k: None)
     monkeypatch.setattr(evaluate, "evaluate", lambda *a: {"passkey": 0.25})
     monkeypatch.setattr(sys, "stdout", None)
@@ -4336,7 +4373,7 @@ def test_evaluate_writes_the_json_even_when_the_terminal_fails(tmp_path, monkeyp
 
 
 def test_evaluate_prints_the_table_even_when_the_json_cannot_be_written(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(evaluate.sample, "load_model", lambda *a: (None, sample.Vocabulary(None, {}, set())))
+    monkeypatch.setattr(evaluate.sample, "load_model", loaded_stand_in)
     monkeypatch.setattr(evaluate.data, "build_corpus", lambda **k: None)
     monkeypatch.setattr(evaluate, "evaluate", lambda *a: {"passkey": 0.5})
     monkeypatch.setattr(os, "access", lambda path, mode: False)  # a read-only folder: refused before any work
@@ -4402,6 +4439,9 @@ def test_plot_series_come_from_the_metrics(tmp_path, capsys, monkeypatch):
         plots.main([str(tmp_path / "plots")])
     assert capsys.readouterr().err.strip() == \
         f"error: {tmp_path / 'plots'}: cannot plot it (a file, where a train.py run folder belongs)"
+    with pytest.raises(SystemExit) as exit_info:  # a mistyped name
+        plots.main([str(tmp_path / "nowhere")])
+    assert capsys.readouterr().err.strip() == f"error: {tmp_path / 'nowhere'}: cannot plot it (no such folder)"
 
 
 def mock_axes_grid():

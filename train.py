@@ -812,6 +812,8 @@ def missing_folder(path):
     if os.path.isfile(path):
         return CheckpointError(f"{path} is a file: give the folder that holds it (a train.py run or a Hugging "
                                f"Face directory)")
+    if os.path.normpath(path) == os.path.join("out", "tiny"):  # the default of the other scripts, before any run
+        return CheckpointError(f"{path}: no such folder; python train.py --size tiny trains it")
     return CheckpointError(f"{path}: no such folder")
 
 
