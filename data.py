@@ -1091,13 +1091,16 @@ def data_report(corpus, token_budget, file=None, phase=None):
     if corpus.skipped:
         print(f"skipped input files: {describe_skipped(corpus.skipped)}", file=out)
     print(f"\nplan for {token_budget:,} training tokens (Table 3; shares and mixtures normalised to 100%)", file=out)
-    print(f"{'phase':<24} {'share':>6} {'FIM':>12}" + "".join(f" {s:>11}" for s in corpus.sources), file=out)
-    for spec, tokens in zip(PHASES, plan_tokens(corpus, token_budget, phase)):
+    plan, repetition = plan_tokens(corpus, token_budget, phase), planned_repetition(corpus, token_budget, phase)
+    shown = [{s: f"{tokens[s]:,.0f}" for s in corpus.sources} for tokens in plan]
+    shown.append({s: f"{repetition[s]:.2f}x" for s in corpus.sources})
+    width = max(11, *(len(cell) for row in shown for cell in row.values()))  # a 12B run's trillions fit too
+    print(f"{'phase':<24} {'share':>6} {'FIM':>12}" + "".join(f" {s:>{width}}" for s in corpus.sources), file=out)
+    for spec, tokens, cells in zip(PHASES, plan, shown):
         fim = f"{spec.fim_rate:.0%}" + (" code" if spec.fim_code_only else " all")
         print(f"{spec.name:<24} {sum(tokens.values()) / token_budget:>6.1%} {fim:>12}"
-              + "".join(f" {tokens[s]:>11,.0f}" for s in corpus.sources), file=out)
-    repetition = planned_repetition(corpus, token_budget, phase)
-    print(f"{'repetition (epochs)':<44}" + "".join(f" {repetition[s]:>10.2f}x" for s in corpus.sources)
+              + "".join(f" {cells[s]:>{width}}" for s in corpus.sources), file=out)
+    print(f"{'repetition (epochs)':<44}" + "".join(f" {shown[-1][s]:>{width}}" for s in corpus.sources)
           + f"   cap {MAX_REPETITION:g}x (§3.2.1)", file=out)
     over = [s for s in corpus.sources if repetition[s] > MAX_REPETITION]
     if over:

@@ -1903,8 +1903,9 @@ def check_settings(s, world):
          f"batch sizes must be positive, --micro-batch at most --batch-size, got --batch-size {s['batch_size']} "
          f"--micro-batch {s['micro_batch']}"),
         (s["batch_size"] % split == 0,
-         f"--batch-size {s['batch_size']} must split evenly over {world} process(es)"
-         + (", also at half size while ramping" if split > world else "")),
+         f"--batch-size {s['batch_size']} must be a multiple of {split}: the batch ramp's first steps take half "
+         f"of it, and each step's rows split evenly over {world} process(es)" if split > world else
+         f"--batch-size {s['batch_size']} must split evenly over {world} process(es)"),
         (not s.get("context") or data.min_unique_tokens(s["context"]) <= data.VOCAB_SIZE,  # no text could pass §3.3
          f"--context {s.get('context')} is too long for a vocabulary of {data.VOCAB_SIZE}: the data filter keeps "
          f"sequences with 1% distinct tokens"),
