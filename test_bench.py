@@ -209,13 +209,14 @@ def test_decode_benchmark_reports_each_ratio_of_the_right_runs(tmp_path, monkeyp
     assert "gains only above 50% acceptance" in out
     assert "at most 1.33x plain: 2 tokens for 1.50 plain steps" in out
     assert "instead of 64: 1.5 tokens/s, 0.50x the speed" in out
-    # Each decoder takes each place in turn; the two configurations swap places from prompt to prompt.
+    # Each decoder takes each place in turn; then ours and the long configuration swap places from prompt
+    # to prompt.
     decoders = ["transformers", "transformers_mtp", "ours", "ours_speculative"]
     assert order[:12] == decoders + decoders[1:] + decoders[:1] + decoders[2:] + decoders[:2]
     assert order[12:] == ["long", "ours", "ours", "long", "long", "ours"]
     # Outputs that differ are not reported as a speed.
     monkeypatch.setattr(sample, "generate_speculative", lambda *args, **options: ([7, 8, 0], 1, 1))
-    ours_costs = iter([1.0] * 6)
+    ours_costs = iter([1.0] * 6)  # the first run took all the costs scripted
     with pytest.raises(AssertionError, match="outputs differ"):
         bench.main(argv)
 
