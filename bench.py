@@ -403,7 +403,8 @@ def parse_args(argv=None):
         q.add_argument("--batch", type=positive, default=16, help="sequences per step (each of the preset's length)")
         q.add_argument("--steps", type=positive, default=7, help="timed steps per candidate")
     d = sub.add_parser("decode", help="decoding speed: ours vs transformers' generate, speculative vs plain")
-    d.add_argument("--init-from", default="out/tiny", help="a trained run folder (default: out/tiny)")
+    d.add_argument("--init-from", default=train.QUICK_START_RUN,
+                   help=f"a trained run folder (default: {train.QUICK_START_RUN})")
     d.add_argument("--prompts", type=positive, default=10, help="held-out code prompts (default: 10)")
     d.add_argument("--prompt-len", type=positive, default=64, help="prompt tokens (default: 64)")
     d.add_argument("--new-tokens", type=positive, default=128, help="tokens to generate per prompt (default: 128)")

@@ -31,6 +31,7 @@ import ast
 import base64
 import bisect
 import collections
+import contextlib
 import dataclasses
 import hashlib
 import heapq
@@ -620,6 +621,22 @@ class Corpus:
         return tuple(s for s in SOURCES if s in self.train and len(self.train[s].tokens) > 0)
 
 
+TMP_MARK = ".tmp"  # write_atomically's temporary file for `path`: path + TMP_MARK + the writer's process id
+
+
+def interrupted_writes(path):
+    """The temporary files that write_atomically(path) calls killed mid-write (SIGKILL skips their
+    clean-up) left: beside `path`, and beside the file it links to, where a link's writes go."""
+    found = set()
+    beside_link = os.path.join(os.path.realpath(os.path.dirname(os.path.abspath(path))), os.path.basename(path))
+    for written in {beside_link, os.path.realpath(path)}:  # both folders resolved: one folder is listed once
+        folder, name = os.path.split(written)
+        with contextlib.suppress(OSError):  # no such folder: nothing left there
+            found.update(os.path.join(folder, entry) for entry in os.listdir(folder)
+                         if entry.startswith(name + TMP_MARK) and entry[len(name + TMP_MARK):].isdigit())
+    return sorted(found)
+
+
 def write_atomically(path, write):
     """Create the file `path` so that a crash leaves either the old file or the new one, never half of
     one: write(tmp) fills a temporary file beside it, which then replaces `path` in a single rename.
@@ -629,7 +646,7 @@ def write_atomically(path, write):
     not load an export. A symbolic link stays one: the file it points at is replaced (a checkpoint
     linked to a larger disk, say, is not written beside the link)."""
     path = os.path.realpath(path)
-    tmp = f"{path}.tmp{os.getpid()}"
+    tmp = f"{path}{TMP_MARK}{os.getpid()}"
     try:
         open(tmp, "wb").close()
         permissions = os.stat(tmp).st_mode
@@ -1092,15 +1109,15 @@ def data_report(corpus, token_budget, file=None, phase=None):
         print(f"skipped input files: {describe_skipped(corpus.skipped)}", file=out)
     print(f"\nplan for {token_budget:,} training tokens (Table 3; shares and mixtures normalised to 100%)", file=out)
     plan, repetition = plan_tokens(corpus, token_budget, phase), planned_repetition(corpus, token_budget, phase)
-    shown = [{s: f"{tokens[s]:,.0f}" for s in corpus.sources} for tokens in plan]
-    shown.append({s: f"{repetition[s]:.2f}x" for s in corpus.sources})
-    width = max(11, *(len(cell) for row in shown for cell in row.values()))  # a 12B run's trillions fit too
+    planned = [{s: f"{tokens[s]:,.0f}" for s in corpus.sources} for tokens in plan]
+    repeated = {s: f"{repetition[s]:.2f}x" for s in corpus.sources}
+    width = max(11, *(len(cell) for row in [*planned, repeated] for cell in row.values()))  # a 12B run's trillions
     print(f"{'phase':<24} {'share':>6} {'FIM':>12}" + "".join(f" {s:>{width}}" for s in corpus.sources), file=out)
-    for spec, tokens, cells in zip(PHASES, plan, shown):
+    for spec, tokens, cells in zip(PHASES, plan, planned):
         fim = f"{spec.fim_rate:.0%}" + (" code" if spec.fim_code_only else " all")
         print(f"{spec.name:<24} {sum(tokens.values()) / token_budget:>6.1%} {fim:>12}"
               + "".join(f" {cells[s]:>{width}}" for s in corpus.sources), file=out)
-    print(f"{'repetition (epochs)':<44}" + "".join(f" {shown[-1][s]:>{width}}" for s in corpus.sources)
+    print(f"{'repetition (epochs)':<44}" + "".join(f" {repeated[s]:>{width}}" for s in corpus.sources)
           + f"   cap {MAX_REPETITION:g}x (§3.2.1)", file=out)
     over = [s for s in corpus.sources if repetition[s] > MAX_REPETITION]
     if over:

@@ -134,13 +134,12 @@ def print_table(results, file=None):
 
 def parse_args(argv=None):
     p = train.ArgumentParser(__doc__)
-    p.add_argument("--init-from", default="out/tiny",
+    p.add_argument("--init-from", default=train.QUICK_START_RUN,
                    help="a train.py run folder, or a Hugging Face directory of ours (exported with save_pretrained)")
     p.add_argument("--json", metavar="PATH", help="also write the results here as JSON")
     p.add_argument("--n", type=int, default=64, help="problems per task (default 64)")
     p.add_argument("--device", help="cpu, cuda, mps (default: the best available)")
-    p.add_argument("--kernels", choices=kernels.MODES,
-                   help="triton, torch, or auto = triton on CUDA when installed (default: $MELLUM2_KERNELS, else auto)")
+    kernels.add_kernels_flag(p)
     return p.parse_args(argv)
 
 

@@ -468,6 +468,13 @@ def triton_attend(q, k, v, mask, window):
 MODES = ("auto", "triton", "torch")
 
 
+def add_kernels_flag(parser):
+    """The --kernels flag, as every script that runs a model takes it."""
+    parser.add_argument("--kernels", choices=MODES,
+                        help="attention and MoE kernels: triton, torch, or auto = triton on CUDA when installed "
+                             "(default: $MELLUM2_KERNELS, else auto)")
+
+
 def resolve_mode(mode=None, device=None):
     """"auto" | "triton" | "torch" (None: $MELLUM2_KERNELS, else auto) -> "triton" or "torch" for a
     model on `device` (None: this machine's best). auto is triton for a model on a CUDA GPU with

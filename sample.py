@@ -357,8 +357,8 @@ def read_text(value):
 
 def parse_args(argv=None):
     p = train.ArgumentParser(__doc__)
-    p.add_argument("--init-from", default=os.path.join("out", "tiny"),
-                   help="a train.py run folder or a Hugging Face directory (default: out/tiny)")
+    p.add_argument("--init-from", default=train.QUICK_START_RUN,
+                   help=f"a train.py run folder or a Hugging Face directory (default: {train.QUICK_START_RUN})")
     p.add_argument("--start", help='the prompt, or FILE:path to read it from a file (default: "def ")')
     p.add_argument("--prefix", help="fill-in-the-middle: the text before the gap (or FILE:path)")
     p.add_argument("--suffix", help="fill-in-the-middle: the text after the gap (or FILE:path)")
@@ -373,8 +373,7 @@ def parse_args(argv=None):
                    help="stop when this text appears in what is printed (repeatable)")
     p.add_argument("--speculative", action="store_true", help="draft with the MTP layer, verify with the trunk")
     p.add_argument("--device", help="cpu, cuda, mps (default: the best available)")
-    p.add_argument("--kernels", choices=kernels.MODES,
-                   help="triton, torch, or auto = triton on CUDA when installed (default: $MELLUM2_KERNELS, else auto)")
+    kernels.add_kernels_flag(p)
     return p.parse_args(argv)
 
 

@@ -2692,6 +2692,14 @@ def test_a_run_folder_in_use_is_refused(tmp_path, tmp_path_factory, capsys):
         assert sorted(os.listdir(disk)) == ["ckpt.pt", "ckpt.pt.tmpx"]
 
 
+def test_interrupted_writes_are_found_once_however_the_path_is_given(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for name in ("ckpt.pt", "ckpt.pt.tmp12", "ckpt.pt.tmp", "ckpt.pt.tmp3x", "ckpt.pt2.tmp4", "other.tmp5"):
+        (tmp_path / name).write_text("x")
+    assert data.interrupted_writes("ckpt.pt") == [os.path.realpath(tmp_path / "ckpt.pt.tmp12")]
+    assert data.interrupted_writes(str(tmp_path / "missing" / "ckpt.pt")) == []
+
+
 def test_micro_batches_add_up_to_one_step_when_rows_hold_different_numbers_of_targets():
     config = replace(SMALL, n_mtp=0, aux_loss_coef=0.0, z_loss_coef=0.0)  # the next-token loss alone
     torch.manual_seed(0)

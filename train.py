@@ -33,7 +33,6 @@ import contextlib
 import copy
 import dataclasses
 import gc
-import glob
 import hashlib
 import json
 import math
@@ -740,6 +739,11 @@ def check_resumable(saved, fresh):
                                   f"a run's is: the file was edited; start the run again")
 
 
+# What the README's quick start trains (python train.py --size tiny), and so the model sample.py,
+# evaluate.py and bench.py read unless told otherwise.
+QUICK_START_RUN = os.path.join("out", "tiny")
+
+
 def run_folder(args):
     """--out-dir, else out/SIZE, out/SIZE-long, out/SIZE-sft-VARIANT or out/SIZE-grpo-VARIANT."""
     suffix = {"pretrain": "", "long": "-long", "sft": f"-sft-{args.variant}", "grpo": f"-grpo-{args.variant}"}
@@ -812,7 +816,7 @@ def missing_folder(path):
     if os.path.isfile(path):
         return CheckpointError(f"{path} is a file: give the folder that holds it (a train.py run or a Hugging "
                                f"Face directory)")
-    if os.path.normpath(path) == os.path.join("out", "tiny"):  # the default of the other scripts, before any run
+    if os.path.normpath(path) == QUICK_START_RUN:  # a first run of the other scripts, before any training
         return CheckpointError(f"{path}: no such folder; python train.py --size tiny trains it")
     return CheckpointError(f"{path}: no such folder")
 
@@ -1939,9 +1943,7 @@ def parse_args(argv=None):
     g.add_argument("--init-from", metavar="DIR",
                    help="start from these weights: a run folder of ours or a Hugging Face directory")
     g.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: the best available)")
-    g.add_argument("--kernels", choices=kernels.MODES,
-                   help="attention and MoE kernels: triton, torch, or auto = triton on CUDA when installed "
-                        "(default: $MELLUM2_KERNELS, else auto)")
+    kernels.add_kernels_flag(g)
     g.add_argument("--seed", type=int, default=1337, help="seeds the weights and the data order (default: 1337)")
     g = p.add_argument_group("long context (report §4): python train.py --stage long --init-from out/tiny")
     g.add_argument("--stage", default="pretrain", choices=list(START_STAGES),
@@ -2087,11 +2089,8 @@ def run_folder_lock(out_dir):
             # no other run is writing them.
             for folder, _, _ in os.walk(out_dir):
                 for name in ("ckpt.pt", "metrics.jsonl"):
-                    path = os.path.join(folder, name)
-                    for leftover in {*glob.glob(glob.escape(path) + ".tmp*"),
-                                     *glob.glob(glob.escape(os.path.realpath(path)) + ".tmp*")}:
-                        if leftover.rpartition(".tmp")[2].isdigit():
-                            os.remove(leftover)
+                    for leftover in data.interrupted_writes(os.path.join(folder, name)):
+                        os.remove(leftover)
             yield
     finally:
         if created and os.listdir(out_dir) == [".lock"]:  # refused before writing anything: leave no trace
